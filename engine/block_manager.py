@@ -1,0 +1,161 @@
+"""KV block accounting: a pool of fixed-size blocks with ref counts, an LRU free list, and
+automatic prefix caching.
+
+A full block is named by a chained hash of (parent block's hash, its token ids), so equal
+hashes mean equal prefixes. Freed blocks keep their hash and stay reusable until the pool
+hands them out again (least recently freed first); a request whose prompt starts with
+cached blocks shares them (ref count + 1) and computes only the rest.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from engine.request import Request
+
+
+class Block:
+    __slots__ = ("block_id", "ref_count", "hash", "token_ids")
+
+    def __init__(self, block_id: int) -> None:
+        self.block_id = block_id
+        self.ref_count = 0
+        self.hash: int | None = None
+        self.token_ids: tuple[int, ...] | None = None
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int) -> None:
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Free blocks in eviction order: the front was freed longest ago.
+        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.cached: dict[int, int] = {}  # block hash -> block id
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def allocate(self) -> Block:
+        block_id, _ = self.free.popitem(last=False)
+        block = self.blocks[block_id]
+        assert block.ref_count == 0
+        if block.hash is not None:  # evict its cached content
+            if self.cached.get(block.hash) == block_id:
+                del self.cached[block.hash]
+            block.hash = block.token_ids = None
+        block.ref_count = 1
+        return block
+
+    def share(self, block: Block) -> None:
+        if block.ref_count == 0:
+            del self.free[block.block_id]
+        block.ref_count += 1
+
+    def release(self, block: Block) -> None:
+        assert block.ref_count > 0, f"block {block.block_id} released more often than taken"
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self.free[block.block_id] = None
+
+    def lookup(self, block_hash: int, token_ids: tuple[int, ...]) -> Block | None:
+        block_id = self.cached.get(block_hash)
+        if block_id is None:
+            return None
+        block = self.blocks[block_id]
+        return block if block.token_ids == token_ids else None  # guard against hash collisions
+
+    def register(self, block: Block, block_hash: int, token_ids: tuple[int, ...]) -> None:
+        if block.hash is not None:
+            return
+        block.hash, block.token_ids = block_hash, token_ids
+        self.cached.setdefault(block_hash, block.block_id)
+
+
+class KVCacheManager:
+    """Which blocks each request owns; the scheduler's only view of KV memory."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
+        self.pool = BlockPool(num_blocks)
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.prefix_cache_queries = 0  # prompt tokens looked up
+        self.prefix_cache_hits = 0     # of those, tokens found cached
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _block_tokens(self, req: Request, index: int) -> tuple[int, ...]:
+        bs = self.block_size
+        return tuple(req.all_token_ids[index * bs:(index + 1) * bs])
+
+    def _hash(self, req: Request, index: int, parent: int | None) -> int:
+        return hash((parent, self._block_tokens(req, index)))
+
+    def find_cached_prefix(self, req: Request) -> list[Block]:
+        """Cached blocks matching the start of a request that holds no blocks yet. Never the
+        block holding its last token: at least one token must be computed to sample from."""
+        assert not req.block_ids
+        if not self.enable_prefix_caching:
+            return []
+        self.prefix_cache_queries += req.num_tokens
+        hits: list[Block] = []
+        parent = None
+        for i in range((req.num_tokens - 1) // self.block_size):
+            h = self._hash(req, i, parent)
+            block = self.pool.lookup(h, self._block_tokens(req, i))
+            if block is None:
+                break
+            hits.append(block)
+            parent = h
+        self.prefix_cache_hits += len(hits) * self.block_size
+        return hits
+
+    def allocate(self, req: Request, num_new_tokens: int, cached_prefix: list[Block] = ()) -> bool:
+        """Give `req` blocks for `num_new_tokens` more tokens after its computed (or cached)
+        ones. All or nothing: returns False, changing nothing, when the pool is short."""
+        cached_prefix = list(cached_prefix)
+        have = len(req.block_ids) + len(cached_prefix)
+        num_computed = req.num_computed_tokens + len(cached_prefix) * self.block_size
+        need = self.blocks_for(num_computed + num_new_tokens) - have
+        # Cached blocks sitting in the free list stop being free once shared.
+        reclaimed = sum(1 for b in cached_prefix if b.ref_count == 0)
+        if need > self.pool.num_free - reclaimed:
+            return False
+        for block in cached_prefix:
+            self.pool.share(block)
+            req.block_ids.append(block.block_id)
+            req.block_hashes.append(block.hash)
+        for _ in range(max(need, 0)):
+            req.block_ids.append(self.pool.allocate().block_id)
+        return True
+
+    def cache_full_blocks(self, req: Request) -> None:
+        """Register the request's newly completed full blocks for reuse by later requests."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = req.num_computed_tokens // self.block_size
+        parent = req.block_hashes[-1] if req.block_hashes else None
+        for i in range(len(req.block_hashes), num_full):
+            h = self._hash(req, i, parent)
+            self.pool.register(self.pool.blocks[req.block_ids[i]], h, self._block_tokens(req, i))
+            req.block_hashes.append(h)
+            parent = h
+
+    def free(self, req: Request) -> None:
+        # Release the tail first so that, among this request's blocks, the shared prefix
+        # (most likely reused) is evicted last.
+        for block_id in reversed(req.block_ids):
+            self.pool.release(self.pool.blocks[block_id])
+        req.block_ids = []
+        req.block_hashes = []

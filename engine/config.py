@@ -1,0 +1,99 @@
+"""Engine configuration: what to serve and how to batch it."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+           "fp16": torch.float16, "half": torch.float16, "float32": torch.float32,
+           "fp32": torch.float32, "float": torch.float32}
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a Llama-family decoder (Llama, SmolLM2, Qwen2, Mistral)."""
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int = 8192
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2 has biases on q/k/v
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        assert self.num_heads % self.num_kv_heads == 0, "query heads must be a multiple of KV heads"
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        elem = torch.tensor([], dtype=dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+
+
+@dataclass
+class EngineConfig:
+    """Field names are the public contract (see README); `LLM(**fields)` takes the same."""
+    model: str = "smollm2-135m-instruct"
+    dtype: str = "bfloat16"
+    device: str | None = None                 # default: cuda if present, else cpu
+    seed: int = 0                             # seed for random (`dummy`) weights
+    block_size: int = 16
+    num_kv_blocks: int | None = None          # explicit KV capacity; else derived from the budget
+    kv_cache_memory: int | None = None        # KV budget in bytes (default: 4 GiB on CPU, 90% of free GPU memory)
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None          # default: the model's context, capped at 8192
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+    preemption_mode: Literal["swap", "recompute"] = "recompute"
+    swap_space: int = 1 << 30                 # bytes of CPU memory for swapped-out blocks
+    scheduling_policy: Literal["continuous", "static"] = "continuous"
+    attention_backend: Literal["torch", "triton"] | None = None  # default by device
+    num_threads: int | None = None            # CPU threads for torch (default: all cores)
+
+    def __post_init__(self) -> None:
+        if self.device is None:
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.attention_backend is None:
+            self.attention_backend = "triton" if self.device.startswith("cuda") else "torch"
+        _check(self.block_size in (8, 16, 32, 64, 128), "block_size", self.block_size, "one of 8, 16, 32, 64, 128")
+        _check(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, ">= 1")
+        _check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", self.max_num_batched_tokens, ">= 1")
+        _check(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks", self.num_kv_blocks, ">= 1")
+        _check(self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory", self.kv_cache_memory, "> 0")
+        _check(self.max_model_len is None or self.max_model_len >= 1, "max_model_len", self.max_model_len, ">= 1")
+        _check(self.preemption_mode in ("swap", "recompute"), "preemption_mode", self.preemption_mode, "'swap' or 'recompute'")
+        _check(self.swap_space >= 0, "swap_space", self.swap_space, ">= 0")
+        _check(self.scheduling_policy in ("continuous", "static"), "scheduling_policy", self.scheduling_policy, "'continuous' or 'static'")
+        _check(self.attention_backend in ("torch", "triton"), "attention_backend", self.attention_backend, "'torch' or 'triton'")
+        if not self.enable_chunked_prefill and self.max_model_len is not None:
+            _check(self.max_num_batched_tokens >= self.max_model_len, "max_num_batched_tokens",
+                   self.max_num_batched_tokens, f">= max_model_len ({self.max_model_len}) without chunked prefill")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(f"unknown engine option(s): {', '.join(unknown)}")
+        return cls(model=model, **kwargs)
+
+
+def _check(ok: bool, field: str, value, limit: str) -> None:
+    if not ok:
+        raise ValueError(f"EngineConfig.{field} must be {limit}, got {value!r}")

@@ -1,0 +1,60 @@
+"""Incremental detokenization with stop strings.
+
+Decoding only a short window of recent tokens each step keeps this O(1) per token; text
+is released only once the window decodes without a dangling U+FFFD (a multi-byte character
+split across tokens), and the tail that could still grow into a stop string is held back.
+"""
+from __future__ import annotations
+
+from engine.request import Request
+
+_CONTEXT = 5  # prompt tokens decoded before the output, so leading spaces come out right
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer, req: Request) -> None:
+        self.tokenizer = tokenizer
+        self.stop = req.sampling_params.stop
+        self.include_stop = req.sampling_params.include_stop_str_in_output
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.ids = list(req.prompt_token_ids[-_CONTEXT:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+        self.text = ""
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def add_token(self, token_id: int) -> str | None:
+        """Appends one token's text. Returns the stop string if the text now contains one
+        (the text is then cut before it, or after it with include_stop_str_in_output)."""
+        self.ids.append(token_id)
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset:])
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return None
+        start = len(self.text)
+        self.text += full[len(prefix):]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        if self.stop:
+            return self._check_stop(start)
+        return None
+
+    def _check_stop(self, new_from: int) -> str | None:
+        search_from = max(0, new_from - self.hold)
+        best = None
+        for s in self.stop:
+            idx = self.text.find(s, search_from)
+            if idx != -1 and (best is None or idx < best[0]):
+                best = (idx, s)
+        if best is None:
+            return None
+        idx, s = best
+        self.text = self.text[:idx + len(s)] if self.include_stop else self.text[:idx]
+        return s
+
+    def releasable(self, finished: bool) -> str:
+        """Text safe to stream now: all of it once finished, else minus a possible stop prefix."""
+        if finished or not self.hold:
+            return self.text
+        return self.text[:max(0, len(self.text) - self.hold)]

@@ -1,0 +1,72 @@
+"""Offline batch API: `LLM(model=...).generate(prompts, params)` and `.chat(messages, params)`."""
+from __future__ import annotations
+
+from typing import Sequence
+
+from tqdm.auto import tqdm
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine, PromptType
+from engine.request import RequestOutput
+from engine.sampling_params import SamplingParams
+
+
+class LLM:
+    def __init__(self, model: str = "smollm2-135m-instruct", **engine_options) -> None:
+        self.engine = LLMEngine(EngineConfig.from_kwargs(model, **engine_options))
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Runs every prompt to completion in one continuous batch; outputs in input order.
+        A prompt is a string or a list of token ids."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        params = list(params)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        return self._run(prompts, params, use_tqdm)
+
+    def chat(self, messages: list[dict] | Sequence[list[dict]],
+             params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = False) -> list[RequestOutput]:
+        """One conversation (a list of {'role', 'content'}) or a list of them."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [self.engine.apply_chat_template(c) for c in conversations]
+        return self.generate(prompts, params, use_tqdm)
+
+    def _run(self, prompts: list[PromptType], params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.engine
+        # Validate everything before queueing anything, so a bad prompt leaves nothing behind.
+        for p in prompts:
+            engine.tokenize(p)
+        reqs = []
+        try:
+            for p, sp in zip(prompts, params):
+                reqs.append(engine.add_request(p, sp))
+        except ValueError:
+            for r in reqs:
+                engine.abort(r.request_id)
+            raise
+        pending = {r.request_id for r in reqs}
+        outputs: dict[str, RequestOutput] = {}
+        with tqdm(total=len(reqs), disable=not use_tqdm, desc="generate") as bar:
+            while pending:
+                for req in engine.step():
+                    if req.is_finished and req.request_id in pending:
+                        pending.discard(req.request_id)
+                        outputs[req.request_id] = engine.make_output(req)
+                        bar.update(1)
+                if not engine.has_unfinished() and pending:
+                    raise RuntimeError(f"engine stopped with {len(pending)} requests unfinished")
+        return [outputs[r.request_id] for r in reqs]
+
+    def stats(self) -> dict:
+        return self.engine.stats()

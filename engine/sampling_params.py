@@ -1,0 +1,93 @@
+"""Per-request sampling parameters, validated up front with errors that name the field."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1              # -1 (or 0): no top-k
+    min_p: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16  # None: up to max_model_len
+    min_tokens: int = 0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # top-n logprobs per generated token
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop) if self.stop is not None else []
+        self.stop_token_ids = list(self.stop_token_ids) if self.stop_token_ids is not None else []
+        self._validate()
+
+    def _validate(self) -> None:
+        _num("temperature", self.temperature)
+        _check(self.temperature >= 0, "temperature", self.temperature, ">= 0")
+        _num("top_p", self.top_p)
+        _check(0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
+        _int("top_k", self.top_k)
+        _check(self.top_k >= -1, "top_k", self.top_k, ">= -1 (-1 or 0 disables it)")
+        _num("min_p", self.min_p)
+        _check(0 <= self.min_p <= 1, "min_p", self.min_p, "in [0, 1]")
+        if self.seed is not None:
+            _int("seed", self.seed)
+            _check(0 <= self.seed < 2**63, "seed", self.seed, "in [0, 2**63)")
+        if self.max_tokens is not None:
+            _int("max_tokens", self.max_tokens)
+            _check(self.max_tokens >= 1, "max_tokens", self.max_tokens, ">= 1")
+        _int("min_tokens", self.min_tokens)
+        _check(self.min_tokens >= 0, "min_tokens", self.min_tokens, ">= 0")
+        if self.max_tokens is not None:
+            _check(self.min_tokens <= self.max_tokens, "min_tokens", self.min_tokens,
+                   f"<= max_tokens ({self.max_tokens})")
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"SamplingParams.stop must be a list of non-empty strings, got {self.stop!r}")
+        for t in self.stop_token_ids:
+            if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+                raise ValueError(f"SamplingParams.stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}")
+        _num("repetition_penalty", self.repetition_penalty)
+        _check(self.repetition_penalty > 0, "repetition_penalty", self.repetition_penalty, "> 0")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _num(name, value)
+            _check(-2 <= value <= 2, name, value, "in [-2, 2]")
+        if self.logprobs is not None:
+            _int("logprobs", self.logprobs)
+            _check(0 <= self.logprobs <= 20, "logprobs", self.logprobs, "in [0, 20]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def uses_penalties(self) -> bool:
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)
+
+
+def _check(ok: bool, name: str, value, limit: str) -> None:
+    if not ok:
+        raise ValueError(f"SamplingParams.{name} must be {limit}, got {value!r}")
+
+
+def _num(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"SamplingParams.{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"SamplingParams.{name} must be finite, got {value!r}")
+
+
+def _int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"SamplingParams.{name} must be an integer, got {value!r}")
