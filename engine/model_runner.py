@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.attention import AttentionMetadata, PrefillSeq, torch_paged_attention
+from engine.attention import AttentionMetadata, PrefillSeq, cpu_paged_attention, torch_paged_attention
+from kernels.cpu import load as cpu_kernels
 from engine.models.llama import LlamaForCausalLM
 from engine.request import Request
 from engine.sampler import Sampler
@@ -35,6 +36,9 @@ class ModelRunner:
         if attention_backend == "triton":
             from engine.triton_attention import triton_paged_attention
             self.attention = triton_paged_attention
+        elif device.type == "cpu" and cpu_kernels():
+            model.use_cpu_kernels(cpu_kernels())
+            self.attention = cpu_paged_attention
         else:
             self.attention = torch_paged_attention
         self.fail_next_step: Exception | None = None  # fault injection for tests

@@ -33,10 +33,13 @@ class DecoderLayer(nn.Module):
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
         self.intermediate_size = cfg.intermediate_size
+        self.cpu_ops = None  # kernels.cpu module when the fused CPU path is on
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                 attention: AttentionFn) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cpu_ops is not None:
+            return self._forward_fused(h, residual, cos, sin, k_cache, v_cache, meta, attention)
         if residual is None:
             residual = h
             h = self.input_layernorm(h)
@@ -54,6 +57,28 @@ class DecoderLayer(nn.Module):
         h, residual = self.post_attention_layernorm.add_forward(h, residual)
         gate_up = self.gate_up_proj(h)
         h = F.silu(gate_up[:, :self.intermediate_size]) * gate_up[:, self.intermediate_size:]
+        return self.down_proj(h), residual
+
+    def _forward_fused(self, h, residual, cos, sin, k_cache, v_cache, meta, attention):
+        """Same computation with the C++ CPU kernels: fewer, fused ops per layer."""
+        ops, eps = self.cpu_ops, self.input_layernorm.eps
+        if residual is None:
+            residual = h
+            h = ops.rms_norm(h, self.input_layernorm.weight, eps)
+        else:
+            ops.fused_add_rms_norm(h, residual, self.input_layernorm.weight, eps)
+        T = h.shape[0]
+        qkv = self.qkv_proj(h)
+        q = ops.rope_and_write_kv(qkv, cos, sin, k_cache, v_cache, meta.slot_mapping,
+                                  self.num_heads, self.num_kv_heads, self.head_dim)
+        k = v = None
+        if meta.prefills:  # prefill attention reads this step's K/V straight from qkv
+            k = k_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping]
+            v = qkv[:, self.q_size + self.kv_size:].view(T, self.num_kv_heads, self.head_dim)
+        o = attention(q, k, v, k_cache, v_cache, meta, self.scale)
+        h = self.o_proj(o.view(T, self.q_size))
+        ops.fused_add_rms_norm(h, residual, self.post_attention_layernorm.weight, eps)
+        h = ops.silu_and_mul(self.gate_up_proj(h))
         return self.down_proj(h), residual
 
 
@@ -75,11 +100,17 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(m, Linear):
                 m.prepack()
 
+    def use_cpu_kernels(self, ops) -> None:
+        for layer in self.layers:
+            layer.cpu_ops = ops
+
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], attention: AttentionFn) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
         cos, sin = self.rotary.lookup(positions, h.dtype)
+        if self.layers[0].cpu_ops is not None:
+            cos, sin = cos.squeeze(1), sin.squeeze(1)
         residual = None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             h, residual = layer(h, residual, cos, sin, k_cache, v_cache, meta, attention)

@@ -1,0 +1,31 @@
+"""C++ CPU kernels (kernels/csrc/cpu_ops.cpp), built on first use and cached by torch.
+
+`load()` returns the compiled module, or None when no compiler is available, in which case
+callers use the plain-torch reference paths. Set ENGINE_CPU_KERNELS=0 to force that.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+_SRC = Path(__file__).parent / "csrc" / "cpu_ops.cpp"
+
+
+@functools.cache
+def load():
+    if os.environ.get("ENGINE_CPU_KERNELS", "1") == "0":
+        return None
+    try:
+        from torch.utils.cpp_extension import load as load_ext
+        import hashlib
+        digest = hashlib.sha1(_SRC.read_bytes()).hexdigest()[:10]
+        return load_ext(name=f"engine_cpu_ops_{digest}", sources=[str(_SRC)],
+                        extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
+                        extra_ldflags=["-fopenmp"],
+                        verbose=False)
+    except Exception as exc:  # no compiler, no ninja: fall back to the torch reference
+        log.warning("CPU kernels unavailable (%s); using the torch reference paths", exc)
+        return None

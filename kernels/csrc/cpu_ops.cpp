@@ -1,0 +1,228 @@
+// CPU kernels for the engine's hot path. Decode on CPU is bound by per-op dispatch as much
+// as by memory, so these fuse what the torch reference does in many small ops:
+//   rms_norm / fused_add_rms_norm, rope_and_write_kv, silu_and_mul, and paged decode
+//   attention that reads K/V straight through the block tables (no gather).
+// Same arithmetic order as the torch reference (fp32 math, rounding to the model dtype at
+// the same points). Built at first use by kernels/cpu.py; tests compare with the reference.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// Element access in fp32 for the two dtypes the engine runs (bf16 for speed, fp32 for checks).
+inline float load(const float* p, int64_t i) { return p[i]; }
+inline float load(const at::BFloat16* p, int64_t i) {
+  uint32_t bits = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[i]) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+inline void store(float* p, int64_t i, float v) { p[i] = v; }
+inline void store(at::BFloat16* p, int64_t i, float v) {  // round to nearest even, as c10 does
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  u = std::isnan(v) ? 0x7fc00000u : u + 0x7fffu + ((u >> 16) & 1u);
+  reinterpret_cast<uint16_t*>(p)[i] = static_cast<uint16_t>(u >> 16);
+}
+template <typename T> inline float round_to(float v) { T tmp[1]; store(tmp, 0, v); return load(tmp, 0); }
+
+template <typename T>
+void rms_norm_row(T* out, const T* x, const T* w, int64_t n, float eps) {
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t i = 0; i < n; ++i) { float v = load(x, i); ss += v * v; }
+  const float inv = 1.f / std::sqrt(ss / n + eps);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) store(out, i, load(w, i) * round_to<T>(load(x, i) * inv));
+}
+
+template <typename T>
+void rms_norm_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, double eps) {
+  const int64_t T_ = x.size(0), n = x.size(1);
+  const T* xp = x.data_ptr<T>(); const T* wp = w.data_ptr<T>(); T* op = out.data_ptr<T>();
+  at::parallel_for(0, T_, 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) rms_norm_row(op + t * n, xp + t * n, wp, n, (float)eps);
+  });
+}
+
+// residual = residual + x; x = rms_norm(residual) * w   (both in place)
+template <typename T>
+void fused_add_rms_norm_impl(at::Tensor& x, at::Tensor& residual, const at::Tensor& w, double eps) {
+  const int64_t T_ = x.size(0), n = x.size(1);
+  T* xp = x.data_ptr<T>(); T* rp = residual.data_ptr<T>(); const T* wp = w.data_ptr<T>();
+  at::parallel_for(0, T_, 16, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      T* xr = xp + t * n; T* rr = rp + t * n;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) store(rr, i, load(rr, i) + load(xr, i));
+      rms_norm_row(xr, rr, wp, n, (float)eps);
+    }
+  });
+}
+
+// qkv: [T, (H + 2 Hkv) * D]. Rotates q and k (half-split layout), returns q as [T, H, D]
+// and writes k, v into the caches [num_blocks, block_size, Hkv, D] at slot_mapping.
+template <typename T>
+void rope_write_kv_impl(at::Tensor& q_out, const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                        at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slots, int64_t H, int64_t Hkv,
+                        int64_t D) {
+  const int64_t n = qkv.size(0), half = D / 2, stride = qkv.stride(0);
+  const T* src = qkv.data_ptr<T>(); const T* cp = cos.data_ptr<T>(); const T* sp = sin.data_ptr<T>();
+  T* qo = q_out.data_ptr<T>(); T* kc = k_cache.data_ptr<T>(); T* vc = v_cache.data_ptr<T>();
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  at::parallel_for(0, n, 8, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const T* row = src + t * stride; const T* c = cp + t * D; const T* s = sp + t * D;
+      for (int64_t h = 0; h < H + Hkv; ++h) {
+        const T* x = row + h * D;
+        T* dst = h < H ? qo + (t * H + h) * D : kc + (sl[t] * Hkv + (h - H)) * D;
+#pragma omp simd
+        for (int64_t i = 0; i < half; ++i) {
+          const float x1 = load(x, i), x2 = load(x, i + half);
+          store(dst, i, round_to<T>(round_to<T>(x1 * load(c, i)) + round_to<T>(-x2 * load(s, i))));
+          store(dst, i + half, round_to<T>(round_to<T>(x2 * load(c, i + half)) + round_to<T>(x1 * load(s, i + half))));
+        }
+      }
+      std::memcpy(vc + sl[t] * Hkv * D, row + (H + Hkv) * D, sizeof(T) * Hkv * D);
+    }
+  });
+}
+
+template <typename T>
+void silu_and_mul_impl(at::Tensor& out, const at::Tensor& x) {
+  const int64_t n = x.size(0), d = x.size(1) / 2;
+  const T* xp = x.data_ptr<T>(); T* op = out.data_ptr<T>();
+  at::parallel_for(0, n, 8, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const T* g = xp + t * 2 * d; const T* u = g + d; T* o = op + t * d;
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) {
+        const float gv = load(g, i);
+        store(o, i, round_to<T>(gv / (1.f + std::exp(-gv))) * load(u, i));
+      }
+    }
+  });
+}
+
+// out[b, h] = softmax(q[b, h] . K_b^T * scale) V_b over seq_lens[b] tokens read through
+// block_tables. One task per (sequence, KV head): its G query heads share each row read.
+template <typename T>
+void decode_attention_impl(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t bs = k_cache.size(1), Hkv = k_cache.size(2), G = H / Hkv, max_blocks = block_tables.size(1);
+  const T* qp = q.data_ptr<T>(); T* op = out.data_ptr<T>();
+  const T* kp = k_cache.data_ptr<T>(); const T* vp = v_cache.data_ptr<T>();
+  const int64_t* bt = block_tables.data_ptr<int64_t>(); const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  const int64_t row = Hkv * D;
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(G * D), acc(G * D), kf(D), scores;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / Hkv, kvh = task % Hkv, L = lens[b];
+      scores.resize(G * L);
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t d = 0; d < D; ++d) qf[g * D + d] = load(qp, (b * H + kvh * G + g) * D + d);
+      for (int64_t t = 0; t < L; ++t) {
+        const T* krow = kp + (bt[b * max_blocks + t / bs] * bs + t % bs) * row + kvh * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) kf[d] = load(krow, d);
+        for (int64_t g = 0; g < G; ++g) {
+          const float* qg = &qf[g * D];
+          float s = 0.f;
+#pragma omp simd reduction(+ : s)
+          for (int64_t d = 0; d < D; ++d) s += qg[d] * kf[d];
+          scores[g * L + t] = s * (float)scale;
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float* s = &scores[g * L];
+        float m = -INFINITY, sum = 0.f;
+        for (int64_t t = 0; t < L; ++t) m = std::max(m, s[t]);
+        for (int64_t t = 0; t < L; ++t) { s[t] = std::exp(s[t] - m); sum += s[t]; }
+        const float inv = 1.f / sum;
+        for (int64_t t = 0; t < L; ++t) s[t] *= inv;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t t = 0; t < L; ++t) {
+        const T* vrow = vp + (bt[b * max_blocks + t / bs] * bs + t % bs) * row + kvh * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) kf[d] = load(vrow, d);
+        for (int64_t g = 0; g < G; ++g) {
+          const float p = scores[g * L + t];
+          float* a = &acc[g * D];
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) a[d] += p * kf[d];
+        }
+      }
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t d = 0; d < D; ++d) store(op, (b * H + kvh * G + g) * D + d, acc[g * D + d]);
+    }
+  });
+}
+
+void check_dtype(const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, "float32 or bfloat16 only");
+}
+
+#define DISPATCH(t, NAME, ...)                                                      \
+  do {                                                                              \
+    check_dtype(t);                                                                 \
+    if ((t).scalar_type() == at::kFloat) { using scalar_t = float; __VA_ARGS__(); } \
+    else { using scalar_t = at::BFloat16; __VA_ARGS__(); }                          \
+  } while (0)
+
+}  // namespace
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && w.is_contiguous(), "x must be contiguous [T, n]");
+  auto out = at::empty_like(x);
+  DISPATCH(x, "rms_norm", [&] { rms_norm_impl<scalar_t>(out, x, w, eps); });
+  return out;
+}
+
+void fused_add_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& w, double eps) {
+  TORCH_CHECK(x.is_contiguous() && residual.is_contiguous() && x.sizes() == residual.sizes(), "shape");
+  DISPATCH(x, "fused_add_rms_norm", [&] { fused_add_rms_norm_impl<scalar_t>(x, residual, w, eps); });
+}
+
+at::Tensor rope_and_write_kv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
+                             at::Tensor& v_cache, const at::Tensor& slots, int64_t H, int64_t Hkv, int64_t D) {
+  TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1 && qkv.size(1) == (H + 2 * Hkv) * D, "qkv shape");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(-1) == D, "cos/sin must be [T, D]");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && slots.scalar_type() == at::kLong, "cache");
+  auto q = at::empty({qkv.size(0), H, D}, qkv.options());
+  auto sl = slots.contiguous();
+  DISPATCH(qkv, "rope_and_write_kv", [&] { rope_write_kv_impl<scalar_t>(q, qkv, cos, sin, k_cache, v_cache, sl, H, Hkv, D); });
+  return q;
+}
+
+at::Tensor silu_and_mul(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be contiguous [T, 2d]");
+  auto out = at::empty({x.size(0), x.size(1) / 2}, x.options());
+  DISPATCH(x, "silu_and_mul", [&] { silu_and_mul_impl<scalar_t>(out, x); });
+  return out;
+}
+
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q must be contiguous [B, H, D]");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong, "int64 metadata");
+  TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "query heads must be a multiple of KV heads");
+  auto bt = block_tables.contiguous();
+  auto lens = seq_lens.contiguous();
+  auto out = at::empty_like(q);
+  DISPATCH(q, "paged_decode_attention", [&] { decode_attention_impl<scalar_t>(out, q, k_cache, v_cache, bt, lens, scale); });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rms_norm", &rms_norm);
+  m.def("fused_add_rms_norm", &fused_add_rms_norm);
+  m.def("rope_and_write_kv", &rope_and_write_kv);
+  m.def("silu_and_mul", &silu_and_mul);
+  m.def("paged_decode_attention", &paged_decode_attention);
+}
