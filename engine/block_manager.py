@@ -122,12 +122,13 @@ class KVCacheManager:
         return hits
 
     def allocate(self, req: Request, num_new_tokens: int, cached_prefix: list[Block] = ()) -> bool:
-        """Give `req` blocks for `num_new_tokens` more tokens after its computed (or cached)
-        ones. All or nothing: returns False, changing nothing, when the pool is short."""
+        """Give `req` blocks for `num_new_tokens` more tokens after its computed ones (a new
+        request first takes `cached_prefix`). All or nothing: False, changing nothing, when
+        the pool is short."""
+        # req.num_computed_tokens already counts the cached prefix's tokens.
         cached_prefix = list(cached_prefix)
         have = len(req.block_ids) + len(cached_prefix)
-        num_computed = req.num_computed_tokens + len(cached_prefix) * self.block_size
-        need = self.blocks_for(num_computed + num_new_tokens) - have
+        need = self.blocks_for(req.num_computed_tokens + num_new_tokens) - have
         # Cached blocks sitting in the free list stop being free once shared.
         reclaimed = sum(1 for b in cached_prefix if b.ref_count == 0)
         if need > self.pool.num_free - reclaimed:

@@ -38,7 +38,9 @@ class LLM:
              params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = False) -> list[RequestOutput]:
         """One conversation (a list of {'role', 'content'}) or a list of them."""
-        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
+        conversations = [messages] if isinstance(messages[0], dict) else list(messages)
         prompts = [self.engine.apply_chat_template(c) for c in conversations]
         return self.generate(prompts, params, use_tqdm)
 

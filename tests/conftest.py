@@ -1,0 +1,31 @@
+import os
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from engine.loader import DEFAULT_MODEL, resolve_model_dir  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def real_model_dir():
+    """The default model (SmolLM2-135M-Instruct), converted from its GGUF once per machine."""
+    return resolve_model_dir(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory):
+    """A tiny random GQA Llama saved by transformers as a Hugging Face folder (safetensors)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+                      rope_theta=10000.0, tie_word_embeddings=False, initializer_range=0.2,
+                      bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path, safe_serialization=True)
+    return path

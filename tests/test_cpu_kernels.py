@@ -1,0 +1,86 @@
+"""The C++ CPU kernels equal their plain-torch references."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.attention import AttentionMetadata, torch_paged_attention
+from engine.models.layers import RMSNorm, apply_rope
+from kernels.cpu import load
+
+ops = load()
+pytestmark = pytest.mark.skipif(ops is None, reason="no C++ compiler for the CPU kernels")
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norms_match_reference(dtype):
+    x, r = torch.randn(7, 96, dtype=dtype), torch.randn(7, 96, dtype=dtype)
+    norm = RMSNorm(96, 1e-5).to(dtype)
+    norm.weight.data = torch.rand(96, dtype=dtype) + 0.5
+    torch.testing.assert_close(ops.rms_norm(x, norm.weight, 1e-5), norm(x), atol=TOL[dtype], rtol=TOL[dtype])
+    ref_h, ref_r = norm.add_forward(x, r)
+    h, res = x.clone(), r.clone()
+    ops.fused_add_rms_norm(h, res, norm.weight, 1e-5)
+    torch.testing.assert_close(res, ref_r, atol=0, rtol=0)
+    torch.testing.assert_close(h, ref_h, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_and_kv_write_match_reference(dtype):
+    T, H, Hkv, D, bs = 5, 6, 2, 32, 4
+    qkv = torch.randn(T, (H + 2 * Hkv) * D, dtype=dtype)
+    cos, sin = torch.randn(T, D, dtype=dtype), torch.randn(T, D, dtype=dtype)
+    kc, vc = torch.zeros(8, bs, Hkv, D, dtype=dtype), torch.zeros(8, bs, Hkv, D, dtype=dtype)
+    slots = torch.tensor([3, 9, 10, 30, 0])
+    q = ops.rope_and_write_kv(qkv, cos, sin, kc, vc, slots, H, Hkv, D)
+    qk = apply_rope(qkv[:, :(H + Hkv) * D].view(T, H + Hkv, D), cos.unsqueeze(1), sin.unsqueeze(1))
+    torch.testing.assert_close(q, qk[:, :H], atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(kc.view(-1, Hkv, D)[slots], qk[:, H:], atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(vc.view(-1, Hkv, D)[slots], qkv[:, (H + Hkv) * D:].view(T, Hkv, D))
+    assert kc.view(-1, Hkv, D)[1].abs().sum() == 0  # untouched slots stay untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul_matches_reference(dtype):
+    x = torch.randn(9, 2 * 80, dtype=dtype) * 3
+    torch.testing.assert_close(ops.silu_and_mul(x), F.silu(x[:, :80]) * x[:, 80:], atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gqa", [1, 3, 4])
+def test_paged_decode_attention_matches_reference(dtype, gqa):
+    Hkv, D, bs, nblocks = 2, 64, 16, 40
+    H = Hkv * gqa
+    kc, vc = torch.randn(nblocks, bs, Hkv, D, dtype=dtype), torch.randn(nblocks, bs, Hkv, D, dtype=dtype)
+    lens = torch.tensor([1, 16, 17, 100, 33])  # empty tails, full blocks, block-boundary crossings
+    maxb = int(-(-lens.max() // bs))
+    perm = torch.randperm(nblocks)
+    tables = torch.stack([perm[i * maxb:(i + 1) * maxb] for i in range(len(lens))])
+    q = torch.randn(len(lens), H, D, dtype=dtype)
+    mask = (torch.arange(maxb * bs)[None, :] < lens[:, None]).view(len(lens), 1, 1, -1)
+    meta = AttentionMetadata(slot_mapping=torch.zeros(0, dtype=torch.long), num_decodes=len(lens),
+                             decode_block_tables=tables, decode_seq_lens=lens, decode_mask=mask, prefills=[])
+    ref = torch_paged_attention(q.float(), None, None, kc.float(), vc.float(), meta, 0.125)
+    out = ops.paged_decode_attention(q, kc, vc, tables, lens, 0.125)
+    torch.testing.assert_close(out.float(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_engine_on_cpu_kernels_equals_engine_on_torch_reference(monkeypatch):
+    from engine import EngineConfig, LLMEngine, SamplingParams
+    import engine.model_runner as mr
+
+    def run():
+        eng = LLMEngine(EngineConfig(model="dummy-tiny", dtype="float32", num_kv_blocks=64, max_model_len=256,
+                                     max_num_batched_tokens=16))
+        reqs = [eng.add_request(list(range(5 + i, 30 + 3 * i)), SamplingParams(temperature=0, max_tokens=12,
+                                                                             ignore_eos=True)) for i in range(4)]
+        while eng.has_unfinished():
+            eng.step()
+        return [r.output_token_ids for r in reqs], eng.runner.attention.__name__
+
+    fused, name = run()
+    assert name == "cpu_paged_attention"
+    monkeypatch.setattr(mr, "cpu_kernels", lambda: None)
+    reference, name = run()
+    assert name == "torch_paged_attention"
+    assert fused == reference

@@ -1,0 +1,137 @@
+"""Iteration-level scheduling: who runs in each step, and where the blocks go."""
+import pytest
+
+from engine import EngineConfig, LLMEngine, SamplingParams
+from helpers import assert_all_blocks_free
+
+
+def tiny_engine(**kw) -> LLMEngine:
+    opts = dict(model="dummy-tiny", dtype="float32", num_kv_blocks=64, block_size=16, max_num_batched_tokens=256,
+                max_model_len=128)
+    opts.update(kw)
+    return LLMEngine(EngineConfig(**opts))
+
+
+def test_early_finisher_frees_blocks_in_its_step_and_waiting_request_joins_next_step():
+    engine = tiny_engine(max_num_seqs=2)
+    short = engine.add_request(list(range(10, 30)), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    long = engine.add_request(list(range(40, 60)), SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    waiter = engine.add_request(list(range(70, 90)), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    free_before = engine.kv.num_free_blocks
+    finish_step = None
+    while finish_step is None:
+        engine.step()
+        last = engine.step_history[-1]
+        assert waiter.request_id not in last.scheduled  # max_num_seqs=2 keeps it waiting
+        if short.request_id in last.finished:
+            finish_step = last
+    # The short request's 2 blocks (20 prompt + 2 computed tokens) are back in this same step.
+    assert short.block_ids == []
+    assert finish_step.num_free_blocks == free_before - len(long.block_ids)
+    engine.step()
+    nxt = engine.step_history[-1]
+    assert nxt.step == finish_step.step + 1
+    assert nxt.scheduled[waiter.request_id] == 20  # its whole prompt, in the very next forward pass
+    assert nxt.scheduled[long.request_id] == 1     # alongside the running decode
+    while engine.has_unfinished():
+        engine.step()
+    assert_all_blocks_free(engine)
+
+
+def test_decodes_get_budget_before_prompt_chunks_and_long_prompt_is_chunked():
+    engine = tiny_engine(max_num_batched_tokens=8, num_kv_blocks=64)
+    a = engine.add_request([5, 6, 7], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    engine.step()  # a's prompt
+    b = engine.add_request(list(range(100, 140)), SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    chunks = []
+    while b.num_computed_tokens < b.num_prompt_tokens:
+        engine.step()
+        s = engine.step_history[-1]
+        assert s.scheduled[a.request_id] == 1  # the decode never stalls
+        chunks.append(s.scheduled[b.request_id])
+    assert chunks == [7, 7, 7, 7, 7, 5]  # 8-token budget minus the decode
+    while engine.has_unfinished():
+        engine.step()
+    assert_all_blocks_free(engine)
+
+
+def test_without_chunked_prefill_a_prompt_waits_for_a_step_with_room():
+    engine = tiny_engine(max_num_batched_tokens=1024, enable_chunked_prefill=False, max_model_len=1024)
+    engine.config.max_num_batched_tokens = 600  # exactly one prompt per step
+    reqs = [engine.add_request(list(range(3 + i, 3 + i + 600)), SamplingParams(temperature=0, max_tokens=2,
+                                                                               ignore_eos=True))
+            for i in range(2)]
+    engine.step()
+    assert engine.step_history[-1].scheduled == {reqs[0].request_id: 600}
+    engine.step()  # 1 decode + 600 > 512 budget: the second prompt waits whole, not split
+    assert engine.step_history[-1].scheduled == {reqs[0].request_id: 1}
+    engine.step()  # req 0 finished (2 tokens): the budget is free again
+    assert engine.step_history[-1].scheduled == {reqs[1].request_id: 600}
+
+
+def test_static_policy_holds_the_batch_until_its_longest_member_finishes():
+    engine = tiny_engine(max_num_seqs=2, scheduling_policy="static", num_kv_blocks=64)
+    short = engine.add_request([5, 6, 7, 8], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    long = engine.add_request([9, 10, 11], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    late = engine.add_request([12, 13], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    # KV for each member's full length is reserved at admission: (4+2) -> 1 block, (3+6) -> 1 block.
+    engine.step()
+    assert len(short.block_ids) == 1 and len(long.block_ids) == 1
+    steps = []
+    while not late.metrics.first_scheduled_time:
+        engine.step()
+        steps.append(engine.step_history[-1])
+    # The finished short member kept computing a pad token in every step of the batch ...
+    assert all(short.request_id in s.scheduled for s in steps[:-1])
+    # ... and both members of the first batch finished in the same step.
+    assert sorted(steps[-2].finished) == sorted([short.request_id, long.request_id])
+    assert short.num_output_tokens == 2 and long.num_output_tokens == 6
+    assert steps[-1].scheduled == {late.request_id: 2}
+    while engine.has_unfinished():
+        engine.step()
+    assert_all_blocks_free(engine)
+
+
+def test_static_and_continuous_policies_give_identical_greedy_outputs():
+    prompts = [[i, i + 1, i + 2] * (1 + i % 5) for i in range(3, 13)]
+    params = [SamplingParams(temperature=0, max_tokens=2 + 3 * (i % 4), ignore_eos=True) for i in range(10)]
+    outs = {}
+    for policy in ("continuous", "static"):
+        engine = tiny_engine(max_num_seqs=4, scheduling_policy=policy)
+        reqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        while engine.has_unfinished():
+            engine.step()
+        outs[policy] = [r.output_token_ids for r in reqs]
+        assert_all_blocks_free(engine)
+    assert outs["continuous"] == outs["static"]
+
+
+def test_recompute_preemption_when_blocks_run_out_keeps_outputs_identical():
+    prompts = [list(range(3 + i, 40 + i)) for i in range(6)]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    ref_engine = tiny_engine(num_kv_blocks=256)
+    ref = [ref_engine.add_request(p, params) for p in prompts]
+    while ref_engine.has_unfinished():
+        ref_engine.step()
+    engine = tiny_engine(num_kv_blocks=12, max_model_len=96, preemption_mode="recompute")  # room for about 2 of 6
+    reqs = [engine.add_request(p, params) for p in prompts]
+    while engine.has_unfinished():
+        engine.step()
+    assert [r.output_token_ids for r in reqs] == [r.output_token_ids for r in ref]
+    assert engine.stats()["num_preemptions"] > 0
+    assert sum(r.metrics.num_preemptions for r in reqs) == engine.stats()["num_preemptions"]
+    assert_all_blocks_free(engine)
+
+
+@pytest.mark.parametrize("policy", ["continuous", "static"])
+def test_stats_report_batch_sizes(policy):
+    engine = tiny_engine(max_num_seqs=3, scheduling_policy=policy)
+    for i in range(5):
+        engine.add_request([3 + i, 4, 5], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    stats = engine.stats()
+    assert stats["peak_batch_size"] == 3
+    assert max(stats["batch_size_history"]) == 3
+    assert stats["num_running"] == stats["num_waiting"] == 0
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"] == 64
