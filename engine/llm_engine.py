@@ -185,7 +185,9 @@ class LLMEngine:
             return failed
         now = time.time()
         for req, n in sched.scheduled:
-            if not req.static_done:
+            if req.static_done:  # a pad token: the row's context grows within its reservation
+                req.static_pad_pos = min(req.static_pad_pos + 1, len(req.block_ids) * self.kv.block_size - 1)
+            else:
                 req.num_computed_tokens += n
                 self.kv.cache_full_blocks(req)
         updated: list[Request] = []
@@ -196,6 +198,7 @@ class LLMEngine:
             if req.finish_reason is not None:
                 if self.config.scheduling_policy == "static":
                     req.static_done = True
+                    req.static_pad_pos = req.num_tokens - 1  # its last token is not computed yet
                 else:
                     finished.append(req)
         if self.config.scheduling_policy == "static" and self.scheduler.static_batch_done():

@@ -58,8 +58,8 @@ class ModelRunner:
         seq_lens: list[int] = []
         # Decodes: one row each. A finished static-batch member recomputes its last token (pad).
         for r, _ in decodes:
-            pos = r.num_tokens - 1 if r.static_done else r.num_computed_tokens
-            input_ids.append(r.all_token_ids[pos])
+            pos = r.static_pad_pos if r.static_done else r.num_computed_tokens
+            input_ids.append(r.all_token_ids[-1] if r.static_done else r.all_token_ids[pos])
             positions.append(pos)
             slots.append(r.block_ids[pos // bs] * bs + pos % bs)
             seq_lens.append(pos + 1)

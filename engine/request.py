@@ -94,7 +94,8 @@ class Request:
         self.generator: torch.Generator | None = None
         if self.sampling_params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.sampling_params.seed)
-        self.static_done = False             # static batching: finished, but its slot stays until the batch ends
+        self.static_done = False             # static batching: finished, but its row stays until the batch ends
+        self.static_pad_pos = 0              # position of its next pad token
         self.output_text = ""                # filled by the detokenizer
         self.sent_text_len = 0               # how much of output_text has been streamed
         self.sent_token_len = 0

@@ -7,9 +7,10 @@ they never stall), then to prompt chunks of running requests, then to new reques
 blocks and `max_num_seqs` allow. A request that needs a block when none is free preempts
 the lowest-priority (latest-arriving) running request.
 
-`scheduling_policy="static"` is the baseline continuous batching is measured against:
-admit a batch, reserve each member's KV for its full length up front, and keep every slot
-busy (a finished member computes a pad token) until the longest member finishes.
+`scheduling_policy="static"` is the baseline continuous batching is measured against, made
+faithful to padded static batching (transformers' `generate` on a batch): admit a batch,
+reserve every member's KV for the batch's full length up front, and keep every row busy (a
+finished member keeps decoding pad tokens) until the longest member finishes.
 """
 from __future__ import annotations
 
@@ -162,16 +163,19 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         if not self.running:
-            # Admit the next batch, each member with blocks for its whole length reserved.
-            while self.waiting and len(self.running) < self.config.max_num_seqs:
-                req = self.waiting[0]
-                if not self.kv.allocate(req, req.num_prompt_tokens + req.max_output_tokens):
+            # Admit the next batch. As in a padded static batch, every member gets KV for the
+            # batch's full length (longest prompt + longest output) reserved up front.
+            batch = list(self.waiting)[:self.config.max_num_seqs]
+            length = min(max(r.num_prompt_tokens for r in batch) + max(r.max_output_tokens for r in batch),
+                         self.kv.num_blocks * self.kv.block_size // len(batch) if batch else 0)
+            for req in batch:
+                if not self.kv.allocate(req, max(length, req.num_prompt_tokens + req.max_output_tokens)):
                     break
                 self.waiting.popleft()
                 self._start(req)
         for req in self.running:
             if req.static_done:
-                num_new = 1  # a pad token keeps its slot busy, as in a padded static batch
+                num_new = 1  # a pad token keeps its row busy (and its context growing) until the batch ends
             else:
                 num_new = self._chunk(req, budget)
             if num_new == 0 or num_new > budget:

@@ -74,15 +74,18 @@ def test_static_policy_holds_the_batch_until_its_longest_member_finishes():
     short = engine.add_request([5, 6, 7, 8], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
     long = engine.add_request([9, 10, 11], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
     late = engine.add_request([12, 13], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
-    # KV for each member's full length is reserved at admission: (4+2) -> 1 block, (3+6) -> 1 block.
+    # KV for the batch's full length (longest prompt 4 + longest output 6) is reserved for each member.
     engine.step()
     assert len(short.block_ids) == 1 and len(long.block_ids) == 1
+    assert engine.kv.num_free_blocks == 62
     steps = []
     while not late.metrics.first_scheduled_time:
         engine.step()
         steps.append(engine.step_history[-1])
-    # The finished short member kept computing a pad token in every step of the batch ...
+    # The finished short member kept computing a pad token, at a growing position, in every
+    # step of the batch ...
     assert all(short.request_id in s.scheduled for s in steps[:-1])
+    assert short.static_pad_pos == 9  # pads ran past its own 6 tokens up to the batch length
     # ... and both members of the first batch finished in the same step.
     assert sorted(steps[-2].finished) == sorted([short.request_id, long.request_id])
     assert short.num_output_tokens == 2 and long.num_output_tokens == 6

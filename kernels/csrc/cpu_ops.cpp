@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstring>
 #include <vector>
+#include <immintrin.h>
 
 namespace {
 
@@ -28,6 +29,53 @@ inline void store(at::BFloat16* p, int64_t i, float v) {  // round to nearest ev
   reinterpret_cast<uint16_t*>(p)[i] = static_cast<uint16_t>(u >> 16);
 }
 template <typename T> inline float round_to(float v) { T tmp[1]; store(tmp, 0, v); return load(tmp, 0); }
+
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {
+  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// exp for x <= 0 (softmax after subtracting the max): Cephes-style range reduction and a
+// degree-6 polynomial, within about 2 ulp of std::exp; 16 lanes at a time.
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500E-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507E-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073E-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894E-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459E-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201E-1f));
+  y = _mm512_fmadd_ps(_mm512_mul_ps(y, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(y, n);
+}
+
+// softmax in place over n floats
+inline void softmax512(float* s, int64_t n) {
+  __m512 mv = _mm512_set1_ps(-INFINITY);
+  int64_t t = 0;
+  for (; t + 16 <= n; t += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + t));
+  float m = _mm512_reduce_max_ps(mv);
+  for (; t < n; ++t) m = std::max(m, s[t]);
+  const __m512 mb = _mm512_set1_ps(m);
+  __m512 sv = _mm512_setzero_ps();
+  for (t = 0; t + 16 <= n; t += 16) {
+    __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + t), mb));
+    _mm512_storeu_ps(s + t, e);
+    sv = _mm512_add_ps(sv, e);
+  }
+  float sum = _mm512_reduce_add_ps(sv);
+  for (; t < n; ++t) { s[t] = std::exp(s[t] - m); sum += s[t]; }
+  const __m512 inv = _mm512_set1_ps(1.f / sum);
+  for (t = 0; t + 16 <= n; t += 16) _mm512_storeu_ps(s + t, _mm512_mul_ps(_mm512_loadu_ps(s + t), inv));
+  for (; t < n; ++t) s[t] *= 1.f / sum;
+}
+
+#endif
 
 template <typename T>
 void rms_norm_row(T* out, const T* x, const T* w, int64_t n, float eps) {
@@ -98,8 +146,17 @@ void silu_and_mul_impl(at::Tensor& out, const at::Tensor& x) {
   at::parallel_for(0, n, 8, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const T* g = xp + t * 2 * d; const T* u = g + d; T* o = op + t * d;
-#pragma omp simd
-      for (int64_t i = 0; i < d; ++i) {
+      int64_t i0 = 0;
+#if defined(__AVX512F__)
+      for (; i0 + 16 <= d; i0 += 16) {  // exp dominates: 16 lanes at a time
+        alignas(64) float tmp[16];
+        const __m512 gv = load16(g + i0);
+        const __m512 e = exp512(_mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), gv), _mm512_set1_ps(88.f)));
+        _mm512_store_ps(tmp, _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), e)));
+        for (int k = 0; k < 16; ++k) store(o, i0 + k, round_to<T>(tmp[k]) * load(u, i0 + k));
+      }
+#endif
+      for (int64_t i = i0; i < d; ++i) {
         const float gv = load(g, i);
         store(o, i, round_to<T>(gv / (1.f + std::exp(-gv))) * load(u, i));
       }
@@ -163,6 +220,64 @@ void decode_attention_impl(at::Tensor& out, const at::Tensor& q, const at::Tenso
   });
 }
 
+#if defined(__AVX512F__)
+// Decode attention with AVX-512 for head_dim % 16 == 0: each K/V row is loaded once into
+// registers (bf16 widened to fp32) and used by all G query heads of its group.
+template <typename T>
+void decode_attention_avx512(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                             const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
+  constexpr int64_t kMaxG = 16, kMaxC = 16;  // up to 16 query heads per KV head, head_dim <= 256
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), C = D / 16;
+  const int64_t bs = k_cache.size(1), Hkv = k_cache.size(2), G = H / Hkv, max_blocks = block_tables.size(1);
+  const T* qp = q.data_ptr<T>(); T* op = out.data_ptr<T>();
+  const T* kp = k_cache.data_ptr<T>(); const T* vp = v_cache.data_ptr<T>();
+  const int64_t* bt = block_tables.data_ptr<int64_t>(); const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  const int64_t row = Hkv * D;
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    __m512 qv[kMaxG][kMaxC], acc[kMaxG][kMaxC];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / Hkv, kvh = task % Hkv, L = lens[b];
+      scores.resize(G * L);
+      const __m512 sc = _mm512_set1_ps((float)scale);
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t c = 0; c < C; ++c) qv[g][c] = _mm512_mul_ps(load16(qp + (b * H + kvh * G + g) * D + c * 16), sc);
+      for (int64_t t = 0; t < L; ++t) {
+        const T* krow = kp + (bt[b * max_blocks + t / bs] * bs + t % bs) * row + kvh * D;
+        __m512 kv[kMaxC];
+        for (int64_t c = 0; c < C; ++c) kv[c] = load16(krow + c * 16);
+        for (int64_t g = 0; g < G; ++g) {
+          __m512 s = _mm512_mul_ps(qv[g][0], kv[0]);
+          for (int64_t c = 1; c < C; ++c) s = _mm512_fmadd_ps(qv[g][c], kv[c], s);
+          scores[g * L + t] = _mm512_reduce_add_ps(s);
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        softmax512(&scores[g * L], L);
+        for (int64_t c = 0; c < C; ++c) acc[g][c] = _mm512_setzero_ps();
+      }
+      for (int64_t t = 0; t < L; ++t) {
+        const T* vrow = vp + (bt[b * max_blocks + t / bs] * bs + t % bs) * row + kvh * D;
+        __m512 vv[kMaxC];
+        for (int64_t c = 0; c < C; ++c) vv[c] = load16(vrow + c * 16);
+        for (int64_t g = 0; g < G; ++g) {
+          const __m512 p = _mm512_set1_ps(scores[g * L + t]);
+          for (int64_t c = 0; c < C; ++c) acc[g][c] = _mm512_fmadd_ps(p, vv[c], acc[g][c]);
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        alignas(64) float tmp[16];
+        T* dst = op + (b * H + kvh * G + g) * D;
+        for (int64_t c = 0; c < C; ++c) {
+          _mm512_store_ps(tmp, acc[g][c]);
+          for (int i = 0; i < 16; ++i) store(dst, c * 16 + i, tmp[i]);
+        }
+      }
+    }
+  });
+}
+#endif
+
 void check_dtype(const at::Tensor& t) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, "float32 or bfloat16 only");
 }
@@ -215,6 +330,12 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   auto bt = block_tables.contiguous();
   auto lens = seq_lens.contiguous();
   auto out = at::empty_like(q);
+#if defined(__AVX512F__)
+  if (q.size(2) % 16 == 0 && q.size(2) <= 256 && q.size(1) / k_cache.size(2) <= 16) {
+    DISPATCH(q, "paged_decode_attention", [&] { decode_attention_avx512<scalar_t>(out, q, k_cache, v_cache, bt, lens, scale); });
+    return out;
+  }
+#endif
   DISPATCH(q, "paged_decode_attention", [&] { decode_attention_impl<scalar_t>(out, q, k_cache, v_cache, bt, lens, scale); });
   return out;
 }
