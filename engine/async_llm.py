@@ -1,0 +1,159 @@
+"""AsyncLLM: one engine shared by any number of asyncio callers, on any event loops.
+
+A dedicated thread runs the step loop while there is work and sleeps on a condition
+variable when there is none. Each `generate()` call registers a queue on its caller's own
+event loop; after every step the thread hands each request's delta to that loop with
+`call_soon_threadsafe`. Leaving the `async for` early (break, task cancelled, client gone)
+aborts the request and frees its blocks.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.request import RequestOutput
+from engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The step thread has died; the engine accepts no more requests."""
+
+
+class RequestFailedError(RuntimeError):
+    """The step running this request raised; the engine itself keeps serving."""
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class AsyncLLM:
+    def __init__(self, config: EngineConfig | None = None, **engine_options) -> None:
+        if config is None:
+            config = EngineConfig(**engine_options)
+        self.engine = LLMEngine(config)
+        self.config = config
+        self._cond = threading.Condition()   # guards the engine; the step thread waits on it
+        self._streams: dict[str, _Stream] = {}
+        self._dead: BaseException | None = None
+        self._stopping = False
+        self._ids = 0
+        self._thread = threading.Thread(target=self._run, name="engine-step-loop", daemon=True)
+        self._thread.start()
+
+    # -- public API ---------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def is_healthy(self) -> bool:
+        return self._dead is None and self._thread.is_alive()
+
+    async def generate(self, prompt: str | list[int] | list[dict], params: SamplingParams | None = None,
+                       request_id: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Yields a RequestOutput per step with the new text and token ids (deltas); the last
+        one has `finished=True`, the finish reason and the request's metrics. A list of
+        {'role', 'content'} dicts is rendered with the model's chat template."""
+        loop = asyncio.get_running_loop()
+        stream = _Stream(loop, asyncio.Queue())
+        with self._cond:
+            self._check_alive()
+            if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+                prompt = self.engine.apply_chat_template(prompt)
+            if request_id is None:
+                self._ids += 1
+                request_id = f"async-{self._ids}"
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            self.engine.add_request(prompt, params, request_id=request_id, priority=priority)  # may raise ValueError
+            self._streams[request_id] = stream
+            self._cond.notify()
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:  # the consumer left early: free its blocks
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> bool:
+        """Stops a request and frees its blocks; its stream ends with finish_reason 'abort'."""
+        with self._cond:
+            stream = self._streams.pop(request_id, None)
+            req = self.engine.abort(request_id)
+            final = self.engine.make_output(req, delta=True) if req is not None else None
+        if stream is not None and final is not None:
+            self._deliver(stream, final)
+        return req is not None
+
+    def stats(self) -> dict:
+        with self._cond:
+            return self.engine.stats() | {"healthy": self.is_healthy()}
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    # -- step thread ----------------------------------------------------------------------
+    def _check_alive(self) -> None:
+        if self._dead is not None or self._stopping:
+            raise EngineDeadError(f"engine is not running: {self._dead!r}" if self._dead else "engine is shut down")
+
+    def _deliver(self, stream: _Stream, item) -> bool:
+        try:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+            return True
+        except RuntimeError:  # the caller's event loop is closed: nobody is listening
+            return False
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self.engine.has_unfinished() and not self._stopping:
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                    updated = self.engine.step()
+                    deliveries = []
+                    for req in updated:
+                        stream = self._streams.get(req.request_id)
+                        if stream is None:
+                            continue
+                        if req.error is not None:
+                            item = RequestFailedError(f"request {req.request_id} failed: {req.error}")
+                        else:
+                            item = self.engine.make_output(req, delta=True)
+                        if req.is_finished:
+                            del self._streams[req.request_id]
+                        deliveries.append((req.request_id, stream, item))
+                gone = [rid for rid, stream, item in deliveries if not self._deliver(stream, item)]
+                for rid in gone:
+                    self.abort(rid)
+        except BaseException as exc:  # the loop itself broke: fail everyone now, refuse new work
+            log.exception("engine step loop died")
+            with self._cond:
+                self._dead = exc
+                streams, self._streams = list(self._streams.values()), {}
+                for rid in list(self.engine.requests):
+                    self.engine.abort(rid)
+            for stream in streams:
+                self._deliver(stream, EngineDeadError(f"engine step loop died: {exc!r}"))

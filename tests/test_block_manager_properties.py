@@ -1,0 +1,94 @@
+"""Property-based: random arrivals, steps, finishes, aborts and preemptions never break
+the block accounting of the scheduler and block manager."""
+from collections import Counter
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.block_manager import KVCacheManager
+from engine.config import EngineConfig
+from engine.request import Request, RequestStatus
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.swap import Swapper
+
+BLOCK = 4
+
+op = st.one_of(
+    st.tuples(st.just("add"), st.integers(1, 30), st.integers(1, 24), st.integers(0, 3)),  # prompt len, max tokens, prefix
+    st.tuples(st.just("step"), st.integers(0, 0), st.integers(0, 0), st.integers(0, 0)),
+    st.tuples(st.just("step"), st.integers(0, 0), st.integers(0, 0), st.integers(0, 0)),
+    st.tuples(st.just("abort"), st.integers(0, 1000), st.integers(0, 0), st.integers(0, 0)),
+)
+
+
+def simulate_step(sched: Scheduler, kv: KVCacheManager, live: list[Request]) -> None:
+    """One engine step with the model replaced by a constant next token."""
+    for req, num in sched.schedule().scheduled:
+        req.num_computed_tokens += num
+        kv.cache_full_blocks(req)
+        if req.num_computed_tokens == req.num_tokens:
+            req.all_token_ids.append(7)
+            if req.num_output_tokens >= req.max_output_tokens:
+                sched.finish(req, "length")
+                live.remove(req)
+
+
+def check_invariants(sched: Scheduler, kv: KVCacheManager, live: list[Request]) -> None:
+    owners = Counter()
+    for r in live:
+        assert len(set(r.block_ids)) == len(r.block_ids), "a request holds a block twice"
+        if r.status == RequestStatus.SWAPPED:
+            assert not r.block_ids
+        owners.update(r.block_ids)
+    for b in kv.pool.blocks:
+        assert b.ref_count == owners[b.block_id], f"block {b.block_id}: ref {b.ref_count} != owners"
+        assert (b.block_id in kv.pool.free) == (b.ref_count == 0)
+    used = sum(1 for b in kv.pool.blocks if b.ref_count > 0)
+    assert kv.num_free_blocks + used == kv.num_blocks
+    for h, bid in kv.pool.cached.items():
+        assert kv.pool.blocks[bid].hash == h
+    if sched.swapper is not None:
+        cpu = [c for ids in sched.swapper.swapped.values() for c in ids]
+        assert len(cpu) == len(set(cpu))
+        assert len(cpu) + len(sched.swapper.free_cpu_blocks) == sched.swapper.num_cpu_blocks
+    for r in live:
+        assert r.num_computed_tokens <= len(r.block_ids) * BLOCK or r.status == RequestStatus.SWAPPED
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=st.lists(op, min_size=10, max_size=100), mode=st.sampled_from(["swap", "recompute"]), caching=st.booleans(),
+       budget=st.integers(4, 40), num_blocks=st.integers(8, 20))
+def test_block_accounting_survives_any_sequence_of_events(ops, mode, caching, budget, num_blocks):
+    config = EngineConfig(model="dummy-tiny", block_size=BLOCK, num_kv_blocks=num_blocks, max_num_seqs=6,
+                          max_num_batched_tokens=budget, enable_prefix_caching=caching, preemption_mode=mode)
+    kv = KVCacheManager(num_blocks, BLOCK, caching)
+    swapper = None
+    if mode == "swap":
+        caches = [(torch.zeros(num_blocks, BLOCK, 1, 2), torch.zeros(num_blocks, BLOCK, 1, 2))]
+        swapper = Swapper(kv, caches, swap_space=12 * BLOCK * 2 * 4 * 2)  # 12 CPU blocks
+    sched = Scheduler(config, kv, swapper)
+    live: list[Request] = []
+    max_len = num_blocks * BLOCK
+    for n, (kind, a, b, c) in enumerate(ops):
+        if kind == "add":
+            prompt = ([1] * (c * BLOCK) + [100 + n] * a)[:max_len - 1]  # shared prefixes of 0-3 blocks
+            req = Request(f"r{n}", prompt, SamplingParams(max_tokens=b, ignore_eos=True),
+                          max_total_tokens=max_len, arrival_time=float(n))
+            sched.add(req)
+            live.append(req)
+        elif kind == "abort" and live:
+            req = live[a % len(live)]
+            sched.finish(req, "abort")
+            live.remove(req)
+        elif kind == "step":
+            simulate_step(sched, kv, live)
+        check_invariants(sched, kv, live)
+    for _ in range(2000):  # drain: everything left runs to completion
+        if not sched.has_unfinished():
+            break
+        simulate_step(sched, kv, live)
+        check_invariants(sched, kv, live)
+    assert not live and not sched.has_unfinished()
+    assert kv.num_free_blocks == kv.num_blocks
