@@ -1,10 +1,11 @@
 """AsyncLLM: one engine shared by any number of asyncio callers, on any event loops.
 
-A dedicated thread runs the step loop while there is work and sleeps on a condition
-variable when there is none. Each `generate()` call registers a queue on its caller's own
-event loop; after every step the thread hands each request's delta to that loop with
-`call_soon_threadsafe`. Leaving the `async for` early (break, task cancelled, client gone)
-aborts the request and frees its blocks.
+A dedicated thread owns the engine: it runs the step loop while there is work and sleeps
+on a condition variable when there is none. Callers never wait for a step: `generate()`
+validates and tokenizes on the caller's thread, drops the request into an inbox and
+returns to its event loop; after every step the thread hands each request's delta to the
+caller's own loop with `call_soon_threadsafe`. Leaving the `async for` early (break, task
+cancelled, client gone) aborts the request; its blocks are freed at the next step.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import AsyncIterator
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
-from engine.request import RequestOutput
+from engine.request import Request, RequestOutput
 from engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -42,11 +43,16 @@ class AsyncLLM:
             config = EngineConfig(**engine_options)
         self.engine = LLMEngine(config)
         self.config = config
-        self._cond = threading.Condition()   # guards the engine; the step thread waits on it
+        # Guards the inbox, aborts and streams only (short sections); the engine itself is
+        # touched by the step thread alone.
+        self._cond = threading.Condition()
+        self._inbox: list[Request] = []
+        self._aborts: list[tuple[str, _Stream | None]] = []
         self._streams: dict[str, _Stream] = {}
         self._dead: BaseException | None = None
         self._stopping = False
         self._ids = 0
+        self._stats = self.engine.stats()
         self._thread = threading.Thread(target=self._run, name="engine-step-loop", daemon=True)
         self._thread.start()
 
@@ -63,19 +69,23 @@ class AsyncLLM:
         """Yields a RequestOutput per step with the new text and token ids (deltas); the last
         one has `finished=True`, the finish reason and the request's metrics. A list of
         {'role', 'content'} dicts is rendered with the model's chat template."""
-        loop = asyncio.get_running_loop()
-        stream = _Stream(loop, asyncio.Queue())
+        self._check_alive()
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+            prompt = self.engine.apply_chat_template(prompt)
         with self._cond:
-            self._check_alive()
-            if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
-                prompt = self.engine.apply_chat_template(prompt)
             if request_id is None:
                 self._ids += 1
                 request_id = f"async-{self._ids}"
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
-            self.engine.add_request(prompt, params, request_id=request_id, priority=priority)  # may raise ValueError
+        req = self.engine.make_request(prompt, params, request_id=request_id, priority=priority)  # may raise
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        with self._cond:
+            self._check_alive()
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already in use")
             self._streams[request_id] = stream
+            self._inbox.append(req)
             self._cond.notify()
         finished = False
         try:
@@ -93,18 +103,23 @@ class AsyncLLM:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> bool:
-        """Stops a request and frees its blocks; its stream ends with finish_reason 'abort'."""
+        """Stops a request; its blocks are freed and its stream ends with finish_reason
+        'abort' at the next step. False if no such request is in flight."""
         with self._cond:
             stream = self._streams.pop(request_id, None)
-            req = self.engine.abort(request_id)
-            final = self.engine.make_output(req, delta=True) if req is not None else None
-        if stream is not None and final is not None:
-            self._deliver(stream, final)
-        return req is not None
+            if stream is None:
+                return False
+            self._aborts.append((request_id, stream))
+            self._cond.notify()
+        return True
 
     def stats(self) -> dict:
+        """Engine stats as of the last step, plus the requests not yet taken in."""
         with self._cond:
-            return self.engine.stats() | {"healthy": self.is_healthy()}
+            inbox = len(self._inbox)
+        stats = dict(self._stats)
+        stats["num_waiting"] += inbox
+        return stats | {"healthy": self.is_healthy()}
 
     def shutdown(self, timeout: float = 5.0) -> None:
         with self._cond:
@@ -114,8 +129,10 @@ class AsyncLLM:
 
     # -- step thread ----------------------------------------------------------------------
     def _check_alive(self) -> None:
-        if self._dead is not None or self._stopping:
-            raise EngineDeadError(f"engine is not running: {self._dead!r}" if self._dead else "engine is shut down")
+        if self._dead is not None:
+            raise EngineDeadError(f"engine is not running: {self._dead!r}")
+        if self._stopping:
+            raise EngineDeadError("engine is shut down")
 
     def _deliver(self, stream: _Stream, item) -> bool:
         try:
@@ -124,16 +141,31 @@ class AsyncLLM:
         except RuntimeError:  # the caller's event loop is closed: nobody is listening
             return False
 
+    def _take_in(self) -> list[tuple[_Stream, RequestOutput]]:
+        """Moves new requests and aborts into the engine (step thread only)."""
+        with self._cond:
+            while not (self._inbox or self._aborts or self.engine.has_unfinished() or self._stopping):
+                self._cond.wait()
+            inbox, self._inbox = self._inbox, []
+            aborts, self._aborts = self._aborts, []
+        for req in inbox:
+            self.engine.enqueue(req)
+        finals = []
+        for request_id, stream in aborts:
+            req = self.engine.abort(request_id)
+            if req is not None and stream is not None:
+                finals.append((stream, self.engine.make_output(req, delta=True)))
+        return finals
+
     def _run(self) -> None:
         try:
             while True:
+                deliveries = self._take_in()
+                if self._stopping:
+                    break
+                updated = self.engine.step() if self.engine.has_unfinished() else []
+                self._stats = self.engine.stats()
                 with self._cond:
-                    while not self.engine.has_unfinished() and not self._stopping:
-                        self._cond.wait()
-                    if self._stopping:
-                        break
-                    updated = self.engine.step()
-                    deliveries = []
                     for req in updated:
                         stream = self._streams.get(req.request_id)
                         if stream is None:
@@ -144,16 +176,15 @@ class AsyncLLM:
                             item = self.engine.make_output(req, delta=True)
                         if req.is_finished:
                             del self._streams[req.request_id]
-                        deliveries.append((req.request_id, stream, item))
-                gone = [rid for rid, stream, item in deliveries if not self._deliver(stream, item)]
-                for rid in gone:
-                    self.abort(rid)
+                        deliveries.append((stream, item))
+                for stream, item in deliveries:
+                    if not self._deliver(stream, item) and isinstance(item, RequestOutput) and not item.finished:
+                        self.abort(item.request_id)
         except BaseException as exc:  # the loop itself broke: fail everyone now, refuse new work
             log.exception("engine step loop died")
             with self._cond:
                 self._dead = exc
                 streams, self._streams = list(self._streams.values()), {}
-                for rid in list(self.engine.requests):
-                    self.engine.abort(rid)
+                self._inbox.clear()
             for stream in streams:
                 self._deliver(stream, EngineDeadError(f"engine step loop died: {exc!r}"))

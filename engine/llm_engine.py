@@ -122,9 +122,10 @@ class LLMEngine:
         # transformers renders templates in a sandboxed Jinja environment.
         return self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
 
-    def add_request(self, prompt: PromptType, params: SamplingParams | None = None,
-                    request_id: str | None = None, priority: int = 0,
-                    arrival_time: float | None = None) -> Request:
+    def make_request(self, prompt: PromptType, params: SamplingParams | None = None,
+                     request_id: str | None = None, priority: int = 0,
+                     arrival_time: float | None = None) -> Request:
+        """Validates and tokenizes a request without touching engine state (any thread)."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -136,18 +137,28 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}, "
                              "which leaves no room to generate")
-        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        req = Request(request_id=request_id, prompt_token_ids=ids, sampling_params=params, prompt=text,
-                      eos_token_ids=self.model_config.eos_token_ids, max_total_tokens=self.max_model_len,
-                      priority=priority, arrival_time=arrival_time or time.time())
-        self.requests[request_id] = req
+        return Request(request_id=request_id if request_id is not None else f"req-{next(self._ids)}",
+                       prompt_token_ids=ids, sampling_params=params, prompt=text,
+                       eos_token_ids=self.model_config.eos_token_ids, max_total_tokens=self.max_model_len,
+                       priority=priority, arrival_time=arrival_time or time.time())
+
+    def enqueue(self, req: Request) -> Request:
+        """Queues a request made by make_request (the thread that steps the engine only)."""
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        self.requests[req.request_id] = req
         if self.tokenizer is not None:
-            self.detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, req)
+            self.detokenizers[req.request_id] = IncrementalDetokenizer(self.tokenizer, req)
         self.scheduler.add(req)
-        self.num_prompt_tokens += len(ids)
+        self.num_prompt_tokens += req.num_prompt_tokens
         return req
+
+    def add_request(self, prompt: PromptType, params: SamplingParams | None = None,
+                    request_id: str | None = None, priority: int = 0,
+                    arrival_time: float | None = None) -> Request:
+        if request_id is not None and request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        return self.enqueue(self.make_request(prompt, params, request_id, priority, arrival_time))
 
     def abort(self, request_id: str) -> Request | None:
         req = self.requests.get(request_id)
