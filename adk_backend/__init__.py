@@ -1,10 +1,14 @@
 """The engine behind Google ADK: a native ADK model for `engine/<model>` names, a LiteLLM
 provider `engine`, and (later) the serving app. Importing this package registers both."""
-from google.adk.models.registry import LLMRegistry
+import os
 
-from adk_backend.adk_model import EngineLlm
-from adk_backend.engines import configure_engine, engine_for, running_engines, shutdown_all
-from adk_backend.litellm_provider import register_litellm_provider
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network: LiteLLM's bundled cost map
+
+from google.adk.models.registry import LLMRegistry  # noqa: E402
+
+from adk_backend.adk_model import EngineLlm  # noqa: E402
+from adk_backend.engines import configure_engine, engine_for, running_engines, shutdown_all  # noqa: E402
+from adk_backend.litellm_provider import register_litellm_provider  # noqa: E402
 
 LLMRegistry.register(EngineLlm)
 register_litellm_provider()

@@ -80,7 +80,7 @@ def parse_reply(text: str, known_tools: set[str] | None = None) -> ParsedReply:
     for m in _TOOL_CALL_RE.finditer(text):
         body = m.group(1).strip()
         try:
-            obj = json.loads(body)
+            obj = _first_call_object(body)
             name, args = obj["name"], obj.get("arguments", {})
             if isinstance(args, str):
                 args = json.loads(args) if args.strip() else {}
@@ -95,6 +95,22 @@ def parse_reply(text: str, known_tools: set[str] | None = None) -> ParsedReply:
         calls.append(ToolCall(name=name, arguments=args))
     plain = _TOOL_CALL_RE.sub("", text).strip() if calls or errors else text
     return ParsedReply(text=plain, tool_calls=calls, error="; ".join(errors) or None)
+
+
+_NAME_ARGS_RE = re.compile(r'^\{\s*"name"\s*:\s*"([^"]+)"\s*,\s*"arguments"\s*:\s*')
+
+
+def _first_call_object(body: str) -> dict:
+    """The call in a block: the whole body as JSON, or else - as a grammar would stop the
+    model there - the name and the first complete JSON value after "arguments"."""
+    try:
+        return json.loads(body)
+    except ValueError:
+        m = _NAME_ARGS_RE.match(body)
+        if m is None:
+            raise
+        args, _ = json.JSONDecoder().raw_decode(body, m.end())
+        return {"name": m.group(1), "arguments": args}
 
 
 class TextStreamFilter:

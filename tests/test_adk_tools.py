@@ -1,0 +1,208 @@
+"""Tool calls through ADK: forced calls, round trips, max_llm_calls, malformed JSON."""
+import asyncio
+
+import litellm
+import pytest
+from google.adk.agents import LlmAgent
+from google.adk.agents.run_config import RunConfig, StreamingMode
+from google.adk.models.llm_request import LlmRequest
+from google.adk.runners import InMemoryRunner
+from google.genai import types
+
+from adk_backend import configure_engine, engine_for
+from adk_backend.adk_model import contents_to_messages, tool_declarations
+from adk_backend.chat_format import TextStreamFilter, parse_reply
+
+MODEL = "engine/smollm2-tools"
+CALLS: list[tuple[str, dict]] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def engine():
+    configure_engine("smollm2-tools", model="smollm2-135m-instruct", num_kv_blocks=2048)
+    return engine_for("smollm2-tools")
+
+
+def get_capital(country: str) -> dict:
+    """Returns the capital city of a country.
+
+    Args:
+        country: The country's name in English.
+    """
+    CALLS.append(("get_capital", {"country": country}))
+    return {"capital": {"france": "Paris", "japan": "Tokyo"}.get(country.strip().lower(), "unknown")}
+
+
+def force_tool_on_first_turn(callback_context, llm_request: LlmRequest):
+    """mode ANY while the last content is the user's question; AUTO once a tool answered."""
+    last = llm_request.contents[-1]
+    answered = any(p.function_response for p in last.parts or [])
+    mode = types.FunctionCallingConfigMode.AUTO if answered else types.FunctionCallingConfigMode.ANY
+    llm_request.config.tool_config = types.ToolConfig(function_calling_config=types.FunctionCallingConfig(mode=mode))
+    SEEN_REQUESTS.append(llm_request.model_copy(deep=True))
+
+
+SEEN_REQUESTS: list[LlmRequest] = []
+
+
+async def run(agent, text, max_llm_calls=10):
+    runner = InMemoryRunner(agent=agent, app_name="t")
+    session = await runner.session_service.create_session(app_name="t", user_id="u")
+    return [ev async for ev in runner.run_async(
+        user_id="u", session_id=session.id, new_message=types.Content(role="user", parts=[types.Part(text=text)]),
+        run_config=RunConfig(streaming_mode=StreamingMode.SSE, max_llm_calls=max_llm_calls))]
+
+
+def test_tool_round_trip_forced_call_then_final_answer():
+    CALLS.clear()
+    SEEN_REQUESTS.clear()
+    agent = LlmAgent(name="capitals", model=MODEL, instruction="Use get_capital to answer.", tools=[get_capital],
+                     before_model_callback=force_tool_on_first_turn,
+                     generate_content_config=types.GenerateContentConfig(max_output_tokens=40))
+    events = asyncio.run(run(agent, "What is the capital of France?"))
+    calls = [p.function_call for e in events if not e.partial and e.content for p in e.content.parts if p.function_call]
+    responses = [p.function_response for e in events if e.content for p in e.content.parts if p.function_response]
+    assert calls and calls[0].name == "get_capital" and calls[0].id.startswith("call_")
+    assert CALLS and CALLS[0][0] == "get_capital"  # the Python tool really ran
+    assert responses and responses[0].name == "get_capital"
+    # The second model call carried the function response back to the model ...
+    second = SEEN_REQUESTS[1]
+    assert any(p.function_response and p.function_response.id == calls[0].id
+               for c in second.contents for p in c.parts or [])
+    # ... and the turn ended with a text answer.
+    final = [e for e in events if not e.partial and e.content and any(p.text for p in e.content.parts)]
+    assert final and final[-1].is_final_response()
+
+
+def test_max_llm_calls_stops_a_looping_agent_while_other_sessions_carry_on(engine):
+    from google.adk.agents.invocation_context import LlmCallsLimitExceededError
+
+    model_calls = []
+
+    def always_call_tool(callback_context, llm_request):
+        llm_request.config.tool_config = types.ToolConfig(
+            function_calling_config=types.FunctionCallingConfig(mode=types.FunctionCallingConfigMode.ANY))
+
+    def count_model_call(callback_context, llm_response):
+        model_calls.append(llm_response)
+
+    looping = LlmAgent(name="looping", model=MODEL, tools=[get_capital], before_model_callback=always_call_tool,
+                       after_model_callback=count_model_call,
+                       instruction="Use get_capital.", generate_content_config=types.GenerateContentConfig(
+                           max_output_tokens=30))
+    chatty = LlmAgent(name="chatty", model=MODEL, instruction="Answer at length.",
+                      generate_content_config=types.GenerateContentConfig(max_output_tokens=120))
+
+    async def main():
+        return await asyncio.gather(run(looping, "Capital of Japan?", max_llm_calls=3),
+                                    *(run(chatty, f"Tell me about number {i}.") for i in range(4)),
+                                    return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert isinstance(results[0], LlmCallsLimitExceededError)
+    assert len(model_calls) == 3  # exactly N model calls, then ADK's safety valve
+    assert all(r.content.parts[0].function_call.name == "get_capital" for r in model_calls)
+    for events in results[1:]:
+        assert not isinstance(events, BaseException)
+        assert [e for e in events if not e.partial][-1].is_final_response()
+    stats = engine.stats()
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
+
+
+def test_contents_become_chat_messages_with_hermes_tool_blocks():
+    req = LlmRequest(contents=[
+        types.Content(role="user", parts=[types.Part(text="Capital of France?")]),
+        types.Content(role="model", parts=[types.Part(function_call=types.FunctionCall(
+            id="c1", name="get_capital", args={"country": "France"}))]),
+        types.Content(role="user", parts=[types.Part(function_response=types.FunctionResponse(
+            id="c1", name="get_capital", response={"capital": "Paris"}))]),
+    ], config=types.GenerateContentConfig(system_instruction="Be brief.", tools=[types.Tool(function_declarations=[
+        types.FunctionDeclaration(name="get_capital", description="Capital of a country",
+                                  parameters=types.Schema(type="OBJECT", properties={"country": types.Schema(
+                                      type="STRING")}, required=["country"]))])]))
+    msgs = contents_to_messages(req)
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "tool"]
+    assert msgs[2]["content"] == '<tool_call>\n{"name": "get_capital", "arguments": {"country": "France"}}\n</tool_call>'
+    assert '"content": {"capital": "Paris"}' in msgs[3]["content"]
+    tools = tool_declarations(req.config)
+    assert tools[0]["function"]["parameters"] == {"type": "object", "properties": {"country": {"type": "string"}},
+                                                  "required": ["country"]}
+
+
+def test_function_response_answering_another_calls_id_is_refused():
+    req = LlmRequest(contents=[
+        types.Content(role="model", parts=[types.Part(function_call=types.FunctionCall(id="c1", name="a", args={}))]),
+        types.Content(role="user", parts=[types.Part(function_response=types.FunctionResponse(
+            id="c1", name="b", response={}))]),
+    ])
+    with pytest.raises(ValueError, match="answers call id 'c1', which was a call to 'a'"):
+        contents_to_messages(req)
+
+
+def test_reply_parsing_keeps_text_and_reports_malformed_calls():
+    ok = parse_reply('Sure. <tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>', {"f"})
+    assert ok.text == "Sure." and ok.tool_calls[0].name == "f" and ok.tool_calls[0].arguments == {"x": 1}
+    assert ok.error is None
+    bad = parse_reply('<tool_call>{"name": "f", "arguments": {x: 1}}</tool_call>', {"f"})
+    assert not bad.tool_calls and "malformed tool call" in bad.error
+    unknown = parse_reply('<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>', {"f"})
+    assert "unknown tool 'rm_rf'" in unknown.error
+    assert parse_reply("just text").text == "just text"
+
+
+def test_malformed_tool_call_comes_back_with_adk_error_fields(engine):
+    from adk_backend.adk_model import final_response
+    from adk_backend.chat_format import ChatResult
+    result = ChatResult(reply=parse_reply('<tool_call>{"name": "f", "arguments": [1,</tool_call>', {"f"}),
+                        request_id="r", num_prompt_tokens=5, num_output_tokens=3, num_cached_tokens=0,
+                        finish_reason="stop")
+    resp = final_response(result)
+    assert resp.error_code == "MALFORMED_FUNCTION_CALL" and "malformed tool call" in resp.error_message
+    assert resp.usage_metadata.total_token_count == 8
+
+
+def test_stream_filter_never_streams_a_tool_call_block():
+    f = TextStreamFilter()
+    pieces = [f.feed(d) for d in ["Let me ", "check <to", "ol_call>\n{\"name\"", ": \"f\"}</tool_call>"]]
+    assert "".join(pieces) == "Let me check "
+
+
+def test_litellm_completion_with_tools_and_streaming_usage(engine):
+    tools = [{"type": "function", "function": {"name": "get_capital", "description": "Capital of a country",
+                                               "parameters": {"type": "object",
+                                                              "properties": {"country": {"type": "string"}}}}}]
+    messages = [{"role": "user", "content": "What is the capital of Japan?"}]
+    resp = litellm.completion(model=MODEL, messages=messages, tools=tools, tool_choice="required", max_tokens=40)
+    call = resp.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_capital" and resp.choices[0].finish_reason == "tool_calls"
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens > 0
+    chunks = list(litellm.completion(model=MODEL, messages=messages, max_tokens=16, stream=True,
+                                     stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    plain = litellm.completion(model=MODEL, messages=messages, max_tokens=16)
+    assert text == plain.choices[0].message.content
+    assert any(getattr(c, "usage", None) and c.usage.completion_tokens == plain.usage.completion_tokens
+               for c in chunks)
+
+    async def acall():
+        return await litellm.acompletion(model=MODEL, messages=messages, max_tokens=16)
+    assert asyncio.run(acall()).choices[0].message.content == plain.choices[0].message.content
+
+
+def test_litellm_bad_request_is_a_clean_error(engine):
+    with pytest.raises(Exception, match="temperature"):
+        litellm.completion(model=MODEL, messages=[{"role": "user", "content": "hi"}], temperature=-2)
+    with pytest.raises(Exception, match="tool_call_id"):
+        litellm.completion(model=MODEL, messages=[
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "zzz", "content": "1"}])
+
+
+def test_example_agents_load_with_adks_own_loader():
+    from google.adk.cli.utils.agent_loader import AgentLoader
+    loader = AgentLoader("agents")
+    assert {"assistant", "tools"} <= set(loader.list_agents())
+    tools_agent = loader.load_agent("tools")
+    assert tools_agent.model == "engine/smollm2-135m-instruct"
+    assert {t.__name__ for t in tools_agent.tools} == {"get_capital", "add_numbers"}
