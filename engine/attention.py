@@ -10,6 +10,7 @@ once per step (`AttentionMetadata`) and shared by every layer. Backends:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,13 @@ class AttentionMetadata:
     block_tables: torch.Tensor | None = None     # [B, max_blocks] int32
     max_query_len: int = 0
     max_seq_len: int = 0
+
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    name: str
+    write_kv: Callable | None  # None: the layer's fused RoPE kernel already wrote K/V
+    attend: Callable           # (q, k, v, k_cache, v_cache, meta, scale) -> [T, H, D]
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -103,3 +111,7 @@ def _torch_prefills(out, q, k, v, k_cache, v_cache, meta: AttentionMetadata, sca
         op = F.scaled_dot_product_attention(qp, kp.transpose(0, 1).unsqueeze(0), vp.transpose(0, 1).unsqueeze(0),
                                             attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
         out[rows] = op.squeeze(0).transpose(0, 1)
+
+
+TORCH_BACKEND = AttentionBackend("torch", write_kv, torch_paged_attention)
+CPU_BACKEND = AttentionBackend("cpu", None, cpu_paged_attention)

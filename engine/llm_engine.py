@@ -55,10 +55,11 @@ class LLMEngine:
         num_blocks = self._num_kv_blocks()
         dtype = config.torch_dtype
         shape = (num_blocks, config.block_size, self.model_config.num_kv_heads, self.model_config.head_dim)
-        # Zeroed: padded decode rows read stale slots under a mask, and 0 * NaN would leak NaN.
-        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=self.device),
-                           torch.zeros(shape, dtype=dtype, device=self.device))
-                          for _ in range(self.model_config.num_layers)]
+        # One buffer for every layer's K and V (block copies then take one launch). Zeroed:
+        # padded decode rows read stale slots under a mask, and 0 * NaN would leak NaN.
+        self.kv_buffer = torch.zeros((2 * self.model_config.num_layers, *shape), dtype=dtype, device=self.device)
+        self.kv_caches = [(self.kv_buffer[2 * i], self.kv_buffer[2 * i + 1])
+                          for i in range(self.model_config.num_layers)]
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         swapper = None
         if config.preemption_mode == "swap":

@@ -5,11 +5,12 @@ masks) is built here once per step; the 30-odd layers only index into it.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 
-from engine.attention import AttentionMetadata, PrefillSeq, cpu_paged_attention, torch_paged_attention
+from engine.attention import CPU_BACKEND, TORCH_BACKEND, AttentionMetadata, PrefillSeq
 from kernels.cpu import load as cpu_kernels
 from engine.models.llama import LlamaForCausalLM
 from engine.request import Request
@@ -34,13 +35,14 @@ class ModelRunner:
         self.device = device
         self.sampler = Sampler(device, seed)
         if attention_backend == "triton":
-            from engine.triton_attention import triton_paged_attention
-            self.attention = triton_paged_attention
+            from engine.triton_attention import TRITON_BACKEND
+            self.attention = TRITON_BACKEND
         elif device.type == "cpu" and cpu_kernels():
             model.use_cpu_kernels(cpu_kernels())
-            self.attention = cpu_paged_attention
+            self.attention = CPU_BACKEND
         else:
-            self.attention = torch_paged_attention
+            self.attention = TORCH_BACKEND
+        self.needs_varlen = self.attention.name == "triton"
         self.fail_next_step: Exception | None = None  # fault injection for tests
 
     def _tensor(self, data, dtype=torch.int64) -> torch.Tensor:
@@ -92,6 +94,16 @@ class ModelRunner:
         meta = AttentionMetadata(slot_mapping=self._tensor(slots), num_decodes=num_decodes,
                                  decode_block_tables=decode_bt, decode_seq_lens=decode_lens,
                                  decode_mask=decode_mask, prefills=prefill_seqs)
+        if self.needs_varlen:  # one varlen description of all rows, in row order
+            rows = decodes + prefills
+            lens = seq_lens + [p.context_len for p in prefill_seqs]
+            counts = [1] * num_decodes + [p.num_tokens for p in prefill_seqs]
+            width = max(-(-n // bs) for n in lens)
+            meta.block_tables = self._tensor([r.block_ids[:width] + [0] * (width - len(r.block_ids[:width]))
+                                              for r, _ in rows], torch.int32)
+            meta.seq_lens = self._tensor(lens, torch.int32)
+            meta.query_start_loc = self._tensor([0] + list(itertools.accumulate(counts)), torch.int32)
+            meta.max_query_len, meta.max_seq_len = max(counts), max(lens)
         return self._tensor(input_ids), self._tensor(positions), meta, sample_rows, sample_reqs
 
     @torch.inference_mode()

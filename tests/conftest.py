@@ -1,5 +1,10 @@
 import os
 
+import torch as _torch_probe  # noqa: F401  (cheap: torch does not import triton)
+
+# Triton kernels run on CPU only in the interpreter, which must be chosen before triton loads.
+if not _torch_probe.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

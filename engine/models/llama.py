@@ -6,17 +6,14 @@ step's `AttentionMetadata`, built once per step by the model runner.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.attention import AttentionMetadata, write_kv
+from engine.attention import AttentionBackend, AttentionMetadata
 from engine.config import ModelConfig
 from engine.models.layers import Linear, RMSNorm, RotaryEmbedding, apply_rope
 
-AttentionFn = Callable[..., torch.Tensor]
 
 
 class DecoderLayer(nn.Module):
@@ -37,7 +34,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                attention: AttentionFn) -> tuple[torch.Tensor, torch.Tensor]:
+                attention: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cpu_ops is not None:
             return self._forward_fused(h, residual, cos, sin, k_cache, v_cache, meta, attention)
         if residual is None:
@@ -51,8 +48,8 @@ class DecoderLayer(nn.Module):
         qk = apply_rope(qk, cos, sin)
         q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
         v = qkv[:, self.q_size + self.kv_size:].view(T, self.num_kv_heads, self.head_dim)
-        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-        o = attention(q, k, v, k_cache, v_cache, meta, self.scale)
+        attention.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        o = attention.attend(q, k, v, k_cache, v_cache, meta, self.scale)
         h = self.o_proj(o.reshape(T, self.q_size))
         h, residual = self.post_attention_layernorm.add_forward(h, residual)
         gate_up = self.gate_up_proj(h)
@@ -75,7 +72,7 @@ class DecoderLayer(nn.Module):
         if meta.prefills:  # prefill attention reads this step's K/V straight from qkv
             k = k_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping]
             v = qkv[:, self.q_size + self.kv_size:].view(T, self.num_kv_heads, self.head_dim)
-        o = attention(q, k, v, k_cache, v_cache, meta, self.scale)
+        o = attention.attend(q, k, v, k_cache, v_cache, meta, self.scale)
         h = self.o_proj(o.view(T, self.q_size))
         ops.fused_add_rms_norm(h, residual, self.post_attention_layernorm.weight, eps)
         h = ops.silu_and_mul(self.gate_up_proj(h))
@@ -106,7 +103,7 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], attention: AttentionFn) -> torch.Tensor:
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], attention: AttentionBackend) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
         cos, sin = self.rotary.lookup(positions, h.dtype)
         if self.layers[0].cpu_ops is not None:
