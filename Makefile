@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m engine.chat
+	$(PY) -m adk_backend serve --agents-dir agents --model smollm2-135m-instruct
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -13,8 +13,9 @@ import asyncio
 import logging
 import threading
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
+from engine import tracing
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.request import Request, RequestOutput
@@ -35,6 +36,7 @@ class RequestFailedError(RuntimeError):
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+    span: object  # the request's OpenTelemetry span, parented in the caller's context
 
 
 class AsyncLLM:
@@ -53,6 +55,8 @@ class AsyncLLM:
         self._stopping = False
         self._ids = 0
         self._stats = self.engine.stats()
+        # Called on the step thread after every step with the requests it updated (metrics).
+        self.step_listeners: list[Callable[[list[Request]], None]] = []
         self._thread = threading.Thread(target=self._run, name="engine-step-loop", daemon=True)
         self._thread.start()
 
@@ -79,7 +83,8 @@ class AsyncLLM:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
         req = self.engine.make_request(prompt, params, request_id=request_id, priority=priority)  # may raise
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        # The caller's OpenTelemetry context travels with the request to the step thread.
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), tracing.start_request_span(req, self.config.model))
         with self._cond:
             self._check_alive()
             if request_id in self._streams:
@@ -154,8 +159,15 @@ class AsyncLLM:
         for request_id, stream in aborts:
             req = self.engine.abort(request_id)
             if req is not None and stream is not None:
+                tracing.end_request_span(stream.span, req)
                 finals.append((stream, self.engine.make_output(req, delta=True)))
         return finals
+
+    def _trace(self, stream: _Stream, req: Request) -> None:
+        if req.num_output_tokens == 1 and req.metrics.first_token_time is not None:
+            tracing.on_first_token(stream.span, req)
+        if req.is_finished:
+            tracing.end_request_span(stream.span, req)
 
     def _run(self) -> None:
         try:
@@ -165,11 +177,21 @@ class AsyncLLM:
                     break
                 updated = self.engine.step() if self.engine.has_unfinished() else []
                 self._stats = self.engine.stats()
+                for listener in self.step_listeners:
+                    try:
+                        listener(updated)
+                    except Exception:  # a broken metrics hook must not take the engine down
+                        log.exception("step listener failed")
                 with self._cond:
+                    last = self.engine.step_history[-1] if updated else None
+                    for rid in last.preempted if last else ():
+                        if rid in self._streams and rid in self.engine.requests:
+                            tracing.on_preempted(self._streams[rid].span, self.engine.requests[rid], last.time)
                     for req in updated:
                         stream = self._streams.get(req.request_id)
                         if stream is None:
                             continue
+                        self._trace(stream, req)
                         if req.error is not None:
                             item = RequestFailedError(f"request {req.request_id} failed: {req.error}")
                         else:
@@ -187,4 +209,5 @@ class AsyncLLM:
                 streams, self._streams = list(self._streams.values()), {}
                 self._inbox.clear()
             for stream in streams:
+                stream.span.end()
                 self._deliver(stream, EngineDeadError(f"engine step loop died: {exc!r}"))

@@ -1,0 +1,88 @@
+"""`python -m adk_backend serve ...` (also the `adk-engine` console script)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import time
+
+
+def _warm_up(engine) -> None:
+    from engine import SamplingParams
+
+    async def once():
+        async for _ in engine.generate("Hello", SamplingParams(temperature=0, max_tokens=4)):
+            pass
+    asyncio.run(once())
+
+
+def setup_cloud_trace(project: str | None = None) -> None:
+    """Exports spans through Cloud Trace on the global tracer provider (which ADK uses too)."""
+    from opentelemetry import trace
+    from opentelemetry.exporter.cloud_trace import CloudTraceSpanExporter
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    provider.add_span_processor(BatchSpanProcessor(
+        CloudTraceSpanExporter(project_id=project or os.environ.get("GOOGLE_CLOUD_PROJECT"))))
+
+
+def serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from adk_backend import configure_engine, engine_for
+    from adk_backend.server import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("adk_backend")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s: reachable from other machines%s", args.host,
+                    "" if args.api_key or os.environ.get("ENGINE_API_KEY") else " with NO API key")
+    if args.trace_to_cloud:
+        setup_cloud_trace()
+    if args.kv_cache_memory:
+        configure_engine(args.model, kv_cache_memory=args.kv_cache_memory)
+    start = time.time()
+    log.info("loading %s ...", args.model)
+    engine = engine_for(args.model)
+    log.info("loaded %s in %.1f s; warming up", args.model, time.time() - start)
+    _warm_up(engine)
+    app = create_app(agents_dir=args.agents_dir, model=args.model, api_key=args.api_key,
+                     protect_adk_routes=args.protect_adk_routes, trace_to_cloud=False, host=args.host,
+                     port=args.port, allow_origins=args.allow_origins)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=10)
+    server = uvicorn.Server(config)
+    log.info("serving %s on http://%s:%d (dev UI at /dev-ui/, OpenAI API at /v1, metrics at /metrics)",
+             args.model, args.host, args.port)
+    server.run()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="adk-engine", description="ADK agents on the in-process engine")
+    sub = ap.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="ADK dev UI + OpenAI-compatible API + Prometheus metrics")
+    s.add_argument("--agents-dir", default="agents")
+    s.add_argument("--model", default="smollm2-135m-instruct")
+    s.add_argument("--host", default="127.0.0.1", help="loopback by default; 0.0.0.0 in containers")
+    s.add_argument("--port", type=int, default=int(os.environ.get("PORT", 8000)))
+    s.add_argument("--trace-to-cloud", action="store_true", help="export spans to Google Cloud Trace")
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (or ENGINE_API_KEY)")
+    s.add_argument("--protect-adk-routes", action="store_true", help="require the API key on ADK's routes too")
+    s.add_argument("--allow-origins", nargs="*", default=None, help="CORS origins (closed by default)")
+    s.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache budget in bytes")
+    args = ap.parse_args(argv)
+    if args.command == "serve":
+        serve(args)
+    else:  # pragma: no cover
+        ap.print_help()
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""OpenAI-compatible routes on the shared engine: /v1/chat/completions (streaming or not,
+tools in OpenAI shape), /v1/completions, /v1/models. Errors use OpenAI's error shape."""
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from adk_backend.chat_format import ChatResult, chat_stream
+from adk_backend.engines import engine_for, model_name
+from adk_backend.openai_format import (finish_reason, openai_sampling, openai_to_messages, openai_tool_calls,
+                                       openai_tools, usage)
+from engine.async_llm import EngineDeadError, RequestFailedError
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(status_code=self.status, content={"error": {
+            "message": self.message, "type": self.type, "param": self.param, "code": self.code}})
+
+
+def error_response(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None):
+    return APIError(status, message, type_, code=code).response()
+
+
+def _reject_non_finite(value):
+    raise ValueError(f"{value} is not a valid JSON number")
+
+
+async def _body(request: Request) -> dict:
+    raw = await request.body()
+    try:
+        body = json.loads(raw.decode("utf-8"), parse_constant=_reject_non_finite)
+    except UnicodeDecodeError as exc:
+        raise APIError(400, f"request body is not valid UTF-8: {exc}") from exc
+    except ValueError as exc:
+        raise APIError(400, f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise APIError(400, "request body must be a JSON object")
+    return body
+
+
+def _check_params(body: dict) -> None:
+    for key in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "max_tokens",
+                "max_completion_tokens", "seed", "top_k", "n"):
+        v = body.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            raise APIError(400, f"'{key}' must be a number, got {v!r}", param=key)
+    if body.get("n", 1) != 1:
+        raise APIError(400, "only n=1 is supported", param="n")
+    stop = body.get("stop")
+    if stop is not None and not isinstance(stop, str) and not (
+            isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
+        raise APIError(400, "'stop' must be a string or a list of non-empty strings", param="stop")
+    if not isinstance(body.get("stream", False), bool):
+        raise APIError(400, "'stream' must be a boolean", param="stream")
+
+
+def make_router(served: list[str], max_tokens_limit: int) -> APIRouter:
+    router = APIRouter(prefix="/v1")
+    names = {model_name(m) for m in served}
+
+    def resolve(body: dict) -> str:
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise APIError(400, "'model' is required", param="model")
+        if model_name(model) not in names:  # never a file lookup: only the models configured at start-up
+            raise APIError(404, f"the model '{model}' does not exist; served: {sorted(names)}",
+                           param="model", code="model_not_found")
+        return model_name(model)
+
+    def sampling(body: dict):
+        _check_params(body)
+        limit = next((body[k] for k in ("max_completion_tokens", "max_tokens") if body.get(k) is not None), None)
+        if limit is not None and limit > max_tokens_limit:
+            raise APIError(400, f"max_tokens must be <= {max_tokens_limit}, got {limit}", param="max_tokens")
+        try:
+            return openai_sampling(body)
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from exc
+
+    @router.get("/models")
+    async def models():
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "adk-engine"}
+                                           for n in sorted(names)]}
+
+    @router.post("/chat/completions")
+    async def chat_completions(request: Request):
+        body = await _body(request)
+        model = resolve(body)
+        params = sampling(body)
+        try:
+            messages = openai_to_messages(body.get("messages"))
+            tools, force = openai_tools(body)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise APIError(400, f"invalid messages or tools: {exc}") from exc
+        engine = engine_for(model)
+        if not engine.is_healthy():
+            raise APIError(503, "the engine is not running", "service_unavailable")
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        events = chat_stream(engine, messages, tools, force, params)
+        if not body.get("stream"):
+            result = None
+            async for item in _guarded(events):
+                if isinstance(item, ChatResult):
+                    result = item
+            if result.reply.error:
+                raise APIError(500, f"the model produced a {result.reply.error}", "server_error")
+            message = {"role": "assistant", "content": result.reply.text or None}
+            if result.reply.tool_calls:
+                message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in openai_tool_calls(result)]
+            return {"id": rid, "object": "chat.completion", "created": created, "model": model,
+                    "choices": [{"index": 0, "message": message, "finish_reason": finish_reason(result)}],
+                    "usage": usage(result)}
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        first = await _first(events)  # errors before the first token still get a proper status
+
+        def chunk(delta: dict, finish=None, **extra) -> str:
+            return "data: " + json.dumps({"id": rid, "object": "chat.completion.chunk", "created": created,
+                                          "model": model, "choices": [{"index": 0, "delta": delta,
+                                                                       "finish_reason": finish}], **extra}) + "\n\n"
+
+        async def sse():
+            yield chunk({"role": "assistant", "content": ""})
+            try:
+                async for item in _prepend(first, _guarded(events)):
+                    if not isinstance(item, ChatResult):
+                        yield chunk({"content": item})
+                        continue
+                    calls = openai_tool_calls(item)
+                    if calls:
+                        yield chunk({"tool_calls": calls})
+                    yield chunk({}, finish_reason(item))
+                    if include_usage:
+                        yield "data: " + json.dumps({"id": rid, "object": "chat.completion.chunk", "created": created,
+                                                     "model": model, "choices": [], "usage": usage(item)}) + "\n\n"
+            except APIError as exc:
+                yield "data: " + json.dumps({"error": {"message": exc.message, "type": exc.type}}) + "\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    @router.post("/completions")
+    async def completions(request: Request):
+        body = await _body(request)
+        model = resolve(body)
+        params = sampling(body)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not (isinstance(prompt, str) or (isinstance(prompt, list) and all(
+                isinstance(t, int) and not isinstance(t, bool) for t in prompt))):
+            raise APIError(400, "'prompt' must be a string or a list of token ids", param="prompt")
+        engine = engine_for(model)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        async def outputs():
+            try:
+                async for out in engine.generate(prompt, params):
+                    yield out
+            except ValueError as exc:
+                raise APIError(400, str(exc)) from exc
+            except EngineDeadError as exc:
+                raise APIError(503, str(exc), "service_unavailable") from exc
+            except RequestFailedError as exc:
+                raise APIError(500, str(exc), "server_error") from exc
+
+        stream_outputs = outputs()
+        first = await _first(stream_outputs)
+        if not body.get("stream"):
+            text, n_out, last = "", 0, None
+            async for out in _prepend(first, stream_outputs):
+                text += out.outputs[0].text
+                n_out += len(out.outputs[0].token_ids)
+                last = out
+            n_prompt = len(last.prompt_token_ids)
+            return {"id": rid, "object": "text_completion", "created": created, "model": model,
+                    "choices": [{"index": 0, "text": text, "finish_reason": last.outputs[0].finish_reason,
+                                 "logprobs": None}],
+                    "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}}
+
+        async def sse():
+            async for out in _prepend(first, stream_outputs):
+                yield "data: " + json.dumps({"id": rid, "object": "text_completion", "created": created, "model": model,
+                                             "choices": [{"index": 0, "text": out.outputs[0].text,
+                                                          "finish_reason": out.outputs[0].finish_reason}]}) + "\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    return router
+
+
+async def _guarded(events):
+    try:
+        async for item in events:
+            yield item
+    except ValueError as exc:
+        raise APIError(400, str(exc)) from exc
+    except EngineDeadError as exc:
+        raise APIError(503, str(exc), "service_unavailable") from exc
+    except RequestFailedError as exc:
+        raise APIError(500, str(exc), "server_error") from exc
+
+
+async def _first(agen):
+    """The first item, awaited before the response starts (so early errors get a status)."""
+    try:
+        return await agen.__anext__()
+    except StopAsyncIteration:
+        return None
+    except (ValueError, EngineDeadError, RequestFailedError) as exc:
+        raise (await _as_api_error(exc)) from exc
+
+
+async def _as_api_error(exc) -> APIError:
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ValueError):
+        return APIError(400, str(exc))
+    if isinstance(exc, EngineDeadError):
+        return APIError(503, str(exc), "service_unavailable")
+    return APIError(500, str(exc), "server_error")
+
+
+async def _prepend(first, rest):
+    if first is not None:
+        yield first
+    async for item in rest:
+        yield item

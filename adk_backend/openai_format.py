@@ -1,0 +1,104 @@
+"""OpenAI chat shapes <-> the neutral chat messages of chat_format: shared by the LiteLLM
+provider and the OpenAI-compatible HTTP API."""
+from __future__ import annotations
+
+import json
+
+from adk_backend.chat_format import ChatResult, tool_call_text, tool_response_text
+from engine import SamplingParams
+
+_FINISH = {"stop": "stop", "length": "length", "abort": "stop"}
+
+
+def _text(content) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type", "text") == "text")
+    raise ValueError(f"message content must be a string or a list of text parts, got {type(content).__name__}")
+
+
+def openai_to_messages(messages: list) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list")
+    out, call_names = [], {}
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant", "tool"):
+            raise ValueError(f"each message needs a role of system, user, assistant or tool, got {m!r}"[:300])
+        role = m["role"]
+        if role == "assistant":
+            parts = [_text(m.get("content"))] if m.get("content") else []
+            for tc in m.get("tool_calls") or []:
+                fn = tc["function"]
+                args = fn.get("arguments") or "{}"
+                try:
+                    args = json.loads(args) if isinstance(args, str) else args
+                except ValueError as exc:
+                    raise ValueError(f"tool call {fn.get('name')!r} has arguments that are not JSON: {exc}") from exc
+                call_names[tc.get("id")] = fn["name"]
+                parts.append(tool_call_text(fn["name"], args))
+            out.append({"role": "assistant", "content": "\n".join(parts)})
+        elif role == "tool":
+            call_id = m.get("tool_call_id")
+            if call_names and call_id not in call_names:
+                raise ValueError(f"tool message answers tool_call_id {call_id!r}, which no assistant message made")
+            out.append({"role": "tool", "content": tool_response_text(call_names.get(call_id, m.get("name", "tool")),
+                                                                      _text(m.get("content")))})
+        else:
+            out.append({"role": "system" if role == "developer" else role, "content": _text(m.get("content"))})
+    return out
+
+
+def openai_tools(optional_params: dict) -> tuple[list[dict] | None, list[str] | None]:
+    tools = optional_params.get("tools") or None
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise ValueError("tools must be a list")
+        for t in tools:
+            fn = t.get("function") if isinstance(t, dict) else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+                raise ValueError(f"each tool must be {{'type': 'function', 'function': {{'name': ...}}}}, got {t!r}"[:300])
+            if "parameters" in fn and not isinstance(fn["parameters"], dict):
+                raise ValueError(f"tool {fn['name']!r} has parameters that are not a JSON schema object")
+    choice = optional_params.get("tool_choice")
+    names = [t["function"]["name"] for t in tools or []]
+    force = None
+    if tools and choice == "required":
+        force = names
+    elif tools and isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        if name not in names:
+            raise ValueError(f"tool_choice names {name!r}, which is not among the tools {names}")
+        force = [name]
+    return tools, force
+
+
+def openai_sampling(optional_params: dict) -> SamplingParams:
+    p = optional_params
+    stop = p.get("stop")
+    return SamplingParams(
+        temperature=p.get("temperature", 0.0) if p.get("temperature") is not None else 0.0,
+        top_p=p.get("top_p") if p.get("top_p") is not None else 1.0,
+        top_k=p.get("top_k") or -1,
+        max_tokens=next((p[k] for k in ("max_completion_tokens", "max_tokens") if p.get(k) is not None), 512),
+        stop=[stop] if isinstance(stop, str) else (stop or []),
+        seed=p.get("seed"),
+        presence_penalty=p.get("presence_penalty") or 0.0,
+        frequency_penalty=p.get("frequency_penalty") or 0.0,
+    )
+
+
+def openai_tool_calls(result: ChatResult) -> list[dict]:
+    return [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": json.dumps(c.arguments)},
+             "index": i} for i, c in enumerate(result.reply.tool_calls)]
+
+
+def finish_reason(result: ChatResult) -> str:
+    return "tool_calls" if result.reply.tool_calls else _FINISH.get(result.finish_reason, "stop")
+
+
+def usage(result: ChatResult) -> dict:
+    return {"prompt_tokens": result.num_prompt_tokens, "completion_tokens": result.num_output_tokens,
+            "total_tokens": result.num_prompt_tokens + result.num_output_tokens}

@@ -1,0 +1,92 @@
+"""One FastAPI app: ADK's own (dev UI, /run_sse, sessions) plus the OpenAI-compatible API,
+/health and /metrics, all on the one shared engine of this process."""
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from adk_backend.engines import engine_for, model_name
+from adk_backend.metrics import EngineMetrics
+from adk_backend.openai_api import APIError, error_response, make_router
+
+log = logging.getLogger(__name__)
+DEFAULT_MAX_BODY = 4 << 20  # bytes
+
+
+class BodyLimit:
+    """Refuses request bodies over `limit` bytes with 413, whether or not they say their length."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await error_response(413, f"request body over {self.limit} bytes")(scope, receive, send)
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise APIError(413, f"request body over {self.limit} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def create_app(agents_dir: str = "agents", model: str = "smollm2-135m-instruct", api_key: str | None = None,
+               protect_adk_routes: bool = False, trace_to_cloud: bool = False, host: str = "127.0.0.1",
+               port: int = 8000, allow_origins: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY,
+               max_tokens_limit: int = 4096, web: bool = True) -> FastAPI:
+    from google.adk.cli.fast_api import get_fast_api_app
+
+    served = [model_name(model)]
+    engine = engine_for(served[0])
+    app = get_fast_api_app(agents_dir=str(Path(agents_dir).resolve()), web=web, host=host, port=port,
+                           trace_to_cloud=trace_to_cloud, allow_origins=allow_origins)
+    metrics = EngineMetrics()
+    metrics.attach(served[0], engine)
+    app.state.engine_metrics = metrics
+    app.include_router(make_router(served, max_tokens_limit))
+    app.add_exception_handler(APIError, lambda request, exc: exc.response())
+
+    # ADK's app answers /health with 200 always; ours says whether the engine can serve.
+    app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) != "/health"]
+
+    @app.get("/health")
+    async def health():
+        ok = all(engine_for(m).is_healthy() for m in served)
+        return JSONResponse({"status": "ok" if ok else "unhealthy", "models": served}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    key = api_key or os.environ.get("ENGINE_API_KEY")
+    if key:
+        expected = f"Bearer {key}".encode()
+
+        @app.middleware("http")
+        async def require_key(request: Request, call_next):
+            path = request.url.path
+            guarded = path.startswith("/v1/") or (protect_adk_routes and path not in ("/health", "/metrics"))
+            if guarded:
+                given = request.headers.get("authorization", "").encode()
+                if not hmac.compare_digest(given, expected):  # constant time
+                    return error_response(401, "invalid or missing API key (Authorization: Bearer <key>)",
+                                          "authentication_error", code="invalid_api_key")
+            return await call_next(request)
+
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    return app
