@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import sys
 import time
+
+import uvicorn
 
 
 def _warm_up(engine) -> None:
@@ -34,8 +38,6 @@ def setup_cloud_trace(project: str | None = None) -> None:
 
 
 def serve(args: argparse.Namespace) -> None:
-    import uvicorn
-
     from adk_backend import configure_engine, engine_for
     from adk_backend.server import create_app
 
@@ -56,11 +58,34 @@ def serve(args: argparse.Namespace) -> None:
     app = create_app(agents_dir=args.agents_dir, model=args.model, api_key=args.api_key,
                      protect_adk_routes=args.protect_adk_routes, trace_to_cloud=False, host=args.host,
                      port=args.port, allow_origins=args.allow_origins)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=10)
-    server = uvicorn.Server(config)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                            timeout_graceful_shutdown=args.grace_period)
+    server = DrainingServer(config)
     log.info("serving %s on http://%s:%d (dev UI at /dev-ui/, OpenAI API at /v1, metrics at /metrics)",
              args.model, args.host, args.port)
     server.run()
+    from adk_backend import shutdown_all
+    shutdown_all()  # in-flight requests were drained (or cut at the grace period) by uvicorn
+    log.info("shut down cleanly")
+
+
+class DrainingServer(uvicorn.Server):
+    """SIGTERM/SIGINT stop admitting and drain in-flight requests for the grace period, and
+    the process exits 0 (plain uvicorn re-raises the signal after shutdown)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        def stop(signum, frame):
+            if self.should_exit:  # a second signal: stop now
+                self.force_exit = True
+            self.should_exit = True
+
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--protect-adk-routes", action="store_true", help="require the API key on ADK's routes too")
     s.add_argument("--allow-origins", nargs="*", default=None, help="CORS origins (closed by default)")
     s.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache budget in bytes")
+    s.add_argument("--grace-period", type=int, default=10, help="seconds to drain in-flight requests on SIGTERM")
     args = ap.parse_args(argv)
     if args.command == "serve":
         serve(args)
