@@ -48,8 +48,9 @@ def serve(args: argparse.Namespace) -> None:
                     "" if args.api_key or os.environ.get("ENGINE_API_KEY") else " with NO API key")
     if args.trace_to_cloud:
         setup_cloud_trace()
-    if args.kv_cache_memory:
-        configure_engine(args.model, kv_cache_memory=args.kv_cache_memory)
+    options = {k: v for k, v in (("kv_cache_memory", args.kv_cache_memory), ("dtype", args.dtype)) if v}
+    if options:
+        configure_engine(args.model, **options)
     start = time.time()
     log.info("loading %s ...", args.model)
     engine = engine_for(args.model)
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--protect-adk-routes", action="store_true", help="require the API key on ADK's routes too")
     s.add_argument("--allow-origins", nargs="*", default=None, help="CORS origins (closed by default)")
     s.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache budget in bytes")
+    s.add_argument("--dtype", default=None, help="model dtype (default bfloat16)")
     s.add_argument("--grace-period", type=int, default=10, help="seconds to drain in-flight requests on SIGTERM")
     args = ap.parse_args(argv)
     if args.command == "serve":
