@@ -58,7 +58,8 @@ def serve(args: argparse.Namespace) -> None:
     _warm_up(engine)
     app = create_app(agents_dir=args.agents_dir, model=args.model, api_key=args.api_key,
                      protect_adk_routes=args.protect_adk_routes, trace_to_cloud=False, host=args.host,
-                     port=args.port, allow_origins=args.allow_origins)
+                     port=args.port, allow_origins=args.allow_origins,
+                     max_concurrent_per_client=args.max_concurrent_per_client)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                             timeout_graceful_shutdown=args.grace_period)
     server = DrainingServer(config)
@@ -103,6 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--allow-origins", nargs="*", default=None, help="CORS origins (closed by default)")
     s.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache budget in bytes")
     s.add_argument("--dtype", default=None, help="model dtype (default bfloat16)")
+    s.add_argument("--max-concurrent-per-client", type=int, default=None,
+                   help="requests in flight on /v1 per client address (429 beyond)")
     s.add_argument("--grace-period", type=int, default=10, help="seconds to drain in-flight requests on SIGTERM")
     args = ap.parse_args(argv)
     if args.command == "serve":

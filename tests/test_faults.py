@@ -124,3 +124,17 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero():
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_per_client_concurrency_limit_answers_429_when_configured():
+    configure_engine("limit-tiny", model="dummy-tiny", dtype="float32", num_kv_blocks=256, max_model_len=4000)
+    engine = engine_for("limit-tiny")
+    with LiveServer(create_app(model="limit-tiny", web=False, max_concurrent_per_client=1)) as s:
+        with httpx.stream("POST", s.url + "/v1/chat/completions", timeout=30, json={
+                "model": "limit-tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3000,
+                "stream": True}) as held:
+            next(held.iter_lines())
+            r = chat(s.url, "limit-tiny")
+            assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+        wait_until(lambda: engine.stats()["num_running"] == 0)
+        assert chat(s.url, "limit-tiny").status_code == 200
