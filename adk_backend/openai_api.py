@@ -51,7 +51,7 @@ async def _body(request: Request) -> dict:
 
 def _check_params(body: dict) -> None:
     for key in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "max_tokens",
-                "max_completion_tokens", "seed", "top_k", "n"):
+                "max_completion_tokens", "seed", "top_k", "n", "min_tokens", "repetition_penalty"):
         v = body.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
             raise APIError(400, f"'{key}' must be a number, got {v!r}", param=key)
@@ -65,9 +65,57 @@ def _check_params(body: dict) -> None:
         raise APIError(400, "'stream' must be a boolean", param="stream")
 
 
-def make_router(served: list[str], max_tokens_limit: int) -> APIRouter:
+class ClientLimiter:
+    """At most `limit` generation requests in flight per client address (None: no limit).
+    A slot is held until the response is fully sent or the client goes away."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.in_flight: dict[str, int] = {}
+
+    def acquire(self, request: Request) -> str:
+        client = request.client.host if request.client else "unknown"
+        if self.limit is not None:
+            if self.in_flight.get(client, 0) >= self.limit:
+                raise APIError(429, f"more than {self.limit} requests in flight from this client",
+                               "rate_limit_error")
+            self.in_flight[client] = self.in_flight.get(client, 0) + 1
+        return client
+
+    def release(self, client: str) -> None:
+        if self.limit is not None:
+            self.in_flight[client] -= 1
+            if not self.in_flight[client]:
+                del self.in_flight[client]
+
+
+def make_router(served: list[str], max_tokens_limit: int, max_concurrent_per_client: int | None = None) -> APIRouter:
     router = APIRouter(prefix="/v1")
     names = {model_name(m) for m in served}
+    limiter = ClientLimiter(max_concurrent_per_client)
+
+    async def limited(request: Request, handler):
+        """Runs a generation handler inside the client's slot; a streaming response keeps
+        the slot until its body generator ends (sent, failed or client gone)."""
+        client = limiter.acquire(request)
+        try:
+            response = await handler(request)
+        except BaseException:
+            limiter.release(client)
+            raise
+        if isinstance(response, StreamingResponse):
+            body = response.body_iterator
+
+            async def releasing():
+                try:
+                    async for chunk in body:
+                        yield chunk
+                finally:
+                    limiter.release(client)
+            response.body_iterator = releasing()
+        else:
+            limiter.release(client)
+        return response
 
     def resolve(body: dict) -> str:
         model = body.get("model")
@@ -95,6 +143,9 @@ def make_router(served: list[str], max_tokens_limit: int) -> APIRouter:
 
     @router.post("/chat/completions")
     async def chat_completions(request: Request):
+        return await limited(request, _chat_completions)
+
+    async def _chat_completions(request: Request):
         body = await _body(request)
         model = resolve(body)
         params = sampling(body)
@@ -151,6 +202,9 @@ def make_router(served: list[str], max_tokens_limit: int) -> APIRouter:
 
     @router.post("/completions")
     async def completions(request: Request):
+        return await limited(request, _completions)
+
+    async def _completions(request: Request):
         body = await _body(request)
         model = resolve(body)
         params = sampling(body)

@@ -87,6 +87,10 @@ def openai_sampling(optional_params: dict) -> SamplingParams:
         seed=p.get("seed"),
         presence_penalty=p.get("presence_penalty") or 0.0,
         frequency_penalty=p.get("frequency_penalty") or 0.0,
+        # vLLM's extensions of the OpenAI API
+        ignore_eos=bool(p.get("ignore_eos", False)),
+        min_tokens=p.get("min_tokens") or 0,
+        repetition_penalty=p.get("repetition_penalty") if p.get("repetition_penalty") is not None else 1.0,
     )
 
 

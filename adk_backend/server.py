@@ -45,29 +45,6 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
-class PerClientLimit:
-    """At most `limit` requests in flight on /v1 per client address; more get 429."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
-        self.in_flight: dict[str, int] = {}
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
-            return await self.app(scope, receive, send)
-        client = (scope.get("client") or ("unknown",))[0]
-        if self.in_flight.get(client, 0) >= self.limit:
-            return await error_response(429, f"more than {self.limit} requests in flight from this client",
-                                        "rate_limit_error")(scope, receive, send)
-        self.in_flight[client] = self.in_flight.get(client, 0) + 1
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.in_flight[client] -= 1
-            if not self.in_flight[client]:
-                del self.in_flight[client]
-
-
 def create_app(agents_dir: str = "agents", model: str = "smollm2-135m-instruct", api_key: str | None = None,
                protect_adk_routes: bool = False, trace_to_cloud: bool = False, host: str = "127.0.0.1",
                port: int = 8000, allow_origins: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY,
@@ -82,7 +59,7 @@ def create_app(agents_dir: str = "agents", model: str = "smollm2-135m-instruct",
     metrics = EngineMetrics()
     metrics.attach(served[0], engine)
     app.state.engine_metrics = metrics
-    app.include_router(make_router(served, max_tokens_limit))
+    app.include_router(make_router(served, max_tokens_limit, max_concurrent_per_client))
     app.add_exception_handler(APIError, lambda request, exc: exc.response())
 
     # ADK's app answers /health with 200 always; ours says whether the engine can serve.
@@ -113,6 +90,4 @@ def create_app(agents_dir: str = "agents", model: str = "smollm2-135m-instruct",
             return await call_next(request)
 
     app.add_middleware(BodyLimit, limit=max_body_bytes)
-    if max_concurrent_per_client:
-        app.add_middleware(PerClientLimit, limit=max_concurrent_per_client)
     return app

@@ -53,7 +53,7 @@ def test_dead_engine_thread_turns_health_503_and_fails_callers_fast():
 
         def long_request():
             start = time.time()
-            result["response"] = chat(s.url, "fault-dead", max_tokens=1500)
+            result["response"] = chat(s.url, "fault-dead", max_tokens=1500, ignore_eos=True)
             result["seconds"] = time.time() - start
 
         t = threading.Thread(target=long_request)
@@ -79,7 +79,7 @@ def test_client_that_stops_reading_its_stream_is_aborted_and_its_blocks_come_bac
     engine = engine_for("fault-slow")
     with LiveServer(create_app(model="fault-slow", web=False)) as s:
         body = json.dumps({"model": "fault-slow", "messages": [{"role": "user", "content": "hi"}],
-                           "max_tokens": 3500, "stream": True}).encode()
+                           "max_tokens": 3500, "ignore_eos": True, "stream": True}).encode()
         sock = socket.create_connection(("127.0.0.1", s.port))
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
@@ -132,8 +132,9 @@ def test_per_client_concurrency_limit_answers_429_when_configured():
     with LiveServer(create_app(model="limit-tiny", web=False, max_concurrent_per_client=1)) as s:
         with httpx.stream("POST", s.url + "/v1/chat/completions", timeout=30, json={
                 "model": "limit-tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3000,
-                "stream": True}) as held:
-            next(held.iter_lines())
+                "ignore_eos": True, "stream": True}) as held:
+            lines = held.iter_lines()  # keep it: a dropped iterator closes the stream
+            next(lines)
             r = chat(s.url, "limit-tiny")
             assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
         wait_until(lambda: engine.stats()["num_running"] == 0)
