@@ -158,10 +158,10 @@ def make_router(served: list[str], max_tokens_limit: int, max_concurrent_per_cli
         if not engine.is_healthy():
             raise APIError(503, "the engine is not running", "service_unavailable")
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        events = chat_stream(engine, messages, tools, force, params)
+        events = _guarded(chat_stream(engine, messages, tools, force, params))
         if not body.get("stream"):
             result = None
-            async for item in _guarded(events):
+            async for item in events:
                 if isinstance(item, ChatResult):
                     result = item
             if result.reply.error:
@@ -183,7 +183,7 @@ def make_router(served: list[str], max_tokens_limit: int, max_concurrent_per_cli
         async def sse():
             yield chunk({"role": "assistant", "content": ""})
             try:
-                async for item in _prepend(first, _guarded(events)):
+                async for item in _prepend(first, events):
                     if not isinstance(item, ChatResult):
                         yield chunk({"content": item})
                         continue
@@ -217,18 +217,7 @@ def make_router(served: list[str], max_tokens_limit: int, max_concurrent_per_cli
         engine = engine_for(model)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
-        async def outputs():
-            try:
-                async for out in engine.generate(prompt, params):
-                    yield out
-            except ValueError as exc:
-                raise APIError(400, str(exc)) from exc
-            except EngineDeadError as exc:
-                raise APIError(503, str(exc), "service_unavailable") from exc
-            except RequestFailedError as exc:
-                raise APIError(500, str(exc), "server_error") from exc
-
-        stream_outputs = outputs()
+        stream_outputs = _guarded(engine.generate(prompt, params))
         first = await _first(stream_outputs)
         if not body.get("stream"):
             text, n_out, last = "", 0, None
@@ -254,16 +243,21 @@ def make_router(served: list[str], max_tokens_limit: int, max_concurrent_per_cli
     return router
 
 
+def _as_api_error(exc: Exception) -> APIError:
+    """The engine's exceptions as OpenAI errors: refused input 400, engine down 503, failed step 500."""
+    if isinstance(exc, ValueError):
+        return APIError(400, str(exc))
+    if isinstance(exc, EngineDeadError):
+        return APIError(503, str(exc), "service_unavailable")
+    return APIError(500, str(exc), "server_error")
+
+
 async def _guarded(events):
     try:
         async for item in events:
             yield item
-    except ValueError as exc:
-        raise APIError(400, str(exc)) from exc
-    except EngineDeadError as exc:
-        raise APIError(503, str(exc), "service_unavailable") from exc
-    except RequestFailedError as exc:
-        raise APIError(500, str(exc), "server_error") from exc
+    except (ValueError, EngineDeadError, RequestFailedError) as exc:
+        raise _as_api_error(exc) from exc
 
 
 async def _first(agen):
@@ -272,18 +266,6 @@ async def _first(agen):
         return await agen.__anext__()
     except StopAsyncIteration:
         return None
-    except (ValueError, EngineDeadError, RequestFailedError) as exc:
-        raise (await _as_api_error(exc)) from exc
-
-
-async def _as_api_error(exc) -> APIError:
-    if isinstance(exc, APIError):
-        return exc
-    if isinstance(exc, ValueError):
-        return APIError(400, str(exc))
-    if isinstance(exc, EngineDeadError):
-        return APIError(503, str(exc), "service_unavailable")
-    return APIError(500, str(exc), "server_error")
 
 
 async def _prepend(first, rest):
