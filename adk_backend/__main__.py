@@ -63,8 +63,8 @@ def serve(args: argparse.Namespace) -> None:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                             timeout_graceful_shutdown=args.grace_period)
     server = DrainingServer(config)
-    log.info("serving %s on http://%s:%d (dev UI at /dev-ui/, OpenAI API at /v1, metrics at /metrics)",
-             args.model, args.host, args.port)
+    server.ready_message = (f"serving {args.model} on http://{args.host}:{args.port} "
+                            "(dev UI at /dev-ui/, OpenAI API at /v1, metrics at /metrics)")
     server.run()
     from adk_backend import shutdown_all
     shutdown_all()  # in-flight requests were drained (or cut at the grace period) by uvicorn
@@ -74,6 +74,13 @@ def serve(args: argparse.Namespace) -> None:
 class DrainingServer(uvicorn.Server):
     """SIGTERM/SIGINT stop admitting and drain in-flight requests for the grace period, and
     the process exits 0 (plain uvicorn re-raises the signal after shutdown)."""
+
+    ready_message = ""
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.started and self.ready_message:  # only now can it answer
+            logging.getLogger("adk_backend").info(self.ready_message)
 
     @contextlib.contextmanager
     def capture_signals(self):

@@ -22,6 +22,7 @@ def load():
         from torch.utils.cpp_extension import load as load_ext
         import hashlib
         digest = hashlib.sha1(_SRC.read_bytes()).hexdigest()[:10]
+        log.info("loading the C++ CPU kernels (compiled once per machine, about 30 s)")
         return load_ext(name=f"engine_cpu_ops_{digest}", sources=[str(_SRC)],
                         extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
                         extra_ldflags=["-fopenmp"],
