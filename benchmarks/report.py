@@ -24,7 +24,10 @@ def machine() -> str:
 
 
 def markdown_table(headers: list[str], rows: list[list]) -> str:
-    fmt = lambda v: f"{v:,.1f}" if isinstance(v, float) else str(v)  # noqa: E731
+    def fmt(v) -> str:
+        if not isinstance(v, float):
+            return str(v)
+        return f"{v:,.1f}" if abs(v) >= 10 else f"{v:.3g}"
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -38,4 +41,28 @@ def write(name: str, title: str, table: str, data: dict) -> Path:
     (RESULTS_DIR / f"{name}.md").write_text(md)
     path = RESULTS_DIR / f"{name}-{stamp}.json"
     path.write_text(json.dumps({"machine": machine(), **data}, indent=2))
+    return path
+
+
+def plot_lines(name: str, xlabel: str, ylabel: str, series: dict[str, tuple[list, list]],
+               log_y: bool = False) -> Path:
+    """A small PNG line chart in benchmarks/results/<name>.png."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if log_y:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = RESULTS_DIR / f"{name}.png"
+    fig.savefig(path)
+    plt.close(fig)
     return path
