@@ -66,3 +66,15 @@ def plot_lines(name: str, xlabel: str, ylabel: str, series: dict[str, tuple[list
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def cost_rows(runs: dict[str, dict], hour_usd: float, target_rps: float) -> list[list]:
+    """Per system: replicas needed for `target_rps` and cost per million output tokens, from
+    each run's measured throughput (RunResult.as_dict()) at `hour_usd` per machine-hour."""
+    import math
+    rows = []
+    for name, r in runs.items():
+        rps = r["num_requests"] / r["seconds"]
+        per_million = hour_usd / (r["output_tokens_per_s"] * 3600) * 1e6
+        rows.append([name, rps, math.ceil(target_rps / rps), per_million])
+    return rows

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks.report import markdown_table, write
+from benchmarks.report import cost_rows, markdown_table, write
 from benchmarks.systems import run_engine, run_transformers_single, run_transformers_static
 from benchmarks.workloads import load_workload
 from engine import LLM
@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--single-tokens", type=int, default=256)
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--hour-usd", "--gpu-hour-usd", dest="hour_usd", type=float, default=1.0,
+                    help="price of one machine (GPU) hour, for the cost table")
+    ap.add_argument("--target-rps", type=float, default=10.0, help="request rate the replicas must sustain")
     args = ap.parse_args(argv)
 
     items = load_workload(args.workload, args.limit)
@@ -57,6 +60,13 @@ def main(argv: list[str] | None = None) -> dict:
     if "transformers_single" in data:
         single_rows.append(["transformers", data["transformers_single"]["output_tokens_per_s"]])
     table += "\n\n" + markdown_table([f"one request, {args.single_tokens} tokens", "output tokens/s"], single_rows)
+    runs = {"engine, continuous": data["continuous"], "engine, static": data["static"]}
+    if "transformers_static" in data:
+        runs["transformers static"] = data["transformers_static"]
+    table += "\n\n" + markdown_table(
+        ["system", "requests/s per replica", f"replicas for {args.target_rps:g} requests/s",
+         f"USD per million output tokens at {args.hour_usd:g} USD/hour"],
+        cost_rows(runs, args.hour_usd, args.target_rps))
     write("throughput", "Throughput: continuous vs static batching", table, data)
     return data
 
