@@ -20,7 +20,6 @@ from adk_backend.chat_format import ChatResult, chat_stream
 from adk_backend.engines import engine_for, model_name
 from adk_backend.openai_format import (finish_reason, openai_sampling, openai_to_messages, openai_tool_calls,
                                        openai_tools, usage)
-from engine import SamplingParams
 from engine.async_llm import EngineDeadError, RequestFailedError
 
 PROVIDER = "engine"

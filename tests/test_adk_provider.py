@@ -6,7 +6,6 @@ from google.adk.agents import LlmAgent
 from google.adk.agents.run_config import RunConfig, StreamingMode
 from google.adk.models.lite_llm import LiteLlm
 from google.adk.runners import InMemoryRunner
-from google.adk.utils.context_utils import Aclosing  # noqa: F401  (ADK present)
 from google.genai import types
 
 import adk_backend

@@ -9,7 +9,6 @@ import sys
 import time
 
 import httpx
-import pytest
 
 from adk_backend import configure_engine, engine_for
 from adk_backend.server import create_app

@@ -1,5 +1,4 @@
 """Automatic prefix caching: shared prefixes are computed once, outputs do not change."""
-import time
 
 from engine import LLM, EngineConfig, LLMEngine, SamplingParams
 from helpers import assert_all_blocks_free
