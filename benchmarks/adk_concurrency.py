@@ -16,7 +16,7 @@ import time
 from tqdm.auto import tqdm
 
 import adk_backend  # noqa: F401  (registers engine/ models)
-from benchmarks.report import markdown_table, write
+from benchmarks.report import markdown_table, percentile, write
 from google.adk.agents import LlmAgent
 from google.adk.agents.run_config import RunConfig, StreamingMode
 from google.adk.runners import InMemoryRunner
@@ -24,11 +24,6 @@ from google.genai import types
 
 TOPICS = ["the moon", "bread", "rivers", "owls", "chess", "volcanoes", "tea", "bicycles", "glaciers", "music",
           "bees", "libraries", "deserts", "trains", "coral", "maps"]
-
-
-def percentile(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]
 
 
 async def one_session(runner: InMemoryRunner, i: int) -> tuple[float, int]:

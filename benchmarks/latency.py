@@ -12,14 +12,9 @@ import asyncio
 import statistics
 import time
 
-from benchmarks.report import markdown_table, plot_lines, write
+from benchmarks.report import markdown_table, percentile, plot_lines, write
 from benchmarks.workloads import load_workload, poisson_arrivals
 from engine import AsyncLLM, EngineConfig, SamplingParams
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
 
 
 async def _run_at_rate(engine: AsyncLLM, prompts, max_tokens, rate: float, seed: int) -> dict:
@@ -39,8 +34,8 @@ async def _run_at_rate(engine: AsyncLLM, prompts, max_tokens, rate: float, seed:
     ttft = [m.time_to_first_token for m in metrics]
     e2e = [m.e2e_latency for m in metrics]
     return {"rate": rate, "seconds": seconds, "output_tokens_per_s": sum(max_tokens) / seconds,
-            "ttft_p50": statistics.median(ttft), "ttft_p99": pct(ttft, 99),
-            "e2e_p50": statistics.median(e2e), "e2e_p99": pct(e2e, 99),
+            "ttft_p50": statistics.median(ttft), "ttft_p99": percentile(ttft, 99),
+            "e2e_p50": statistics.median(e2e), "e2e_p99": percentile(e2e, 99),
             "queue_p50": statistics.median(m.time_in_queue for m in metrics)}
 
 

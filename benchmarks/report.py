@@ -23,6 +23,12 @@ def machine() -> str:
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (nearest rank) of values."""
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]
+
+
 def markdown_table(headers: list[str], rows: list[list]) -> str:
     def fmt(v) -> str:
         if not isinstance(v, float):

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks.report import percentile
+
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "dummy-tiny"
 QUESTIONS = [f"Question {i}: tell me about item {i}." for i in range(16)]
@@ -201,8 +203,8 @@ async def _drive(url, pid, expected_chat, num_requests, concurrency, seed, time_
         "requests_planned": len(plan), "requests_done": len(results) + len(errors), "seconds": seconds,
         "requests_per_s": (len(results) + len(errors)) / seconds, "outcomes": counts, "errors": errors[:10],
         "num_errors": len(errors), "wrong": wrong[:5], "num_wrong": len(wrong),
-        "latency_p50_s": statistics.median(lat), "latency_p90_s": lat[int(0.9 * (len(lat) - 1))],
-        "latency_p99_s": lat[int(0.99 * (len(lat) - 1))],
+        "latency_p50_s": statistics.median(lat), "latency_p90_s": percentile(lat, 90),
+        "latency_p99_s": percentile(lat, 99),
         "running_at_end": _metric(metrics, "vllm:num_requests_running"),
         "waiting_at_end": _metric(metrics, "vllm:num_requests_waiting"),
         "kv_usage_at_end": _metric(metrics, "vllm:kv_cache_usage_perc"),
