@@ -100,6 +100,22 @@ class LlamaForCausalLM(nn.Module):
     def use_cpu_kernels(self, ops) -> None:
         for layer in self.layers:
             layer.cpu_ops = ops
+        if self.embed_tokens.weight.dtype == torch.bfloat16 and ops.has_bf16_gemv():
+            self._pack_for_gemv(ops)
+
+    def _pack_for_gemv(self, ops) -> None:
+        """Copy every supported linear's weight, in the gemv kernel's layout, into one buffer
+        on huge pages, in the order a step reads them."""
+        linears = [m for m in self.modules() if isinstance(m, Linear) and ops.gemv_supported(*m.weight.shape)]
+        arena = torch.empty(sum(m.weight.numel() for m in linears), dtype=torch.bfloat16)
+        ops.advise_huge_pages(arena)
+        offset = 0
+        for m in linears:
+            packed = ops.pack_for_gemv(m.weight)
+            view = arena[offset:offset + packed.numel()].view(packed.shape)
+            view.copy_(packed)
+            offset += packed.numel()
+            m.use_gemv(ops.gemv_bf16, view)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
