@@ -48,7 +48,8 @@ def serve(args: argparse.Namespace) -> None:
                     "" if args.api_key or os.environ.get("ENGINE_API_KEY") else " with NO API key")
     if args.trace_to_cloud:
         setup_cloud_trace()
-    options = {k: v for k, v in (("kv_cache_memory", args.kv_cache_memory), ("dtype", args.dtype)) if v}
+    options = {k: v for k, v in (("kv_cache_memory", args.kv_cache_memory), ("dtype", args.dtype),
+                                 ("max_num_seqs", args.max_num_seqs)) if v}
     if options:
         configure_engine(args.model, **options)
     start = time.time()
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--allow-origins", nargs="*", default=None, help="CORS origins (closed by default)")
     s.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache budget in bytes")
     s.add_argument("--dtype", default=None, help="model dtype (default bfloat16)")
+    s.add_argument("--max-num-seqs", type=int, default=None, help="most requests in one batch")
     s.add_argument("--max-concurrent-per-client", type=int, default=None,
                    help="requests in flight on /v1 per client address (429 beyond)")
     s.add_argument("--grace-period", type=int, default=10, help="seconds to drain in-flight requests on SIGTERM")

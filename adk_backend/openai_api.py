@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from adk_backend.chat_format import ChatResult, chat_stream
 from adk_backend.engines import engine_for, model_name
 from adk_backend.openai_format import (finish_reason, openai_sampling, openai_to_messages, openai_tool_calls,
-                                       openai_tools, usage)
+                                       openai_tools, token_usage, usage)
 from engine.async_llm import EngineDeadError, RequestFailedError
 
 
@@ -223,17 +223,26 @@ def make_router(served: list[str], max_tokens_limit: int, max_concurrent_per_cli
                 text += out.outputs[0].text
                 n_out += len(out.outputs[0].token_ids)
                 last = out
-            n_prompt = len(last.prompt_token_ids)
             return {"id": rid, "object": "text_completion", "created": created, "model": model,
                     "choices": [{"index": 0, "text": text, "finish_reason": last.outputs[0].finish_reason,
                                  "logprobs": None}],
-                    "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}}
+                    "usage": token_usage(len(last.prompt_token_ids), n_out)}
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+        def chunk(choices: list, **extra) -> str:
+            return "data: " + json.dumps({"id": rid, "object": "text_completion", "created": created, "model": model,
+                                          "choices": choices, **extra}) + "\n\n"
 
         async def sse():
-            async for out in _prepend(first, stream_outputs):
-                yield "data: " + json.dumps({"id": rid, "object": "text_completion", "created": created, "model": model,
-                                             "choices": [{"index": 0, "text": out.outputs[0].text,
-                                                          "finish_reason": out.outputs[0].finish_reason}]}) + "\n\n"
+            n_out = 0
+            try:
+                async for out in _prepend(first, stream_outputs):
+                    n_out += len(out.outputs[0].token_ids)
+                    yield chunk([{"index": 0, "text": out.outputs[0].text, "finish_reason": out.outputs[0].finish_reason}])
+                    if out.finished and include_usage:
+                        yield chunk([], usage=token_usage(len(out.prompt_token_ids), n_out))
+            except APIError as exc:
+                yield "data: " + json.dumps({"error": {"message": exc.message, "type": exc.type}}) + "\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream")

@@ -103,6 +103,10 @@ def finish_reason(result: ChatResult) -> str:
     return "tool_calls" if result.reply.tool_calls else _FINISH.get(result.finish_reason, "stop")
 
 
+def token_usage(num_prompt_tokens: int, num_output_tokens: int) -> dict:
+    return {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_output_tokens,
+            "total_tokens": num_prompt_tokens + num_output_tokens}
+
+
 def usage(result: ChatResult) -> dict:
-    return {"prompt_tokens": result.num_prompt_tokens, "completion_tokens": result.num_output_tokens,
-            "total_tokens": result.num_prompt_tokens + result.num_output_tokens}
+    return token_usage(result.num_prompt_tokens, result.num_output_tokens)

@@ -1,81 +1,125 @@
-"""Latency under load: Poisson arrivals at rising rates into AsyncLLM, continuous vs static
-batching. Time to first token and end-to-end latency (p50, p99) against request rate.
+"""Latency under load into AsyncLLM, continuous vs static batching: Poisson arrivals at
+rising rates (or a closed loop of N clients), and a search for the highest rate at which
+continuous batching keeps p99 time to first token under a bound.
 
-    python -m benchmarks latency [--rates 1,2,4,6] [--requests 64]
+    python -m benchmarks latency [--rates 1,2,4,8] [--requests 48] [--ttft-bound 1.0]
+    python -m benchmarks latency --concurrency 1,4,16,32
 
-Writes benchmarks/results/latency.{md,json,png}.
+For each point: TTFT, inter-token latency, time per output token, end-to-end latency and
+queue time (mean, p50, p90, p99), batch size, KV usage, preemptions. Writes
+benchmarks/results/latency.{md,json,png}. Ctrl-C keeps what was measured.
 """
 from __future__ import annotations
 
 import argparse
-import asyncio
-import statistics
-import time
 
-from benchmarks.report import markdown_table, percentile, plot_lines, write
+from benchmarks.report import keep_partial_results, markdown_table, plot_lines, write
+from benchmarks.systems import run_async_engine
 from benchmarks.workloads import load_workload, poisson_arrivals
-from engine import AsyncLLM, EngineConfig, SamplingParams
+from engine import AsyncLLM, EngineConfig
+
+POLICIES = ("continuous", "static")
 
 
-async def _run_at_rate(engine: AsyncLLM, prompts, max_tokens, rate: float, seed: int) -> dict:
-    arrivals = poisson_arrivals(len(prompts), rate, seed)
-    start = time.perf_counter()
-
-    async def one(i):
-        await asyncio.sleep(max(0.0, arrivals[i] - (time.perf_counter() - start)))
-        last = None
-        async for out in engine.generate(prompts[i], SamplingParams(temperature=0, max_tokens=max_tokens[i],
-                                                                    ignore_eos=True)):
-            last = out
-        return last.metrics
-
-    metrics = await asyncio.gather(*(one(i) for i in range(len(prompts))))
-    seconds = time.perf_counter() - start
-    ttft = [m.time_to_first_token for m in metrics]
-    e2e = [m.e2e_latency for m in metrics]
-    return {"rate": rate, "seconds": seconds, "output_tokens_per_s": sum(max_tokens) / seconds,
-            "ttft_p50": statistics.median(ttft), "ttft_p99": percentile(ttft, 99),
-            "e2e_p50": statistics.median(e2e), "e2e_p99": percentile(e2e, 99),
-            "queue_p50": statistics.median(m.time_in_queue for m in metrics)}
+def _point(engine: AsyncLLM, prompts, max_tokens, x: float, mode: str, seed: int) -> dict:
+    if mode == "rate":
+        run = run_async_engine(engine, prompts, max_tokens, f"rate {x:g}/s", poisson_arrivals(len(prompts), x, seed))
+    else:
+        run = run_async_engine(engine, prompts, max_tokens, f"{int(x)} clients", concurrency=int(x))
+    return {mode: x} | run.as_dict()
 
 
-def run(model: str, rates: list[float], num_requests: int, max_num_seqs: int, seed: int = 0,
-        workload: str = "mixed_chat_128", **engine_options) -> dict:
-    items = load_workload(workload, num_requests)
-    results = {}
-    for policy in ("continuous", "static"):
-        engine = AsyncLLM(EngineConfig(model=model, scheduling_policy=policy, max_num_seqs=max_num_seqs,
-                                       **engine_options))
+def highest_passing(points: list[dict], key: str, bound: float) -> tuple[float | None, float | None]:
+    """(highest measured rate whose p99 TTFT is under `bound`, lowest rate above it that is not)."""
+    ok = [p[key] for p in points if p["latency"]["ttft"]["p99"] < bound]
+    best = max(ok, default=None)
+    above = [p[key] for p in points if p["latency"]["ttft"]["p99"] >= bound and (best is None or p[key] > best)]
+    return best, min(above, default=None)
+
+
+def measure(args, data: dict) -> None:
+    items = load_workload(args.workload, args.requests)
+    xs = [float(x) for x in (args.rates if args.mode == "rate" else args.concurrency).split(",")]
+    for policy in POLICIES:
+        engine = AsyncLLM(EngineConfig(model=args.model, scheduling_policy=policy, max_num_seqs=args.max_num_seqs))
         try:
             prompts = [engine.engine.apply_chat_template(it.messages) for it in items]
             max_tokens = [it.max_tokens for it in items]
-            results[policy] = [asyncio.run(_run_at_rate(engine, prompts, max_tokens, r, seed)) for r in rates]
+            run_async_engine(engine, prompts[:2], [4, 4], "warm-up", progress=False)
+            points = data["points"].setdefault(policy, [])
+            for x in xs:
+                points.append(_point(engine, prompts, max_tokens, x, args.mode, args.seed))
+            if args.mode != "rate":
+                continue
+            search = data["search"]
+            if policy == "continuous":  # bisect between the last passing and the first failing rate
+                lo, hi = highest_passing(points, "rate", args.ttft_bound)
+                for _ in range(args.search_steps if lo is not None and hi is not None else 0):
+                    mid = round((lo + hi) / 2, 2)
+                    points.append(_point(engine, prompts, max_tokens, mid, "rate", args.seed))
+                    lo, hi = highest_passing(points, "rate", args.ttft_bound)
+                search["rate"], search["all_passed"] = lo, hi is None
+            elif search.get("rate") is not None and search["rate"] not in xs:
+                points.append(_point(engine, prompts, max_tokens, search["rate"], "rate", args.seed))
+            points.sort(key=lambda p: p["rate"])
         finally:
             engine.shutdown()
-    return results
+
+
+def report(args, data: dict, interrupted: bool = False) -> dict:
+    key = args.mode
+    rows = [[policy, p[key], p["output_tokens_per_s"], p["latency"]["ttft"]["p50"], p["latency"]["ttft"]["p99"],
+             p["latency"]["itl"]["p50"], p["latency"]["itl"]["p99"], p["latency"]["e2e"]["p50"],
+             p["latency"]["e2e"]["p99"], p["latency"]["queue"]["p99"], p["engine"]["batch_size_mean"],
+             p["engine"]["kv_usage_peak"], p["engine"]["preemptions"]]
+            for policy, points in data["points"].items() for p in points]
+    xlabel = "requests/s" if key == "rate" else "clients"
+    table = markdown_table(["policy", xlabel, "output tokens/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99",
+                            "e2e p50", "e2e p99", "queue p99", "batch mean", "KV peak", "preemptions"], rows)
+    search = data.get("search") or {}
+    rate = search.get("rate")
+    at = {policy: next((p for p in points if p.get("rate") == rate), None) for policy, points in data["points"].items()}
+    c, s = at.get("continuous"), at.get("static")
+    if rate is not None and c is not None:
+        line = (f"\n\nHighest rate measured with continuous batching's p99 TTFT under {args.ttft_bound:g} s: "
+                f"**{rate:g} requests/s**{' (every rate passed: raise --rates)' if search.get('all_passed') else ''}"
+                f" (p99 TTFT {c['latency']['ttft']['p99']:.3g} s)")
+        if s:
+            ratio = s["latency"]["ttft"]["p99"] / c["latency"]["ttft"]["p99"]
+            line += f"; static batching at that rate: p99 TTFT {s['latency']['ttft']['p99']:.3g} s, {ratio:.0f}x higher."
+        table += line
+    series = {}
+    for policy, points in data["points"].items():
+        xs = [p[key] for p in points]
+        series[f"{policy} TTFT p99"] = (xs, [p["latency"]["ttft"]["p99"] for p in points])
+        series[f"{policy} e2e p50"] = (xs, [p["latency"]["e2e"]["p50"] for p in points])
+    if series:
+        plot_lines("latency", f"load ({xlabel})", "seconds", series, log_y=True,
+                   title=f"{args.workload} ({args.requests} requests), max_num_seqs={args.max_num_seqs}")
+    title = (f"Latency under {'Poisson' if key == 'rate' else 'closed-loop'} load ({args.model}, {args.requests} "
+             f"requests of {args.workload}, max_num_seqs={args.max_num_seqs}, seconds)"
+             + (" (interrupted: partial)" if interrupted else ""))
+    write("latency", title, table, data | {"interrupted": interrupted})
+    return data
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--rates", default="1,2,4,6")
-    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--workload", default="mixed_chat_128")
+    ap.add_argument("--rates", default="1,2,4,8", help="Poisson request rates (requests/s)")
+    ap.add_argument("--concurrency", default=None, help="closed loop instead: numbers of clients, e.g. 1,4,16")
+    ap.add_argument("--requests", type=int, default=48)
     ap.add_argument("--max-num-seqs", type=int, default=32)
+    ap.add_argument("--ttft-bound", type=float, default=1.0, help="p99 TTFT bound (s) for the rate search")
+    ap.add_argument("--search-steps", type=int, default=2, help="bisection steps between measured rates")
+    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    rates = [float(r) for r in args.rates.split(",")]
-    results = run(args.model, rates, args.requests, args.max_num_seqs)
-    rows = [[policy, r["rate"], r["output_tokens_per_s"], r["ttft_p50"], r["ttft_p99"], r["e2e_p50"], r["e2e_p99"]]
-            for policy, runs in results.items() for r in runs]
-    table = markdown_table(["policy", "requests/s", "output tokens/s", "TTFT p50 s", "TTFT p99 s", "e2e p50 s",
-                            "e2e p99 s"], rows)
-    plot_lines("latency", "request rate (requests/s)", "seconds",
-               {f"{p} TTFT p99": ([r["rate"] for r in runs], [r["ttft_p99"] for r in runs])
-                for p, runs in results.items()} |
-               {f"{p} e2e p50": ([r["rate"] for r in runs], [r["e2e_p50"] for r in runs])
-                for p, runs in results.items()}, log_y=True)
-    write("latency", f"Latency under Poisson load ({args.model}, {args.requests} requests of "
-                     f"mixed_chat_128, max_num_seqs={args.max_num_seqs})", table, {"results": results})
-    return results
+    args.mode = "concurrency" if args.concurrency else "rate"
+    data = {"model": args.model, "mode": args.mode, "points": {}, "search": {}}
+    with keep_partial_results(lambda interrupted: report(args, data, interrupted)):
+        measure(args, data)
+    return report(args, data)
 
 
 if __name__ == "__main__":

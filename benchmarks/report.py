@@ -1,10 +1,14 @@
-"""Writes a benchmark's results: a Markdown table on stdout and in a file, plus JSON."""
+"""Measures and writes a benchmark's results: latency summaries, engine-side figures from
+the step history, a Markdown table on stdout and in a file, JSON, and PNG plots."""
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
+import statistics
 import time
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 
@@ -29,6 +33,72 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]
 
 
+def summary(values: Iterable[float | None]) -> dict | None:
+    """mean, p50, p90, p99 of the values that are not None (None when there are none)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"mean": statistics.fmean(values), "p50": percentile(values, 50), "p90": percentile(values, 90),
+            "p99": percentile(values, 99)}
+
+
+def request_latencies(metrics: list, num_output_tokens: list[int],
+                      token_times: list[list[float]] | None = None) -> dict:
+    """Per-request latency summaries (seconds) from engine RequestMetrics: TTFT, time per
+    output token after the first (TPOT), end-to-end, queue time; inter-token latency from
+    each request's token timestamps when given."""
+    def tpot(m, n):
+        return None if n < 2 or m.finished_time is None else (m.finished_time - m.first_token_time) / (n - 1)
+    out = {"ttft": summary(m.time_to_first_token for m in metrics),
+           "tpot": summary(tpot(m, n) for m, n in zip(metrics, num_output_tokens)),
+           "e2e": summary(m.e2e_latency for m in metrics),
+           "queue": summary(m.time_in_queue for m in metrics)}
+    if token_times:
+        out["itl"] = summary(b - a for times in token_times for a, b in zip(times, times[1:]))
+    return out
+
+
+def token_times_from_steps(step_history, request_ids: list[str]) -> list[list[float]]:
+    """When each request got each output token, read off the engine's step history: a
+    request gains a token in every step that schedules it after its prompt is done
+    (static-batch pad rows after it finished are not its tokens; callers cut them by count)."""
+    wanted = set(request_ids)
+    times: dict[str, list[float]] = {rid: [] for rid in request_ids}
+    for step in step_history:
+        for rid, n in step.scheduled.items():
+            if rid in wanted and n == 1:
+                times[rid].append(step.time)
+    return [times[rid] for rid in request_ids]
+
+
+def engine_figures(engine, first_step: int) -> dict:
+    """Batch size (peak, mean), KV usage (peak), preemptions and prefix-cache hit rate over
+    the engine's steps from `first_step` on, and the batch-size timeline for plots."""
+    steps = [s for s in engine.step_history if s.step >= first_step]
+    total = engine.kv.num_blocks
+    t0 = steps[0].time if steps else 0.0
+    stats = engine.stats()
+    return {"steps": len(steps),
+            "batch_size_peak": max((s.batch_size for s in steps), default=0),
+            "batch_size_mean": statistics.fmean(s.batch_size for s in steps) if steps else 0.0,
+            "kv_usage_peak": max((1 - s.num_free_blocks / total for s in steps), default=0.0),
+            "preemptions": sum(len(s.preempted) for s in steps),
+            "prefix_cache_hit_rate": stats["prefix_cache_hits"] / max(1, stats["prefix_cache_queries"]),
+            "timeline": [[round(s.time - t0, 3), s.batch_size] for s in steps]}
+
+
+@contextlib.contextmanager
+def keep_partial_results(report: Callable[[bool], object]):
+    """Run a benchmark's measurements; on Ctrl-C write what was measured so far through
+    `report(interrupted=True)`, then stop."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print("\ninterrupted: writing the results measured so far")
+        report(True)
+        raise
+
+
 def markdown_table(headers: list[str], rows: list[list]) -> str:
     def fmt(v) -> str:
         if not isinstance(v, float):
@@ -50,28 +120,51 @@ def write(name: str, title: str, table: str, data: dict) -> Path:
     return path
 
 
-def plot_lines(name: str, xlabel: str, ylabel: str, series: dict[str, tuple[list, list]],
-               log_y: bool = False) -> Path:
-    """A small PNG line chart in benchmarks/results/<name>.png."""
+def _figure():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
-    for label, (xs, ys) in series.items():
-        ax.plot(xs, ys, marker="o", label=label)
+    return plt, fig, ax
+
+
+def _save(plt, fig, ax, name: str, xlabel: str, ylabel: str, title: str | None) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    if log_y:
-        ax.set_yscale("log")
+    if title:
+        ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
     fig.tight_layout()
     path = RESULTS_DIR / f"{name}.png"
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_lines(name: str, xlabel: str, ylabel: str, series: dict[str, tuple[list, list]],
+               log_y: bool = False, markers: bool = True, title: str | None = None) -> Path:
+    """A small PNG line chart in benchmarks/results/<name>.png."""
+    plt, fig, ax = _figure()
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o" if markers else None, linewidth=1.2 if markers else 0.8, label=label)
+    if log_y:
+        ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    return _save(plt, fig, ax, name, xlabel, ylabel, title)
+
+
+def plot_bars(name: str, ylabel: str, bars: dict[str, float], title: str | None = None) -> Path:
+    """A small horizontal bar chart (one bar per system) in benchmarks/results/<name>.png."""
+    plt, fig, ax = _figure()
+    labels = list(bars)[::-1]
+    values = [bars[k] for k in labels]
+    ax.barh(labels, values, color="tab:blue")
+    for y, v in enumerate(values):
+        ax.text(v, y, f" {v:,.0f}", va="center", fontsize=8)
+    ax.set_xlim(0, max(values) * 1.15)
+    ax.tick_params(axis="y", labelsize=8)
+    return _save(plt, fig, ax, name, ylabel, "", title)
 
 
 def cost_rows(runs: dict[str, dict], hour_usd: float, target_rps: float) -> list[list]:

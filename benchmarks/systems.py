@@ -1,14 +1,31 @@
 """One runner per system under test. Each takes token-id prompts and exact output lengths
-(ignore_eos) so that every system does identical work, and returns a RunResult."""
+(ignore_eos) so that every system does identical work, and returns a RunResult with
+throughput, per-request latency summaries and, for our engine, engine-side figures.
+
+Systems: our engine offline (`LLM`, either scheduling policy), online (`AsyncLLM`, all at
+once or at given arrival times), through the HTTP server (a subprocess speaking the
+OpenAI API), one request at a time, and transformers' own static batching.
+"""
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from engine import LLM, SamplingParams
+from benchmarks.report import engine_figures, request_latencies, summary, token_times_from_steps
+from engine import LLM, AsyncLLM, SamplingParams
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -18,6 +35,8 @@ class RunResult:
     output_tokens: int
     prompt_tokens: int
     seconds: float
+    latency: dict | None = None   # report.request_latencies(): ttft, tpot, itl, e2e, queue
+    engine: dict | None = None    # report.engine_figures(): batch size, KV usage, preemptions, hit rate
     extra: dict = field(default_factory=dict)
 
     @property
@@ -25,23 +44,180 @@ class RunResult:
         return self.output_tokens / self.seconds
 
     def as_dict(self) -> dict:
-        return asdict(self) | {"output_tokens_per_s": self.output_tokens_per_s}
+        return asdict(self) | {"output_tokens_per_s": self.output_tokens_per_s,
+                               "total_tokens_per_s": (self.output_tokens + self.prompt_tokens) / self.seconds,
+                               "requests_per_s": self.num_requests / self.seconds}
+
+
+def exact_params(max_tokens: list[int]) -> list[SamplingParams]:
+    return [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_tokens]
+
+
+def _check_exact(produced: list[int], max_tokens: list[int]) -> None:
+    assert produced == list(max_tokens), "every request must produce exactly max_tokens"
+
+
+def _offline_result(system: str, engine, first_step: int, outs, max_tokens: list[int], seconds: float) -> RunResult:
+    produced = [len(o.outputs[0].token_ids) for o in outs]
+    _check_exact(produced, max_tokens)
+    decode_times = token_times_from_steps(engine.step_history, [o.request_id for o in outs])
+    token_times = [[o.metrics.first_token_time] + t[:n - 1] for o, t, n in zip(outs, decode_times, produced)]
+    return RunResult(system, len(outs), sum(produced), sum(len(o.prompt_token_ids) for o in outs), seconds,
+                     latency=request_latencies([o.metrics for o in outs], produced, token_times),
+                     engine=engine_figures(engine, first_step))
 
 
 def run_engine(llm: LLM, prompts: list[list[int]], max_tokens: list[int], system: str) -> RunResult:
-    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_tokens]
+    """Offline: all requests handed to `LLM.generate` at once."""
     engine = llm.engine
-    steps_before = engine.step_count
+    first_step = engine.step_count
     start = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=True)
+    outs = llm.generate(prompts, exact_params(max_tokens), use_tqdm=True)
     seconds = time.perf_counter() - start
-    produced = sum(len(o.outputs[0].token_ids) for o in outs)
-    assert produced == sum(max_tokens), "every request must produce exactly max_tokens"
-    stats = engine.stats()
-    return RunResult(system, len(prompts), produced, sum(map(len, prompts)), seconds,
-                     {"steps": engine.step_count - steps_before, "peak_batch_size": stats["peak_batch_size"]})
+    return _offline_result(system, engine, first_step, outs, max_tokens, seconds)
 
 
+def run_sequential(llm: LLM, prompts: list[list[int]], max_tokens: list[int],
+                   system: str = "engine, one request at a time") -> RunResult:
+    """The loop many agent apps start with: each request waits for the previous one."""
+    engine = llm.engine
+    first_step = engine.step_count
+    outs = []
+    start = time.perf_counter()
+    for prompt, params in zip(tqdm(prompts, desc=system), exact_params(max_tokens)):
+        outs.extend(llm.generate([prompt], params, use_tqdm=False))
+    seconds = time.perf_counter() - start
+    return _offline_result(system, engine, first_step, outs, max_tokens, seconds)
+
+
+async def _run_async(engine: AsyncLLM, prompts, max_tokens, arrivals, concurrency, progress: bool):
+    start = time.perf_counter()
+    bar = tqdm(total=len(prompts), desc="AsyncLLM", disable=not progress)
+    clients = asyncio.Semaphore(concurrency or len(prompts))
+
+    async def one(i: int):
+        if arrivals is not None:
+            await asyncio.sleep(max(0.0, arrivals[i] - (time.perf_counter() - start)))
+        times, last = [], None
+        async with clients:
+            async for out in engine.generate(prompts[i], exact_params([max_tokens[i]])[0]):
+                times.extend([time.time()] * len(out.outputs[0].token_ids))  # client-side, as a caller sees them
+                last = out
+        bar.update()
+        return last, times
+
+    results = await asyncio.gather(*(one(i) for i in range(len(prompts))))
+    bar.close()
+    return time.perf_counter() - start, results
+
+
+def run_async_engine(engine: AsyncLLM, prompts: list[list[int]] | list[str], max_tokens: list[int], system: str,
+                     arrivals: list[float] | None = None, concurrency: int | None = None,
+                     progress: bool = True) -> RunResult:
+    """Online: every request is its own `AsyncLLM.generate` stream, all at once; with
+    `arrivals` (offsets in seconds) each at its own time (Poisson load); with `concurrency`
+    a closed loop of that many clients, each sending its next request when one finishes."""
+    first_step = engine.engine.step_count
+    seconds, results = asyncio.run(_run_async(engine, prompts, max_tokens, arrivals, concurrency, progress))
+    produced = [len(times) for _, times in results]
+    _check_exact(produced, max_tokens)
+    prompt_tokens = sum(len(last.prompt_token_ids) for last, _ in results)
+    return RunResult(system, len(prompts), sum(produced), prompt_tokens, seconds,
+                     latency=request_latencies([last.metrics for last, _ in results], produced,
+                                               [times for _, times in results]),
+                     engine=engine_figures(engine.engine, first_step))
+
+
+# -- through the HTTP server -------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def served(model: str, *args: str, start_timeout: float = 300.0):
+    """`python -m adk_backend serve` as a subprocess on 127.0.0.1; yields (base url, pid)."""
+    import httpx
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "adk_backend", "serve", "--model", model, "--port", str(port),
+                             *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        deadline = time.time() + start_timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server exited during start-up (code {proc.returncode})")
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError("the server did not come up")
+            time.sleep(0.2)
+        yield url, proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+async def _stream_completion(client, url: str, model: str, prompt: list[int], max_tokens: int):
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    sent = time.time()
+    times, usage = [], None
+    async with client.stream("POST", url + "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
+                times.append(time.time())
+    return sent, times, time.time(), usage
+
+
+def run_http(url: str, model: str, prompts: list[list[int]], max_tokens: list[int],
+             system: str = "engine, through the HTTP server") -> RunResult:
+    """All requests at once as streaming `/v1/completions` calls. Latencies are what the
+    client sees (a text chunk may carry more than one token when detokenization holds
+    bytes back, so inter-token latency here is between text chunks)."""
+    import httpx
+
+    async def main():
+        limits = httpx.Limits(max_connections=len(prompts) + 8)
+        async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+            bar = tqdm(total=len(prompts), desc=system)
+
+            async def one(p, m):
+                res = await _stream_completion(client, url, model, p, m)
+                bar.update()
+                return res
+            start = time.perf_counter()
+            results = await asyncio.gather(*(one(p, m) for p, m in zip(prompts, max_tokens)))
+            bar.close()
+            return time.perf_counter() - start, results
+
+    seconds, results = asyncio.run(main())
+    produced = [usage["completion_tokens"] for _, _, _, usage in results]
+    _check_exact(produced, max_tokens)
+    latency = {"ttft": summary(times[0] - sent for sent, times, _, _ in results if times),
+               "e2e": summary(done - sent for sent, _, done, _ in results),
+               "itl": summary(b - a for _, times, _, _ in results for a, b in zip(times, times[1:])),
+               "tpot": summary((done - times[0]) / (n - 1) for (_, times, done, _), n in zip(results, produced)
+                               if n > 1 and times)}
+    return RunResult(system, len(prompts), sum(produced), sum(map(len, prompts)), seconds, latency=latency)
+
+
+# -- transformers ------------------------------------------------------------------------
 def run_transformers_static(model_dir, prompts: list[list[int]], max_tokens: list[int], batch_size: int,
                             dtype=torch.bfloat16, system: str = "transformers static") -> RunResult:
     """transformers' own static batching: left-padded batches run to their longest member."""

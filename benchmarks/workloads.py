@@ -38,6 +38,14 @@ def synthetic(n: int, seed: int = 0, prompt_median: int = 60, output_median: int
     return items
 
 
+def fixed_length(n: int, prompt_words: int = 48, output_tokens: int = 128) -> list[WorkItem]:
+    """Every request the same size: the one case where static batching wastes nothing."""
+    text = " ".join(["river", "stone", "light", "paper", "cloud", "garden", "signal", "engine"] * prompt_words)
+    text = " ".join(text.split()[:prompt_words])
+    return [WorkItem(id=f"f{i}", messages=[{"role": "user", "content": f"Request {i:03d}. Summarize: {text}"}],
+                     max_tokens=output_tokens) for i in range(n)]
+
+
 def poisson_arrivals(n: int, rate: float, seed: int = 0) -> list[float]:
     """Arrival offsets in seconds for n requests at `rate` requests/s (exponential gaps)."""
     import random
