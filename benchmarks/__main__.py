@@ -5,8 +5,9 @@ import importlib
 import sys
 
 SCENARIOS = {
-    "throughput": ("benchmarks.throughput", "continuous vs static vs transformers on mixed_chat_128"),
-    "latency": ("benchmarks.latency", "TTFT and e2e latency vs Poisson request rate, continuous vs static"),
+    "readme": ("benchmarks.readme", "all of README's figures and plots, in one run (about 25 minutes)"),
+    "throughput": ("benchmarks.throughput", "every system on mixed_chat_128: continuous, static, transformers, ..."),
+    "latency": ("benchmarks.latency", "latency vs Poisson rate or clients, continuous vs static; p99 TTFT rate search"),
     "agent": ("benchmarks.agent_prefix", "multi-turn agent workload, prefix caching on vs off"),
     "adk": ("benchmarks.adk_concurrency", "ADK sessions one by one vs asyncio.gather at 1-64"),
     "kernels": ("benchmarks.kernels", "Triton paged attention on a GPU"),
@@ -21,7 +22,11 @@ def main() -> None:
             print(f"  {name:12s} {what}")
         sys.exit(0 if len(sys.argv) < 2 else 2)
     module = importlib.import_module(SCENARIOS[sys.argv[1]][0])
-    module.main(sys.argv[2:])
+    try:
+        module.main(sys.argv[2:])
+    except KeyboardInterrupt:
+        print("stopped; what was measured is in benchmarks/results/", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

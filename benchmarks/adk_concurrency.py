@@ -16,7 +16,7 @@ import time
 from tqdm.auto import tqdm
 
 import adk_backend  # noqa: F401  (registers engine/ models)
-from benchmarks.report import markdown_table, percentile, write
+from benchmarks.report import keep_partial_results, markdown_table, percentile, write
 from google.adk.agents import LlmAgent
 from google.adk.agents.run_config import RunConfig, StreamingMode
 from google.adk.runners import InMemoryRunner
@@ -68,21 +68,29 @@ def main(argv: list[str] | None = None) -> dict:
                      generate_content_config=types.GenerateContentConfig(max_output_tokens=args.max_tokens))
     runner = InMemoryRunner(agent=agent, app_name="bench")
     asyncio.run(one_session(runner, 0))  # load the model and warm up
-    seq = summarize("one after another", *asyncio.run(sequential(runner, args.sequential_sessions)))
-    rows, data = [], {"sequential": seq, "concurrent": []}
-    rows.append([seq["label"], 1, seq["tokens_per_s"], 1.0, seq["p50_latency_s"], seq["p99_latency_s"], 1.0])
-    for level in tqdm([int(x) for x in args.levels.split(",")], desc="asyncio.gather"):
-        res = summarize("asyncio.gather", *asyncio.run(concurrent(runner, level)))
-        res["concurrency"] = level
-        data["concurrent"].append(res)
-        rows.append([res["label"], level, res["tokens_per_s"], res["tokens_per_s"] / seq["tokens_per_s"],
-                     res["p50_latency_s"], res["p99_latency_s"], res["p50_latency_s"] / seq["p50_latency_s"]])
-    table = markdown_table(["ADK sessions", "concurrency", "output tokens/s", "x sequential", "p50 e2e s",
-                            "p99 e2e s", "p50 x sequential"], rows)
-    write("adk_concurrency", f"ADK Runner.run_async through the engine ({args.model}, "
-                             f"max_output_tokens={args.max_tokens})", table, data)
-    return data
+    data: dict = {"sequential": None, "concurrent": []}
 
+    def report(interrupted: bool = False) -> dict:
+        seq = data["sequential"]
+        rows = [] if seq is None else [[seq["label"], 1, seq["tokens_per_s"], 1.0, seq["p50_latency_s"],
+                                        seq["p99_latency_s"], 1.0]]
+        rows += [[r["label"], r["concurrency"], r["tokens_per_s"], r["tokens_per_s"] / seq["tokens_per_s"],
+                  r["p50_latency_s"], r["p99_latency_s"], r["p50_latency_s"] / seq["p50_latency_s"]]
+                 for r in data["concurrent"]]
+        table = markdown_table(["ADK sessions", "concurrency", "output tokens/s", "x sequential", "p50 e2e s",
+                                "p99 e2e s", "p50 x sequential"], rows)
+        write("adk_concurrency", f"ADK Runner.run_async through the engine ({args.model}, "
+                                 f"max_output_tokens={args.max_tokens})" + (" (interrupted: partial)" if interrupted
+                                                                            else ""),
+              table, data | {"interrupted": interrupted})
+        return data
+
+    with keep_partial_results(report):
+        data["sequential"] = summarize("one after another", *asyncio.run(sequential(runner, args.sequential_sessions)))
+        for level in tqdm([int(x) for x in args.levels.split(",")], desc="asyncio.gather"):
+            res = summarize("asyncio.gather", *asyncio.run(concurrent(runner, level)))
+            data["concurrent"].append(res | {"concurrency": level})
+    return report()
 
 if __name__ == "__main__":
     main()

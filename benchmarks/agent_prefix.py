@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from benchmarks.report import markdown_table, write
+from benchmarks.report import keep_partial_results, markdown_table, write
 from benchmarks.workloads import AGENT_SYSTEM_PROMPT, agent_sessions
 from engine import LLM, SamplingParams
 
@@ -43,16 +43,24 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=32)
     args = ap.parse_args(argv)
-    off = run(args.model, args.sessions, args.turns, args.max_tokens, False)
-    on = run(args.model, args.sessions, args.turns, args.max_tokens, True)
-    cut = 1 - on["prefill_tokens_computed"] / off["prefill_tokens_computed"]
-    rows = [["off", off["prompt_tokens_sent"], off["prefill_tokens_computed"], off["seconds"]],
-            ["on", on["prompt_tokens_sent"], on["prefill_tokens_computed"], on["seconds"]]]
-    table = markdown_table(["prefix caching", "prompt tokens sent", "prefill tokens computed", "seconds"], rows)
-    table += f"\n\nPrefix caching cut the prefill tokens computed by {100 * cut:.0f}%."
-    write("agent_prefix", f"Multi-turn agent workload ({args.sessions} sessions x {args.turns} turns)", table,
-          {"off": off, "on": on, "prefill_cut": cut})
-    return {"off": off, "on": on, "prefill_cut": cut}
+    data: dict = {}
+
+    def report(interrupted: bool = False) -> dict:
+        rows = [[k, r["prompt_tokens_sent"], r["prefill_tokens_computed"], r["hit_rate"], r["seconds"]]
+                for k, r in data.items() if k in ("off", "on")]
+        table = markdown_table(["prefix caching", "prompt tokens sent", "prefill tokens computed",
+                                "prefix-cache hit rate", "seconds"], rows)
+        if "on" in data:
+            data["prefill_cut"] = 1 - data["on"]["prefill_tokens_computed"] / data["off"]["prefill_tokens_computed"]
+            table += f"\n\nPrefix caching cut the prefill tokens computed by {100 * data['prefill_cut']:.0f}%."
+        write("agent_prefix", f"Multi-turn agent workload ({args.sessions} sessions x {args.turns} turns)"
+              + (" (interrupted: partial)" if interrupted else ""), table, data | {"interrupted": interrupted})
+        return data
+
+    with keep_partial_results(report):
+        for key, caching in (("off", False), ("on", True)):
+            data[key] = run(args.model, args.sessions, args.turns, args.max_tokens, caching)
+    return report()
 
 
 if __name__ == "__main__":

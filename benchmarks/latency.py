@@ -88,6 +88,8 @@ def report(args, data: dict, interrupted: bool = False) -> dict:
             ratio = s["latency"]["ttft"]["p99"] / c["latency"]["ttft"]["p99"]
             line += f"; static batching at that rate: p99 TTFT {s['latency']['ttft']['p99']:.3g} s, {ratio:.0f}x higher."
         table += line
+    elif data["points"].get("continuous") and args.mode == "rate":
+        table += f"\n\nNo measured rate kept continuous batching's p99 TTFT under {args.ttft_bound:g} s: lower --rates."
     series = {}
     for policy, points in data["points"].items():
         xs = [p[key] for p in points]

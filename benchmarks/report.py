@@ -71,19 +71,26 @@ def token_times_from_steps(step_history, request_ids: list[str]) -> list[list[fl
     return [times[rid] for rid in request_ids]
 
 
-def engine_figures(engine, first_step: int) -> dict:
+def engine_mark(engine) -> dict:
+    """Where the engine stands before a run; engine_figures() reports what happened since."""
+    stats = engine.stats()
+    return {"step": engine.step_count, "hits": stats["prefix_cache_hits"], "queries": stats["prefix_cache_queries"]}
+
+
+def engine_figures(engine, mark: dict) -> dict:
     """Batch size (peak, mean), KV usage (peak), preemptions and prefix-cache hit rate over
-    the engine's steps from `first_step` on, and the batch-size timeline for plots."""
-    steps = [s for s in engine.step_history if s.step >= first_step]
+    the engine's steps since `mark` (engine_mark()), and the batch-size timeline for plots."""
+    steps = [s for s in engine.step_history if s.step >= mark["step"]]
     total = engine.kv.num_blocks
     t0 = steps[0].time if steps else 0.0
     stats = engine.stats()
+    queries = stats["prefix_cache_queries"] - mark["queries"]
     return {"steps": len(steps),
             "batch_size_peak": max((s.batch_size for s in steps), default=0),
             "batch_size_mean": statistics.fmean(s.batch_size for s in steps) if steps else 0.0,
             "kv_usage_peak": max((1 - s.num_free_blocks / total for s in steps), default=0.0),
             "preemptions": sum(len(s.preempted) for s in steps),
-            "prefix_cache_hit_rate": stats["prefix_cache_hits"] / max(1, stats["prefix_cache_queries"]),
+            "prefix_cache_hit_rate": (stats["prefix_cache_hits"] - mark["hits"]) / max(1, queries),
             "timeline": [[round(s.time - t0, 3), s.batch_size] for s in steps]}
 
 

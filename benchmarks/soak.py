@@ -14,11 +14,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import statistics
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -26,17 +23,10 @@ from pathlib import Path
 import httpx
 
 from benchmarks.report import percentile
+from benchmarks.systems import ROOT, served
 
-ROOT = Path(__file__).resolve().parent.parent
 MODEL = "dummy-tiny"
 QUESTIONS = [f"Question {i}: tell me about item {i}." for i in range(16)]
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rss_bytes(pid: int) -> int:
@@ -110,36 +100,12 @@ def run_soak(num_requests: int = 1200, concurrency: int = 64, seed: int = 0, tim
              progress: bool = True) -> dict:
     from engine import LLM, SamplingParams
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "adk_backend", "serve", "--model", MODEL, "--dtype", "float32",
-                             "--port", str(port), "--agents-dir", str(ROOT / "benchmarks" / "soak_agents")],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    try:
-        deadline = time.time() + 180
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError("server exited during start-up")
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError("server did not come up")
-            time.sleep(0.2)
+    with served(MODEL, "--dtype", "float32", "--agents-dir", str(ROOT / "benchmarks" / "soak_agents"),
+                start_timeout=180) as (url, pid):
         llm = LLM(MODEL, dtype="float32", num_kv_blocks=256, max_model_len=1024)
         expected_chat = [o.outputs[0].text for o in llm.chat([[{"role": "user", "content": q}] for q in QUESTIONS],
                                                              SamplingParams(temperature=0, max_tokens=16))]
-        return asyncio.run(_drive(url, proc.pid, expected_chat, num_requests, concurrency, seed, time_limit,
-                                  progress))
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        return asyncio.run(_drive(url, pid, expected_chat, num_requests, concurrency, seed, time_limit, progress))
 
 
 async def _drive(url, pid, expected_chat, num_requests, concurrency, seed, time_limit, progress) -> dict:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks.report import engine_figures, request_latencies, summary, token_times_from_steps
+from benchmarks.report import engine_figures, engine_mark, request_latencies, summary, token_times_from_steps
 from engine import LLM, AsyncLLM, SamplingParams
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,37 +57,37 @@ def _check_exact(produced: list[int], max_tokens: list[int]) -> None:
     assert produced == list(max_tokens), "every request must produce exactly max_tokens"
 
 
-def _offline_result(system: str, engine, first_step: int, outs, max_tokens: list[int], seconds: float) -> RunResult:
+def _offline_result(system: str, engine, mark: dict, outs, max_tokens: list[int], seconds: float) -> RunResult:
     produced = [len(o.outputs[0].token_ids) for o in outs]
     _check_exact(produced, max_tokens)
     decode_times = token_times_from_steps(engine.step_history, [o.request_id for o in outs])
     token_times = [[o.metrics.first_token_time] + t[:n - 1] for o, t, n in zip(outs, decode_times, produced)]
     return RunResult(system, len(outs), sum(produced), sum(len(o.prompt_token_ids) for o in outs), seconds,
                      latency=request_latencies([o.metrics for o in outs], produced, token_times),
-                     engine=engine_figures(engine, first_step))
+                     engine=engine_figures(engine, mark))
 
 
 def run_engine(llm: LLM, prompts: list[list[int]], max_tokens: list[int], system: str) -> RunResult:
     """Offline: all requests handed to `LLM.generate` at once."""
     engine = llm.engine
-    first_step = engine.step_count
+    mark = engine_mark(engine)
     start = time.perf_counter()
     outs = llm.generate(prompts, exact_params(max_tokens), use_tqdm=True)
     seconds = time.perf_counter() - start
-    return _offline_result(system, engine, first_step, outs, max_tokens, seconds)
+    return _offline_result(system, engine, mark, outs, max_tokens, seconds)
 
 
 def run_sequential(llm: LLM, prompts: list[list[int]], max_tokens: list[int],
                    system: str = "engine, one request at a time") -> RunResult:
     """The loop many agent apps start with: each request waits for the previous one."""
     engine = llm.engine
-    first_step = engine.step_count
+    mark = engine_mark(engine)
     outs = []
     start = time.perf_counter()
     for prompt, params in zip(tqdm(prompts, desc=system), exact_params(max_tokens)):
         outs.extend(llm.generate([prompt], params, use_tqdm=False))
     seconds = time.perf_counter() - start
-    return _offline_result(system, engine, first_step, outs, max_tokens, seconds)
+    return _offline_result(system, engine, mark, outs, max_tokens, seconds)
 
 
 async def _run_async(engine: AsyncLLM, prompts, max_tokens, arrivals, concurrency, progress: bool):
@@ -117,7 +117,7 @@ def run_async_engine(engine: AsyncLLM, prompts: list[list[int]] | list[str], max
     """Online: every request is its own `AsyncLLM.generate` stream, all at once; with
     `arrivals` (offsets in seconds) each at its own time (Poisson load); with `concurrency`
     a closed loop of that many clients, each sending its next request when one finishes."""
-    first_step = engine.engine.step_count
+    mark = engine_mark(engine.engine)
     seconds, results = asyncio.run(_run_async(engine, prompts, max_tokens, arrivals, concurrency, progress))
     produced = [len(times) for _, times in results]
     _check_exact(produced, max_tokens)
@@ -125,7 +125,7 @@ def run_async_engine(engine: AsyncLLM, prompts: list[list[int]] | list[str], max
     return RunResult(system, len(prompts), sum(produced), prompt_tokens, seconds,
                      latency=request_latencies([last.metrics for last, _ in results], produced,
                                                [times for _, times in results]),
-                     engine=engine_figures(engine.engine, first_step))
+                     engine=engine_figures(engine.engine, mark))
 
 
 # -- through the HTTP server -------------------------------------------------------------

@@ -1,13 +1,23 @@
 """Fast smoke runs of the benchmark suite on the tiny model: the reports carry their fields,
 and the comparisons point the right way (in work done, not wall time: timings are for the
 benchmarks themselves)."""
-from benchmarks import agent_prefix, latency
+import json
+
+import pytest
+
+from benchmarks import agent_prefix, latency, readme, report, throughput
 from benchmarks.report import markdown_table
 from benchmarks.systems import run_engine
-from benchmarks.workloads import agent_sessions, load_workload, poisson_arrivals, synthetic
+from benchmarks.workloads import agent_sessions, fixed_length, load_workload, poisson_arrivals, synthetic
 from engine import LLM
 
 TINY = dict(dtype="float32", num_kv_blocks=512, max_model_len=1024)
+
+
+@pytest.fixture
+def results_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "RESULTS_DIR", tmp_path)
+    return tmp_path
 
 
 def test_static_batching_needs_more_forward_passes_than_continuous_on_a_mixed_workload():
@@ -20,17 +30,85 @@ def test_static_batching_needs_more_forward_passes_than_continuous_on_a_mixed_wo
         results[policy] = run_engine(llm, prompts, [min(it.max_tokens, 200) for it in items], policy)
     c, s = results["continuous"], results["static"]
     assert c.output_tokens == s.output_tokens == sum(min(it.max_tokens, 200) for it in items)
-    assert s.extra["steps"] > 1.2 * c.extra["steps"]
-    d = c.as_dict()
-    assert {"system", "output_tokens", "seconds", "output_tokens_per_s", "extra"} <= set(d)
+    assert s.engine["steps"] > 1.2 * c.engine["steps"]
+    # static keeps finished members in the batch as padding: more rows per step on average
+    assert s.engine["batch_size_mean"] > c.engine["batch_size_mean"]
+    assert c.engine["batch_size_peak"] == s.engine["batch_size_peak"] == 4
 
 
-def test_latency_report_fields():
-    res = latency.run("dummy-tiny", [50.0], 6, 4, **TINY)
+LATENCY_KEYS = {"ttft", "itl", "tpot", "e2e"}
+
+
+def _check_summaries(latency: dict) -> None:
+    assert LATENCY_KEYS <= set(latency)
+    for name in LATENCY_KEYS:
+        s = latency[name]
+        assert 0 <= s["p50"] <= s["p90"] <= s["p99"], name
+
+
+def test_throughput_scenario_reports_every_system_with_latency_and_engine_figures(results_dir):
+    data = throughput.main(["--model", "dummy-tiny", "--limit", "5", "--skip-transformers", "--fixed-requests", "3",
+                            "--sequential-requests", "2", "--single-tokens", "8"])
+    runs = data["runs"]
+    assert set(runs) == {"continuous", "online", "http", "static", "sequential"}
+    expected = sum(it.max_tokens for it in load_workload("mixed_chat_128", 5))
+    for key, run in runs.items():
+        assert run["output_tokens"] == (expected if key != "sequential" else run["output_tokens"]) > 0
+        assert run["output_tokens_per_s"] > 0 and run["total_tokens_per_s"] > run["output_tokens_per_s"]
+        _check_summaries(run["latency"])
+    for key in ("continuous", "online", "static", "sequential"):
+        eng = runs[key]["engine"]
+        assert 0 < eng["kv_usage_peak"] <= 1 and eng["preemptions"] == 0
+        assert eng["batch_size_peak"] == (1 if key == "sequential" else 5)
+        assert len(eng["timeline"]) == eng["steps"]
+    assert runs["sequential"]["num_requests"] == 2
+    assert data["single"]["engine"]["output_tokens"] == 8
+    assert set(data["fixed"]) == {"continuous", "static"}
+    for name in ("throughput.md", "throughput.png", "batch_size.png"):
+        assert (results_dir / name).stat().st_size > 0
+    saved = json.loads(next(results_dir.glob("throughput-*.json")).read_text())
+    assert saved["interrupted"] is False and saved["runs"]["http"]["latency"]["ttft"]["p99"] > 0
+
+
+def test_ctrl_c_keeps_what_was_measured(results_dir, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(throughput, "run_sequential", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        throughput.main(["--model", "dummy-tiny", "--limit", "3", "--skip-transformers", "--skip-http",
+                         "--fixed-requests", "2", "--single-tokens", "4"])
+    saved = json.loads(next(results_dir.glob("throughput-*.json")).read_text())
+    assert saved["interrupted"] is True
+    assert saved["runs"]["continuous"]["output_tokens"] > 0 and "static" not in saved["runs"]
+    assert "interrupted" in (results_dir / "throughput.md").read_text()
+
+
+def test_latency_scenario_finds_the_highest_rate_under_the_ttft_bound(results_dir):
+    data = latency.main(["--model", "dummy-tiny", "--requests", "6", "--rates", "20,200", "--search-steps", "1",
+                         "--ttft-bound", "30"])
     for policy in ("continuous", "static"):
-        r = res[policy][0]
-        assert {"rate", "ttft_p50", "ttft_p99", "e2e_p50", "e2e_p99", "output_tokens_per_s"} <= set(r)
-        assert 0 <= r["ttft_p50"] <= r["ttft_p99"] <= r["e2e_p99"]
+        for point in data["points"][policy]:
+            _check_summaries(point["latency"])
+            assert point["engine"]["batch_size_peak"] >= 1
+    assert data["search"] == {"rate": 200.0, "all_passed": True}
+    assert "Highest rate" in (results_dir / "latency.md").read_text()
+    assert (results_dir / "latency.png").stat().st_size > 0
+
+
+def test_rate_search_picks_the_last_rate_under_the_bound():
+    def point(rate, p99):
+        return {"rate": rate, "latency": {"ttft": {"p99": p99}}}
+    points = [point(1, 0.1), point(2, 0.2), point(4, 3.0), point(8, 9.0)]
+    assert latency.highest_passing(points, "rate", 1.0) == (2, 4)
+    assert latency.highest_passing(points, "rate", 10.0) == (8, None)
+    assert latency.highest_passing(points, "rate", 0.05) == (None, 1)
+
+
+def test_closed_loop_keeps_at_most_n_requests_in_flight(results_dir):
+    data = latency.main(["--model", "dummy-tiny", "--requests", "6", "--concurrency", "2"])
+    for policy in ("continuous", "static"):
+        (point,) = data["points"][policy]
+        assert point["concurrency"] == 2 and point["engine"]["batch_size_peak"] <= 2
 
 
 def test_agent_workload_prefix_caching_computes_fewer_prefill_tokens():
@@ -38,6 +116,15 @@ def test_agent_workload_prefix_caching_computes_fewer_prefill_tokens():
     on = agent_prefix.run("dummy-tiny", 3, 3, 8, True, **TINY)
     assert on["prompt_tokens_sent"] > 0 and off["prefill_tokens_computed"] == off["prompt_tokens_sent"]
     assert on["prefill_tokens_computed"] < 0.6 * off["prefill_tokens_computed"]
+    assert on["hit_rate"] > 0.4 and off["hit_rate"] == 0
+
+
+def test_readme_block_is_replaced_between_its_markers_only():
+    text = f"intro\n{readme.BEGIN}\nold figures\n{readme.END}\noutro\n"
+    out = readme.splice(text, "new figures")
+    assert out == f"intro\n{readme.BEGIN}\nnew figures\n{readme.END}\noutro\n"
+    with pytest.raises(ValueError, match="benchmarks:begin"):
+        readme.splice("no markers", "x")
 
 
 def test_workload_generators_are_reproducible():
@@ -45,4 +132,6 @@ def test_workload_generators_are_reproducible():
     arrivals = poisson_arrivals(200, rate=10.0, seed=1)
     assert arrivals == sorted(arrivals) and 10 < arrivals[-1] < 30
     assert len(agent_sessions(4, 3)) == 4 and len(agent_sessions(4, 3)[0]) == 3
+    fixed = fixed_length(3, prompt_words=10, output_tokens=7)
+    assert {it.max_tokens for it in fixed} == {7} and len({len(it.messages[0]["content"]) for it in fixed}) == 1
     assert "| a |" in markdown_table(["a"], [[1.0]])

@@ -68,6 +68,10 @@ def test_tool_call_in_openai_shape(client):
 def test_completions_and_models(client, server):
     r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=5, temperature=0)
     assert r.choices[0].text and r.usage.completion_tokens == 5
+    chunks = list(client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=5,
+                                            temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
     assert [m.id for m in client.models.list().data] == [MODEL]
 
 
