@@ -5,7 +5,7 @@ import importlib
 import sys
 
 SCENARIOS = {
-    "readme": ("benchmarks.readme", "all of README's figures and plots, in one run (about 25 minutes)"),
+    "readme": ("benchmarks.readme", "all of README's figures and plots, in one run (about 30 minutes)"),
     "throughput": ("benchmarks.throughput", "every system on mixed_chat_128: continuous, static, transformers, ..."),
     "latency": ("benchmarks.latency", "latency vs Poisson rate or clients, continuous vs static; p99 TTFT rate search"),
     "agent": ("benchmarks.agent_prefix", "multi-turn agent workload, prefix caching on vs off"),

@@ -2,7 +2,7 @@
 rising rates (or a closed loop of N clients), and a search for the highest rate at which
 continuous batching keeps p99 time to first token under a bound.
 
-    python -m benchmarks latency [--rates 1,2,4,8] [--requests 48] [--ttft-bound 1.0]
+    python -m benchmarks latency [--rates 1,2,4,8,16,32] [--requests 48] [--ttft-bound 1.0]
     python -m benchmarks latency --concurrency 1,4,16,32
 
 For each point: TTFT, inter-token latency, time per output token, end-to-end latency and
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--workload", default="mixed_chat_128")
-    ap.add_argument("--rates", default="1,2,4,8", help="Poisson request rates (requests/s)")
+    ap.add_argument("--rates", default="1,2,4,8,16,32", help="Poisson request rates (requests/s)")
     ap.add_argument("--concurrency", default=None, help="closed loop instead: numbers of clients, e.g. 1,4,16")
     ap.add_argument("--requests", type=int, default=48)
     ap.add_argument("--max-num-seqs", type=int, default=32)

@@ -2,7 +2,7 @@
 agent and ADK scenarios with README's settings, copies their plots to docs/, and rewrites
 the block between README's `<!-- benchmarks:begin -->` and `<!-- benchmarks:end -->`.
 
-    python -m benchmarks readme      # about 25 minutes on 2 CPU cores
+    python -m benchmarks readme      # about 30 minutes on 2 CPU cores
 
 Ctrl-C stops it: every scenario that ran keeps its results in benchmarks/results/, and
 README is left as it was.
@@ -26,7 +26,8 @@ BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
 # (module, arguments, command shown in README, plots)
 SCENARIOS = [
     (throughput, [], "python -m benchmarks throughput", ["throughput", "batch_size"]),
-    (latency, ["--rates", "1,2,4,8", "--requests", "48"], "python -m benchmarks latency --rates 1,2,4,8 --requests 48",
+    (latency, ["--rates", "1,2,4,8,16,32", "--requests", "48"],
+     "python -m benchmarks latency --rates 1,2,4,8,16,32 --requests 48",
      ["latency"]),
     (agent_prefix, ["--sessions", "8", "--turns", "4"], "python -m benchmarks agent --sessions 8 --turns 4", []),
     (adk_concurrency, [], "python -m benchmarks adk", []),
@@ -38,7 +39,8 @@ def _section(name: str, command: str, plots: list[str], minutes: float) -> str:
     md = re.sub(r"^## ", "### ", md, count=1, flags=re.M)
     md = re.sub(r"^Machine: .*\n\n", "", md, flags=re.M)
     head, _, body = md.partition("\n\n")
-    parts = [head, f"```bash\n.venv/bin/python -m {command.removeprefix('python -m ')}    # {minutes:.0f} min\n```",
+    took = f"{minutes:.0f} min" if minutes >= 1 else "under a minute"
+    parts = [head, f"```bash\n.venv/bin/python -m {command.removeprefix('python -m ')}    # {took}\n```",
              body.strip()]
     parts += [f"![{plot}](docs/{plot}.png)" for plot in plots]
     return "\n\n".join(parts)
