@@ -36,6 +36,21 @@ def _reject_non_finite(value):
     raise ValueError(f"{value} is not a valid JSON number")
 
 
+def _sse(event: dict) -> str:
+    return "data: " + json.dumps(event) + "\n\n"
+
+
+async def _sse_stream(events):
+    """Server-sent events: each item framed, an API error after the headers went out as an
+    error event (the status can no longer change), then [DONE]."""
+    try:
+        async for event in events:
+            yield _sse(event)
+    except APIError as exc:
+        yield _sse({"error": {"message": exc.message, "type": exc.type}})
+    yield "data: [DONE]\n\n"
+
+
 async def _body(request: Request) -> dict:
     raw = await request.body()
     try:
@@ -145,10 +160,12 @@ def make_router(served: list[str], max_tokens_limit: int, max_concurrent_per_cli
     async def chat_completions(request: Request):
         return await limited(request, _chat_completions)
 
-    async def _chat_completions(request: Request):
+    async def parse(request: Request):
         body = await _body(request)
-        model = resolve(body)
-        params = sampling(body)
+        return body, resolve(body), sampling(body)
+
+    async def _chat_completions(request: Request):
+        body, model, params = await parse(request)
         try:
             messages = openai_to_messages(body.get("messages"))
             tools, force = openai_tools(body)
@@ -173,39 +190,34 @@ def make_router(served: list[str], max_tokens_limit: int, max_concurrent_per_cli
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         first = await _first(events)  # errors before the first token still get a proper status
 
-        def chunk(delta: dict, finish=None, **extra) -> str:
-            return "data: " + json.dumps({"id": rid, "object": "chat.completion.chunk", "created": created,
-                                          "model": model, "choices": [{"index": 0, "delta": delta,
-                                                                       "finish_reason": finish}], **extra}) + "\n\n"
+        def chunk(choices: list, **extra) -> dict:
+            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": choices, **extra}
 
-        async def sse():
-            yield chunk({"role": "assistant", "content": ""})
-            try:
-                async for item in _prepend(first, events):
-                    if not isinstance(item, ChatResult):
-                        yield chunk({"content": item})
-                        continue
-                    calls = openai_tool_calls(item)
-                    if calls:
-                        yield chunk({"tool_calls": calls})
-                    yield chunk({}, finish_reason(item))
-                    if include_usage:
-                        yield "data: " + json.dumps({"id": rid, "object": "chat.completion.chunk", "created": created,
-                                                     "model": model, "choices": [], "usage": usage(item)}) + "\n\n"
-            except APIError as exc:
-                yield "data: " + json.dumps({"error": {"message": exc.message, "type": exc.type}}) + "\n\n"
-            yield "data: [DONE]\n\n"
+        def delta(d: dict, finish=None) -> dict:
+            return chunk([{"index": 0, "delta": d, "finish_reason": finish}])
 
-        return StreamingResponse(sse(), media_type="text/event-stream")
+        async def events_out():
+            yield delta({"role": "assistant", "content": ""})
+            async for item in _prepend(first, events):
+                if not isinstance(item, ChatResult):
+                    yield delta({"content": item})
+                    continue
+                calls = openai_tool_calls(item)
+                if calls:
+                    yield delta({"tool_calls": calls})
+                yield delta({}, finish_reason(item))
+                if include_usage:
+                    yield chunk([], usage=usage(item))
+
+        return StreamingResponse(_sse_stream(events_out()), media_type="text/event-stream")
 
     @router.post("/completions")
     async def completions(request: Request):
         return await limited(request, _completions)
 
     async def _completions(request: Request):
-        body = await _body(request)
-        model = resolve(body)
-        params = sampling(body)
+        body, model, params = await parse(request)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
@@ -229,23 +241,19 @@ def make_router(served: list[str], max_tokens_limit: int, max_concurrent_per_cli
                     "usage": token_usage(len(last.prompt_token_ids), n_out)}
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
-        def chunk(choices: list, **extra) -> str:
-            return "data: " + json.dumps({"id": rid, "object": "text_completion", "created": created, "model": model,
-                                          "choices": choices, **extra}) + "\n\n"
+        def chunk(choices: list, **extra) -> dict:
+            return {"id": rid, "object": "text_completion", "created": created, "model": model,
+                    "choices": choices, **extra}
 
-        async def sse():
+        async def events_out():
             n_out = 0
-            try:
-                async for out in _prepend(first, stream_outputs):
-                    n_out += len(out.outputs[0].token_ids)
-                    yield chunk([{"index": 0, "text": out.outputs[0].text, "finish_reason": out.outputs[0].finish_reason}])
-                    if out.finished and include_usage:
-                        yield chunk([], usage=token_usage(len(out.prompt_token_ids), n_out))
-            except APIError as exc:
-                yield "data: " + json.dumps({"error": {"message": exc.message, "type": exc.type}}) + "\n\n"
-            yield "data: [DONE]\n\n"
+            async for out in _prepend(first, stream_outputs):
+                n_out += len(out.outputs[0].token_ids)
+                yield chunk([{"index": 0, "text": out.outputs[0].text, "finish_reason": out.outputs[0].finish_reason}])
+                if out.finished and include_usage:
+                    yield chunk([], usage=token_usage(len(out.prompt_token_ids), n_out))
 
-        return StreamingResponse(sse(), media_type="text/event-stream")
+        return StreamingResponse(_sse_stream(events_out()), media_type="text/event-stream")
 
     return router
 

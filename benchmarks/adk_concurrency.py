@@ -80,9 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
         table = markdown_table(["ADK sessions", "concurrency", "output tokens/s", "x sequential", "p50 e2e s",
                                 "p99 e2e s", "p50 x sequential"], rows)
         write("adk_concurrency", f"ADK Runner.run_async through the engine ({args.model}, "
-                                 f"max_output_tokens={args.max_tokens})" + (" (interrupted: partial)" if interrupted
-                                                                            else ""),
-              table, data | {"interrupted": interrupted})
+                                 f"max_output_tokens={args.max_tokens})", table, data, interrupted)
         return data
 
     with keep_partial_results(report):

@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> dict:
         if "on" in data:
             data["prefill_cut"] = 1 - data["on"]["prefill_tokens_computed"] / data["off"]["prefill_tokens_computed"]
             table += f"\n\nPrefix caching cut the prefill tokens computed by {100 * data['prefill_cut']:.0f}%."
-        write("agent_prefix", f"Multi-turn agent workload ({args.sessions} sessions x {args.turns} turns)"
-              + (" (interrupted: partial)" if interrupted else ""), table, data | {"interrupted": interrupted})
+        write("agent_prefix", f"Multi-turn agent workload ({args.sessions} sessions x {args.turns} turns)", table,
+              data, interrupted)
         return data
 
     with keep_partial_results(report):

@@ -99,9 +99,8 @@ def report(args, data: dict, interrupted: bool = False) -> dict:
         plot_lines("latency", f"load ({xlabel})", "seconds", series, log_y=True,
                    title=f"{args.workload} ({args.requests} requests), max_num_seqs={args.max_num_seqs}")
     title = (f"Latency under {'Poisson' if key == 'rate' else 'closed-loop'} load ({args.model}, {args.requests} "
-             f"requests of {args.workload}, max_num_seqs={args.max_num_seqs}, seconds)"
-             + (" (interrupted: partial)" if interrupted else ""))
-    write("latency", title, table, data | {"interrupted": interrupted})
+             f"requests of {args.workload}, max_num_seqs={args.max_num_seqs}, seconds)")
+    write("latency", title, table, data, interrupted)
     return data
 
 

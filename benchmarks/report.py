@@ -116,9 +116,13 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def write(name: str, title: str, table: str, data: dict) -> Path:
+def write(name: str, title: str, table: str, data: dict, interrupted: bool = False) -> Path:
+    """Markdown to stdout and results/<name>.md, JSON to results/<name>-<time>.json; an
+    interrupted run (keep_partial_results) is marked as partial in both."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    title += " (interrupted: partial)" if interrupted else ""
+    data = data | {"interrupted": interrupted}
     md = f"## {title}\n\nMachine: {machine()}\n\n{table}\n"
     print("\n" + md)
     (RESULTS_DIR / f"{name}.md").write_text(md)

@@ -125,8 +125,7 @@ def report(args, data: dict, interrupted: bool = False) -> dict:
         plot_lines("batch_size", "seconds since start", "requests in the forward pass",
                    {f"{k} batching": ([t for t, _ in tl], [b for _, b in tl]) for k, tl in timelines.items()},
                    markers=False, title=f"Batch size over time ({args.workload}, max_num_seqs={args.max_num_seqs})")
-    title = "Throughput: every system on the same requests" + (" (interrupted: partial)" if interrupted else "")
-    write("throughput", title, table, data | {"interrupted": interrupted})
+    write("throughput", "Throughput: every system on the same requests", table, data, interrupted)
     return data
 
 
