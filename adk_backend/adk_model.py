@@ -3,18 +3,25 @@
 Every call from every session becomes one request in the shared AsyncLLM's continuous
 batch. Requests are rendered to a chat prompt (system instruction, history, tool
 declarations in Hermes format), replies are parsed back into text and function calls.
+The function-calling mode (NONE, AUTO, ANY with allowed_function_names) and the agent's
+output_schema become the reply's grammar (reply_grammar), so calls and structured answers
+always have the declared shape.
 """
 from __future__ import annotations
 
+import json
 from typing import AsyncGenerator
 
 from google.adk.models import BaseLlm
 from google.adk.models.llm_request import LlmRequest
 from google.adk.models.llm_response import LlmResponse
 from google.genai import types
+from pydantic import TypeAdapter
 
-from adk_backend.chat_format import ChatResult, chat_stream, tool_call_text, tool_response_text
+from adk_backend.chat import ChatResult, chat_stream
+from adk_backend.chat_format import tool_call_text, tool_response_text
 from adk_backend.engines import PREFIX, engine_for
+from adk_backend.reply_grammar import ReplySpec
 from engine import SamplingParams
 from engine.async_llm import EngineDeadError, RequestFailedError
 
@@ -30,6 +37,8 @@ class EngineLlm(BaseLlm):
     """ADK model backed by the in-process engine; `model` is 'engine/<engine model name>'."""
 
     model: str = PREFIX + "smollm2-135m-instruct"
+    # One call per reply unless asked: small models tend to repeat a call when allowed several.
+    parallel_tool_calls: bool = False
 
     @classmethod
     def supported_models(cls) -> list[str]:
@@ -37,17 +46,19 @@ class EngineLlm(BaseLlm):
 
     @property
     def capabilities(self):
-        return LlmCapabilities(output_schema_and_tools=False)
+        # The reply grammar takes "calls or JSON of the schema", so ADK passes both natively.
+        return LlmCapabilities(output_schema_and_tools=True)
 
     async def generate_content_async(self, llm_request: LlmRequest,
                                      stream: bool = False) -> AsyncGenerator[LlmResponse, None]:
         try:
             engine = engine_for(self.model)
             messages = contents_to_messages(llm_request)
-            tools = tool_declarations(llm_request.config)
-            force = forced_tools(llm_request.config, tools)
+            spec = reply_spec(llm_request.config, self.parallel_tool_calls)
+            if spec.response_schema is not None:
+                messages = with_schema_instruction(messages, spec.response_schema)
             params = sampling_params(llm_request.config)
-            async for item in chat_stream(engine, messages, tools, force, params):
+            async for item in chat_stream(engine, messages, spec, params):
                 if isinstance(item, ChatResult):
                     yield final_response(item)
                 elif stream:
@@ -62,7 +73,7 @@ class EngineLlm(BaseLlm):
 
 
 def final_response(result: ChatResult) -> LlmResponse:
-    """The whole turn: text and function calls, usage, and a malformed call as an error."""
+    """The whole turn: text and function calls, and usage."""
     reply = result.reply
     parts = [types.Part(text=reply.text)] if reply.text else []
     parts += [types.Part(function_call=types.FunctionCall(id=c.id, name=c.name, args=c.arguments))
@@ -76,8 +87,6 @@ def final_response(result: ChatResult) -> LlmResponse:
         partial=False,
         finish_reason=types.FinishReason.MAX_TOKENS if result.finish_reason == "length" else types.FinishReason.STOP,
         usage_metadata=usage,
-        error_code="MALFORMED_FUNCTION_CALL" if reply.error else None,
-        error_message=reply.error,
         custom_metadata={"engine_request_id": result.request_id, "num_cached_tokens": result.num_cached_tokens},
     )
 
@@ -136,19 +145,16 @@ def contents_to_messages(llm_request: LlmRequest) -> list[dict]:
     return messages
 
 
-def _schema_json(schema) -> dict:
-    """genai Schema (OBJECT, STRING, ...) -> JSON schema (object, string, ...)."""
+def json_schema(schema) -> dict:
+    """Any of ADK's schema forms as a JSON schema: a JSON-schema dict, a genai Schema
+    (OBJECT, STRING, nullable, ...), a pydantic model or a type such as list[Model]."""
     if schema is None:
         return {"type": "object", "properties": {}}
-    data = schema.model_dump(exclude_none=True, mode="json") if hasattr(schema, "model_dump") else dict(schema)
-
-    def fix(node):
-        if isinstance(node, dict):
-            return {k: (v.lower() if k == "type" and isinstance(v, str) else fix(v)) for k, v in node.items()}
-        if isinstance(node, list):
-            return [fix(v) for v in node]
-        return node
-    return fix(data)
+    if isinstance(schema, dict):
+        return schema
+    if isinstance(schema, types.Schema):
+        return schema.json_schema.model_dump(exclude_none=True, by_alias=True, mode="json")
+    return TypeAdapter(schema).json_schema()
 
 
 def tool_declarations(config: types.GenerateContentConfig | None) -> list[dict]:
@@ -158,22 +164,44 @@ def tool_declarations(config: types.GenerateContentConfig | None) -> list[dict]:
         for fd in getattr(tool, "function_declarations", None) or []:
             if not fd.name:
                 raise ValueError("a function declaration has no name")
-            params = fd.parameters_json_schema if fd.parameters_json_schema is not None else _schema_json(fd.parameters)
+            params = json_schema(fd.parameters_json_schema if fd.parameters_json_schema is not None
+                                 else fd.parameters)
             tools.append({"type": "function", "function": {"name": fd.name, "description": fd.description or "",
                                                            "parameters": params}})
     return tools
 
 
-def forced_tools(config: types.GenerateContentConfig | None, tools: list[dict]) -> list[str] | None:
-    """With function calling mode ANY, the names the reply must call one of."""
+_MODES = {types.FunctionCallingConfigMode.NONE: "none", types.FunctionCallingConfigMode.ANY: "required"}
+
+
+def reply_spec(config: types.GenerateContentConfig | None, parallel: bool = False) -> ReplySpec:
+    """Tools, function-calling mode (NONE / AUTO / ANY with allowed_function_names; VALIDATED
+    is AUTO, whose calls are always validated) and the output schema of one request."""
+    tools = tool_declarations(config)
     fcc = config.tool_config.function_calling_config if config and config.tool_config else None
-    if not fcc or fcc.mode != types.FunctionCallingConfigMode.ANY or not tools:
-        return None
-    names = [t["function"]["name"] for t in tools]
-    allowed = [n for n in (fcc.allowed_function_names or names) if n in names]
-    if not allowed:
-        raise ValueError(f"allowed_function_names {fcc.allowed_function_names} names no declared tool")
-    return allowed
+    mode = _MODES.get(fcc.mode, "auto") if fcc and tools else "auto"
+    allowed = list(fcc.allowed_function_names) if mode == "required" and fcc.allowed_function_names else None
+    response_schema = None
+    if config is not None:
+        if config.response_json_schema is not None or config.response_schema is not None:
+            response_schema = json_schema(config.response_json_schema if config.response_json_schema is not None
+                                          else config.response_schema)
+        elif config.response_mime_type == "application/json":
+            response_schema = {"type": "object"}
+    return ReplySpec(tools=tools, mode=mode, allowed=allowed, parallel=parallel, response_schema=response_schema)
+
+
+def with_schema_instruction(messages: list[dict], schema: dict) -> list[dict]:
+    """Tells the model the shape its answer will be held to, as Gemini is told through its
+    API: a small model fills the fields far better when it can read their names."""
+    note = f"When you give your final answer, reply with only a JSON object that matches this JSON schema: " \
+           f"{json.dumps(schema)}"
+    messages = [dict(m) for m in messages]
+    if messages[0]["role"] == "system":
+        messages[0]["content"] += "\n\n" + note
+    else:
+        messages.insert(0, {"role": "system", "content": note})
+    return messages
 
 
 def sampling_params(config: types.GenerateContentConfig | None) -> SamplingParams:

@@ -9,6 +9,7 @@ results as <tool_response>...</tool_response> in a 'tool' message.
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 import uuid
@@ -35,9 +36,8 @@ class ToolCall:
 
 @dataclass
 class ParsedReply:
-    text: str                        # the reply with tool-call blocks removed
+    text: str                        # the reply with its tool-call blocks removed
     tool_calls: list[ToolCall]
-    error: str | None = None         # a malformed tool call, described
 
 
 def tool_call_text(name: str, arguments: dict) -> str:
@@ -48,53 +48,70 @@ def tool_response_text(name: str, response) -> str:
     return f"<tool_response>\n{json.dumps({'name': name, 'content': response}, default=str)}\n</tool_response>"
 
 
-def render_prompt(engine, messages: list[dict], tools: list[dict] | None,
-                  force_tool: str | list[str] | None = None) -> str:
-    """The prompt text for `messages`; `force_tool` (a name, or a list of names to choose
-    from) opens the assistant turn with a tool call, as a tool_config of mode ANY asks."""
+def render_prompt(engine, messages: list[dict], tools: list[dict] | None) -> str:
+    """The prompt text for `messages` with `tools` declared: through the model's own chat
+    template where it renders tools, else in a Hermes system block."""
     messages = [dict(m) for m in messages]
+    if tools and template_renders_tools(engine.tokenizer):
+        return engine.apply_chat_template(messages, tools=tools)
     if tools:
         block = HERMES_SYSTEM.format(tools="\n".join(json.dumps(t) for t in tools))
         if messages and messages[0]["role"] == "system":
             messages[0]["content"] = messages[0]["content"] + "\n\n" + block
         else:
             messages.insert(0, {"role": "system", "content": block})
-    prompt = engine.apply_chat_template(messages)
-    if force_tool:
-        prompt += forced_prefix(force_tool)
-    return prompt
+    return engine.apply_chat_template(messages)
 
 
-def forced_prefix(force_tool: str | list[str]) -> str:
-    if isinstance(force_tool, str) or len(force_tool) == 1:
-        name = force_tool if isinstance(force_tool, str) else force_tool[0]
-        return f'{TOOL_CALL_OPEN}\n{{"name": "{name}", "arguments": '
-    return f'{TOOL_CALL_OPEN}\n{{"name": "'
+_PROBE_TOOL = {"type": "function", "function": {"name": "probe_tool_7f3a", "description": "",
+                                                "parameters": {"type": "object", "properties": {}}}}
 
 
-def parse_reply(text: str, known_tools: set[str] | None = None) -> ParsedReply:
-    """Splits generated text into plain text and tool calls; a block that is not valid
-    JSON of the form {"name": str, "arguments": object} is reported, not dropped."""
+@functools.lru_cache(maxsize=16)
+def template_renders_tools(tokenizer) -> bool:
+    """Whether the chat template shows the tools it is given (SmolLM2's ignores them)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return False
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tools=[_PROBE_TOOL],
+                                             add_generation_prompt=True, tokenize=False)
+    except Exception:  # a template that fails on tools cannot render them
+        return False
+    return "probe_tool_7f3a" in text
+
+
+def parse_reply(text: str, callable_tools: set[str]) -> ParsedReply:
+    """Splits generated text into plain text and calls to `callable_tools`. A block that is
+    not a whole call to one of them (cut short by max_tokens or a stop string, or naming
+    another tool) stays in the text: a model's output is never an error."""
+    if not callable_tools or TOOL_CALL_OPEN not in text:
+        return ParsedReply(text=text, tool_calls=[])
     calls: list[ToolCall] = []
-    errors: list[str] = []
+    kept: list[str] = []
+    last = 0
     for m in _TOOL_CALL_RE.finditer(text):
-        body = m.group(1).strip()
-        try:
-            obj = _first_call_object(body)
-            name, args = obj["name"], obj.get("arguments", {})
-            if isinstance(args, str):
-                args = json.loads(args) if args.strip() else {}
-            if not isinstance(name, str) or not isinstance(args, dict):
-                raise TypeError("name must be a string and arguments an object")
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            errors.append(f"malformed tool call {body[:200]!r}: {exc}")
+        call = _parse_call(m.group(1).strip(), callable_tools) if m.group(0).endswith(TOOL_CALL_CLOSE) else None
+        if call is None:
             continue
-        if known_tools is not None and name not in known_tools:
-            errors.append(f"call to unknown tool {name!r}; declared tools: {sorted(known_tools)}")
-            continue
-        calls.append(ToolCall(name=name, arguments=args))
-    plain = _TOOL_CALL_RE.sub("", text).strip() if calls or errors else text
-    return ParsedReply(text=plain, tool_calls=calls, error="; ".join(errors) or None)
+        kept.append(text[last:m.start()])
+        last = m.end()
+        calls.append(call)
+    kept.append(text[last:])
+    return ParsedReply(text="".join(kept).strip() if calls else text, tool_calls=calls)
+
+
+def _parse_call(body: str, callable_tools: set[str]) -> ToolCall | None:
+    try:
+        obj = _first_call_object(body)
+        name, args = obj["name"], obj.get("arguments", {})
+        if isinstance(args, str):
+            args = json.loads(args) if args.strip() else {}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if not isinstance(name, str) or not isinstance(args, dict) or name not in callable_tools:
+        return None
+    return ToolCall(name=name, arguments=args)
 
 
 _NAME_ARGS_RE = re.compile(r'^\{\s*"name"\s*:\s*"([^"]+)"\s*,\s*"arguments"\s*:\s*')
@@ -139,38 +156,3 @@ class TextStreamFilter:
                 break
         out, self.emitted = self.buffer[self.emitted:safe], max(self.emitted, safe)
         return out
-
-
-@dataclass
-class ChatResult:
-    """The whole reply of one chat request, as both providers report it."""
-    reply: ParsedReply
-    request_id: str
-    num_prompt_tokens: int
-    num_output_tokens: int
-    num_cached_tokens: int
-    finish_reason: str  # the engine's: "stop" | "length" | "abort"
-
-
-async def chat_stream(engine, messages: list[dict], tools: list[dict] | None, force_tool, params):
-    """Runs one chat request on an AsyncLLM. Yields the reply's plain text as it is
-    generated (str pieces, tool-call blocks held back), then one ChatResult. Raises the
-    engine's ValueError / EngineDeadError / RequestFailedError."""
-    prompt = render_prompt(engine.engine, messages, tools, force_tool)
-    prefix = forced_prefix(force_tool) if force_tool else ""
-    stream_filter = TextStreamFilter()
-    stream_filter.feed(prefix)
-    text, last, num_output = "", None, 0
-    async for out in engine.generate(prompt, params):
-        delta = out.outputs[0].text
-        text += delta
-        num_output += len(out.outputs[0].token_ids)
-        last = out
-        piece = stream_filter.feed(delta) if delta else ""
-        if piece:
-            yield piece
-    names = {t["function"]["name"] for t in tools} if tools else None
-    yield ChatResult(reply=parse_reply(prefix + text, names), request_id=last.request_id,
-                     num_prompt_tokens=len(last.prompt_token_ids), num_output_tokens=num_output,
-                     num_cached_tokens=last.metrics.num_cached_tokens,
-                     finish_reason=last.outputs[0].finish_reason or "stop")

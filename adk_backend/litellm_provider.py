@@ -16,10 +16,10 @@ from litellm import CustomLLM
 from litellm.llms.custom_llm import CustomLLMError
 from litellm.types.utils import ChatCompletionMessageToolCall, Function, GenericStreamingChunk, ModelResponse, Usage
 
-from adk_backend.chat_format import ChatResult, chat_stream
+from adk_backend.chat import ChatResult, chat_stream
 from adk_backend.engines import engine_for, model_name
-from adk_backend.openai_format import (finish_reason, openai_sampling, openai_to_messages, openai_tool_calls,
-                                       openai_tools, usage)
+from adk_backend.openai_format import (finish_reason, openai_reply_spec, openai_sampling, openai_to_messages,
+                                       openai_tool_calls, usage)
 from engine.async_llm import EngineDeadError, RequestFailedError
 
 PROVIDER = "engine"
@@ -28,10 +28,10 @@ PROVIDER = "engine"
 class EngineLiteLLM(CustomLLM):
     async def _events(self, model: str, messages: list, optional_params: dict):
         try:
-            tools, force = openai_tools(optional_params)
+            spec = openai_reply_spec(optional_params)
             msgs = openai_to_messages(messages)
             params = openai_sampling(optional_params)
-            async for item in chat_stream(engine_for(model_name(model)), msgs, tools, force, params):
+            async for item in chat_stream(engine_for(model_name(model)), msgs, spec, params):
                 yield item
         except ValueError as exc:
             raise CustomLLMError(status_code=400, message=str(exc)) from exc
@@ -49,8 +49,6 @@ class EngineLiteLLM(CustomLLM):
                 result = item
         response = model_response or ModelResponse()
         reply = result.reply
-        if reply.error:
-            raise CustomLLMError(status_code=500, message=f"the model produced a {reply.error}")
         message = response.choices[0].message
         message.content = reply.text or None
         if reply.tool_calls:
@@ -71,8 +69,6 @@ class EngineLiteLLM(CustomLLM):
                 yield {"text": item, "tool_use": None, "is_finished": False, "finish_reason": "", "usage": None,
                        "index": 0}
                 continue
-            if item.reply.error:
-                raise CustomLLMError(status_code=500, message=f"the model produced a {item.reply.error}")
             calls = openai_tool_calls(item)
             for call in calls:
                 yield {"text": "", "tool_use": call, "is_finished": False, "finish_reason": "", "usage": None,

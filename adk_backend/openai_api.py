@@ -1,7 +1,10 @@
 """OpenAI-compatible routes on the shared engine: /v1/chat/completions (streaming or not,
-tools in OpenAI shape), /v1/completions, /v1/models. Errors use OpenAI's error shape."""
+tools with tool_choice and parallel_tool_calls, response_format, vLLM's structured_outputs),
+/v1/completions, /v1/models. Errors use OpenAI's error shape; a field a route does not
+honour is a 400 that names it."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -10,10 +13,11 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from adk_backend.chat_format import ChatResult, chat_stream
+from adk_backend.chat import ChatResult, chat_stream
 from adk_backend.engines import engine_for, model_name
-from adk_backend.openai_format import (finish_reason, openai_sampling, openai_to_messages, openai_tool_calls,
-                                       openai_tools, token_usage, usage)
+from adk_backend.openai_format import (finish_reason, openai_reply_spec, openai_sampling, openai_to_messages,
+                                       openai_tool_calls, response_schema, token_usage, usage)
+from engine import StructuredOutputsParams
 from engine.async_llm import EngineDeadError, RequestFailedError
 
 
@@ -62,6 +66,28 @@ async def _body(request: Request) -> dict:
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object")
     return body
+
+
+# The fields each route honours; any other is refused by name, never silently ignored.
+_COMMON_FIELDS = {"model", "stream", "stream_options", "temperature", "top_p", "top_k", "min_p", "max_tokens",
+                  "seed", "stop", "presence_penalty", "frequency_penalty", "n", "user", "ignore_eos", "min_tokens",
+                  "repetition_penalty", "structured_outputs", "response_format"}
+CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "tools", "tool_choice", "parallel_tool_calls"}
+COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt"}
+# Fields accepted only at a value that asks for nothing.
+_NO_OP_VALUES = {"logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}), "echo": (None, False),
+                 "suffix": (None, ""), "best_of": (None, 1), "store": (None, False), "service_tier": (None, "auto", "default")}
+
+
+def _check_fields(body: dict, known: set[str]) -> None:
+    for key, value in body.items():
+        if key in known:
+            continue
+        if key in _NO_OP_VALUES:
+            if any(value == ok and type(value) is type(ok) for ok in _NO_OP_VALUES[key]):
+                continue
+            raise APIError(400, f"'{key}'={json.dumps(value)[:80]} is not supported by this server", param=key)
+        raise APIError(400, f"unsupported field '{key}'", param=key)
 
 
 def _check_params(body: dict) -> None:
@@ -143,6 +169,8 @@ def make_router(served: list[str], max_tokens_limit: int, max_concurrent_per_cli
 
     def sampling(body: dict):
         _check_params(body)
+        if body.get("response_format") is not None and body.get("structured_outputs") is not None:
+            raise APIError(400, "give response_format or structured_outputs, not both", param="structured_outputs")
         limit = next((body[k] for k in ("max_completion_tokens", "max_tokens") if body.get(k) is not None), None)
         if limit is not None and limit > max_tokens_limit:
             raise APIError(400, f"max_tokens must be <= {max_tokens_limit}, got {limit}", param="max_tokens")
@@ -160,27 +188,26 @@ def make_router(served: list[str], max_tokens_limit: int, max_concurrent_per_cli
     async def chat_completions(request: Request):
         return await limited(request, _chat_completions)
 
-    async def parse(request: Request):
+    async def parse(request: Request, fields: set[str]):
         body = await _body(request)
+        _check_fields(body, fields)
         return body, resolve(body), sampling(body)
 
     async def _chat_completions(request: Request):
-        body, model, params = await parse(request)
+        body, model, params = await parse(request, CHAT_FIELDS)
         try:
             messages = openai_to_messages(body.get("messages"))
-            tools, force = openai_tools(body)
+            spec = openai_reply_spec(body)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise APIError(400, f"invalid messages or tools: {exc}") from exc
+            raise APIError(400, f"invalid messages, tools or response_format: {exc}") from exc
         engine = engine_for(model)  # a dead engine refuses in generate(): 503 through _guarded
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        events = _guarded(chat_stream(engine, messages, tools, force, params))
+        events = _guarded(chat_stream(engine, messages, spec, params))
         if not body.get("stream"):
             result = None
             async for item in events:
                 if isinstance(item, ChatResult):
                     result = item
-            if result.reply.error:
-                raise APIError(500, f"the model produced a {result.reply.error}", "server_error")
             message = {"role": "assistant", "content": result.reply.text or None}
             if result.reply.tool_calls:
                 message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in openai_tool_calls(result)]
@@ -217,7 +244,13 @@ def make_router(served: list[str], max_tokens_limit: int, max_concurrent_per_cli
         return await limited(request, _completions)
 
     async def _completions(request: Request):
-        body, model, params = await parse(request)
+        body, model, params = await parse(request, COMPLETION_FIELDS)
+        try:
+            schema = response_schema(body.get("response_format"))
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="response_format") from exc
+        if schema is not None:
+            params = dataclasses.replace(params, structured_outputs=StructuredOutputsParams(json=schema))
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]

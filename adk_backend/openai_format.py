@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
-from adk_backend.chat_format import ChatResult, tool_call_text, tool_response_text
-from engine import SamplingParams
+from adk_backend.chat import ChatResult
+from adk_backend.chat_format import tool_call_text, tool_response_text
+from adk_backend.reply_grammar import ReplySpec
+from engine import SamplingParams, StructuredOutputsParams
 
 _FINISH = {"stop": "stop", "length": "length", "abort": "stop"}
 
@@ -51,28 +53,64 @@ def openai_to_messages(messages: list) -> list[dict]:
     return out
 
 
-def openai_tools(optional_params: dict) -> tuple[list[dict] | None, list[str] | None]:
-    tools = optional_params.get("tools") or None
-    if tools is not None:
-        if not isinstance(tools, list):
-            raise ValueError("tools must be a list")
-        for t in tools:
-            fn = t.get("function") if isinstance(t, dict) else None
-            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-                raise ValueError(f"each tool must be {{'type': 'function', 'function': {{'name': ...}}}}, got {t!r}"[:300])
-            if "parameters" in fn and not isinstance(fn["parameters"], dict):
-                raise ValueError(f"tool {fn['name']!r} has parameters that are not a JSON schema object")
-    choice = optional_params.get("tool_choice")
-    names = [t["function"]["name"] for t in tools or []]
-    force = None
-    if tools and choice == "required":
-        force = names
-    elif tools and isinstance(choice, dict):
+def openai_tools(tools) -> list[dict]:
+    if tools is None:
+        return []
+    if not isinstance(tools, list):
+        raise ValueError("tools must be a list")
+    for t in tools:
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(fn, dict) \
+                or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ValueError(f"each tool must be {{'type': 'function', 'function': {{'name': ...}}}}, got {t!r}"[:300])
+        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+            raise ValueError(f"tool {fn['name']!r} has parameters that are not a JSON schema object")
+    return tools
+
+
+def openai_reply_spec(p: dict) -> ReplySpec:
+    """tools, tool_choice, parallel_tool_calls and response_format as one ReplySpec."""
+    tools = openai_tools(p.get("tools"))
+    choice = p.get("tool_choice")
+    parallel = p.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise ValueError(f"parallel_tool_calls must be a boolean, got {parallel!r}")
+    mode, allowed = "auto", None
+    if choice in (None, "auto"):
+        pass
+    elif choice in ("none", "required"):
+        mode = choice
+    elif isinstance(choice, dict) and choice.get("type", "function") == "function":
         name = (choice.get("function") or {}).get("name")
-        if name not in names:
-            raise ValueError(f"tool_choice names {name!r}, which is not among the tools {names}")
-        force = [name]
-    return tools, force
+        if not isinstance(name, str):
+            raise ValueError(f"tool_choice must name a function: {{'type': 'function', 'function': {{'name': ...}}}}, "
+                             f"got {choice!r}"[:300])
+        mode, allowed = "required", [name]
+    else:
+        raise ValueError(f"tool_choice must be 'none', 'auto', 'required' or a named function, got {choice!r}"[:300])
+    if mode == "required" and not tools:
+        raise ValueError(f"tool_choice {choice!r} needs tools, and none were given"[:300])
+    return ReplySpec(tools=tools, mode=mode if tools else "none", allowed=allowed,
+                     parallel=True if parallel is None else parallel,
+                     response_schema=response_schema(p.get("response_format")))
+
+
+def response_schema(response_format) -> dict | None:
+    """OpenAI's response_format as the JSON schema the answer must match (None: free text)."""
+    if response_format is None:
+        return None
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise ValueError("response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}")
+        return schema  # enforced whether or not 'strict' is set
+    raise ValueError(f"response_format type must be 'text', 'json_object' or 'json_schema', got {kind!r}")
 
 
 def openai_sampling(optional_params: dict) -> SamplingParams:
@@ -91,6 +129,9 @@ def openai_sampling(optional_params: dict) -> SamplingParams:
         ignore_eos=bool(p.get("ignore_eos", False)),
         min_tokens=p.get("min_tokens") or 0,
         repetition_penalty=p.get("repetition_penalty") if p.get("repetition_penalty") is not None else 1.0,
+        min_p=p.get("min_p") or 0.0,
+        structured_outputs=StructuredOutputsParams.from_any(p["structured_outputs"])
+        if p.get("structured_outputs") is not None else None,
     )
 
 

@@ -2,7 +2,8 @@
 
 A dedicated thread owns the engine: it runs the step loop while there is work and sleeps
 on a condition variable when there is none. Callers never wait for a step: `generate()`
-validates and tokenizes on the caller's thread, drops the request into an inbox and
+validates and tokenizes on the caller's thread (a grammar compiles on a worker thread while
+the caller's loop waits for it), drops the request into an inbox and
 returns to its event loop; after every step the thread hands each request's delta to the
 caller's own loop with `call_soon_threadsafe`. Leaving the `async for` early (break, task
 cancelled, client gone) aborts the request; its blocks are freed at the next step.
@@ -82,7 +83,11 @@ class AsyncLLM:
                 request_id = f"async-{self._ids}"
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
-        req = self.engine.make_request(prompt, params, request_id=request_id, priority=priority)  # may raise
+        grammar = None
+        if params is not None and getattr(params, "structured_outputs", None) is not None:
+            grammar = await self.engine.grammars.compile_async(params.structured_outputs)  # may raise
+        req = self.engine.make_request(prompt, params, request_id=request_id, priority=priority,
+                                       grammar=grammar)  # may raise
         # The caller's OpenTelemetry context travels with the request to the step thread.
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), tracing.start_request_span(req, self.config.model))
         with self._cond:
@@ -131,6 +136,7 @@ class AsyncLLM:
             self._stopping = True
             self._cond.notify_all()
         self._thread.join(timeout)
+        self.engine.grammars.shutdown()
 
     # -- step thread ----------------------------------------------------------------------
     def _check_alive(self) -> None:

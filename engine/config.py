@@ -59,6 +59,7 @@ class EngineConfig:
     scheduling_policy: Literal["continuous", "static"] = "continuous"
     attention_backend: Literal["torch", "triton"] | None = None  # default by device
     num_threads: int | None = None            # CPU threads for torch (default: all cores)
+    grammar_compile_timeout: float = 10.0     # seconds a structured-output grammar may take to compile
 
     def __post_init__(self) -> None:
         if self.device is None:
@@ -75,6 +76,7 @@ class EngineConfig:
         _check(self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory", self.kv_cache_memory, "> 0")
         _check(self.max_model_len is None or self.max_model_len >= 1, "max_model_len", self.max_model_len, ">= 1")
         _check(self.preemption_mode in ("swap", "recompute"), "preemption_mode", self.preemption_mode, "'swap' or 'recompute'")
+        _check(self.grammar_compile_timeout > 0, "grammar_compile_timeout", self.grammar_compile_timeout, "> 0")
         _check(self.swap_space >= 0, "swap_space", self.swap_space, ">= 0")
         _check(self.scheduling_policy in ("continuous", "static"), "scheduling_policy", self.scheduling_policy, "'continuous' or 'static'")
         _check(self.attention_backend in ("torch", "triton"), "attention_backend", self.attention_backend, "'torch' or 'triton'")

@@ -18,6 +18,7 @@ from engine.model_runner import ModelRunner
 from engine.request import CompletionOutput, Request, RequestOutput, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
+from engine.structured_output import GrammarCompiler
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.kv, swapper)
         self.runner = ModelRunner(loaded.model, self.kv_caches, config.block_size, self.device,
                                   config.attention_backend, config.seed)
+        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size,
+                                        self.model_config.eos_token_ids, config.grammar_compile_timeout)
         self.requests: dict[str, Request] = {}
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()
@@ -125,8 +128,10 @@ class LLMEngine:
 
     def make_request(self, prompt: PromptType, params: SamplingParams | None = None,
                      request_id: str | None = None, priority: int = 0,
-                     arrival_time: float | None = None) -> Request:
-        """Validates and tokenizes a request without touching engine state (any thread)."""
+                     arrival_time: float | None = None, grammar=None) -> Request:
+        """Validates and tokenizes a request without touching engine state (any thread).
+        `grammar`: its structured_outputs already compiled (AsyncLLM compiles them off the
+        event loop); else they are compiled here."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -138,10 +143,15 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}, "
                              "which leaves no room to generate")
-        return Request(request_id=request_id if request_id is not None else f"req-{next(self._ids)}",
-                       prompt_token_ids=ids, sampling_params=params, prompt=text,
-                       eos_token_ids=self.model_config.eos_token_ids, max_total_tokens=self.max_model_len,
-                       priority=priority, arrival_time=arrival_time or time.time())
+        if params.structured_outputs is not None and grammar is None:
+            grammar = self.grammars.compile(params.structured_outputs)
+        req = Request(request_id=request_id if request_id is not None else f"req-{next(self._ids)}",
+                      prompt_token_ids=ids, sampling_params=params, prompt=text,
+                      eos_token_ids=self.model_config.eos_token_ids, max_total_tokens=self.max_model_len,
+                      priority=priority, arrival_time=arrival_time or time.time())
+        if grammar is not None:
+            req.grammar = self.grammars.matcher(grammar)
+        return req
 
     def enqueue(self, req: Request) -> Request:
         """Queues a request made by make_request (the thread that steps the engine only)."""
@@ -231,6 +241,11 @@ class LLMEngine:
         if logprobs is not None:
             req.logprobs.append(logprobs)
             req.cumulative_logprob += logprobs[token]
+        if req.grammar is not None and not req.grammar.accept_token(token):
+            # Cannot happen while the sampler masks; if it does, only this request fails.
+            req.error = f"sampled token {token} is not allowed by the request's grammar"
+            req.finish_reason = "error"
+            return
         detok = self.detokenizers.get(req.request_id)
         stop_str = detok.add_token(token) if detok is not None else None
         if detok is not None:
@@ -246,6 +261,9 @@ class LLMEngine:
             if stop_str is not None:
                 req.finish_reason, req.stop_reason = "stop", stop_str
                 return
+        if req.grammar is not None and req.grammar.is_terminated():  # accepted its stop token
+            req.finish_reason = "stop"
+            return
         if n_out >= req.max_output_tokens:
             req.finish_reason = "length"
 
@@ -301,4 +319,6 @@ class LLMEngine:
             "num_steps": self.step_count,
             "prompt_tokens_total": self.num_prompt_tokens,
             "generation_tokens_total": self.num_generated_tokens,
+            "grammar_cache_hits": self.grammars.cache_hits,
+            "grammar_cache_misses": self.grammars.cache_misses,
         }

@@ -94,6 +94,7 @@ class Request:
         self.generator: torch.Generator | None = None
         if self.sampling_params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.sampling_params.seed)
+        self.grammar = None                  # its grammar matcher, when structured_outputs is set
         self.static_done = False             # static batching: finished, but its row stays until the batch ends
         self.static_pad_pos = 0              # position of its next pad token
         self.output_text = ""                # filled by the detokenizer

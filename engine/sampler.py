@@ -1,14 +1,17 @@
-"""Batched sampling: penalties, min_tokens, temperature, top-k, top-p, min-p, per-request seeds."""
+"""Batched sampling: penalties, grammar masks, min_tokens, temperature, top-k, top-p, min-p,
+per-request seeds."""
 from __future__ import annotations
 
 import torch
 
 from engine.request import Request
+from engine.structured_output import GrammarBitmask
 
 
 class Sampler:
     def __init__(self, device: torch.device, seed: int = 0) -> None:
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.grammar_bitmask: GrammarBitmask | None = None  # made at the first constrained step
 
     def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[dict[int, float] | None]]:
         """logits: [N, V] fp32, one row per request to sample. Returns token ids and, for
@@ -17,6 +20,11 @@ class Sampler:
         logprobs_wanted = [r.sampling_params.logprobs is not None for r in reqs]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(logprobs_wanted) else None
         self._apply_penalties(logits, reqs)
+        matchers = [r.grammar for r in reqs]
+        if any(m is not None for m in matchers):
+            if self.grammar_bitmask is None:
+                self.grammar_bitmask = GrammarBitmask(logits.shape[-1])
+            self.grammar_bitmask.apply(logits, matchers)
         self._apply_min_tokens(logits, reqs)
         params = [r.sampling_params for r in reqs]
         if all(p.greedy for p in params):
@@ -60,8 +68,12 @@ class Sampler:
             p = r.sampling_params
             if r.num_output_tokens < p.min_tokens:
                 banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(r.eos_token_ids))
-                if banned:
-                    logits[i, banned] = float("-inf")
+                if not banned:
+                    continue
+                kept = logits[i, banned].clone()
+                logits[i, banned] = float("-inf")
+                if r.grammar is not None and bool(torch.isneginf(logits[i]).all()):
+                    logits[i, banned] = kept  # the grammar can only end here: it wins over min_tokens
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         params = [r.sampling_params for r in reqs]

@@ -1,8 +1,71 @@
 """Per-request sampling parameters, validated up front with errors that name the field."""
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+
+
+_KINDS = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """vLLM's names; exactly one is set. `json` is a JSON schema (dict or JSON text),
+    `grammar` is EBNF (GBNF), `structural_tag` is xgrammar's structural-tag format (free
+    text with constrained tagged regions, used for tool calls)."""
+    json: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    structural_tag: dict | str | None = None
+
+    def __post_init__(self) -> None:
+        if self.choice is not None:
+            if isinstance(self.choice, str) or not all(isinstance(c, str) for c in self.choice) or not self.choice:
+                raise ValueError(f"structured_outputs.choice must be a non-empty list of strings, got {self.choice!r}")
+            object.__setattr__(self, "choice", tuple(self.choice))
+        if self.json_object not in (True, False):
+            raise ValueError(f"structured_outputs.json_object must be a boolean, got {self.json_object!r}")
+        chosen = [k for k in _KINDS if getattr(self, k) not in (None, False)]
+        if len(chosen) != 1:
+            raise ValueError(f"structured_outputs must set exactly one of {', '.join(_KINDS)}; got "
+                             f"{', '.join(chosen) or 'none'}")
+        for kind in ("json", "structural_tag"):
+            value = getattr(self, kind)
+            if value is not None and not isinstance(value, (dict, str)):
+                raise ValueError(f"structured_outputs.{kind} must be a JSON object or JSON text, "
+                                 f"got {type(value).__name__}")
+        for kind in ("regex", "grammar"):
+            value = getattr(self, kind)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_outputs.{kind} must be a non-empty string, got {value!r}")
+
+    @classmethod
+    def from_any(cls, value) -> "StructuredOutputsParams":
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"structured_outputs must be a dict or StructuredOutputsParams, got {type(value).__name__}")
+        unknown = sorted(set(value) - set(_KINDS))
+        if unknown:
+            raise ValueError(f"structured_outputs has unknown field(s) {unknown}; known: {list(_KINDS)}")
+        return cls(**value)
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in _KINDS if getattr(self, k) not in (None, False))
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """What the compiled grammar is cached by."""
+        value = getattr(self, self.kind)
+        if isinstance(value, dict):
+            value = json.dumps(value, sort_keys=True)
+        elif isinstance(value, tuple):
+            value = json.dumps(value)
+        return self.kind, str(value)
 
 
 @dataclass
@@ -22,12 +85,15 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # top-n logprobs per generated token
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsParams | None = None  # constrain the output to a grammar
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop) if self.stop is not None else []
         self.stop_token_ids = list(self.stop_token_ids) if self.stop_token_ids is not None else []
+        if self.structured_outputs is not None:
+            self.structured_outputs = StructuredOutputsParams.from_any(self.structured_outputs)
         self._validate()
 
     def _validate(self) -> None:

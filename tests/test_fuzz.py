@@ -4,7 +4,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adk_backend.chat_format import TextStreamFilter, parse_reply
-from adk_backend.openai_format import openai_to_messages, openai_tools
+from adk_backend.openai_format import openai_reply_spec, openai_to_messages
 from engine import LLM, SamplingParams
 from helpers import assert_all_blocks_free
 
@@ -45,10 +45,10 @@ json_values = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st
 
 
 @settings(max_examples=300, deadline=None)
-@given(messages=json_values, tools=json_values, tool_choice=json_values)
-def test_openai_request_conversion_only_raises_value_errors(messages, tools, tool_choice):
+@given(messages=json_values, tools=json_values, tool_choice=json_values, response_format=json_values)
+def test_openai_request_conversion_only_raises_value_errors(messages, tools, tool_choice, response_format):
     try:
-        openai_tools({"tools": tools, "tool_choice": tool_choice})
+        openai_reply_spec({"tools": tools, "tool_choice": tool_choice, "response_format": response_format})
         openai_to_messages(messages)
     except (ValueError, KeyError, TypeError, AttributeError):  # what the API maps to 400
         pass
@@ -58,8 +58,8 @@ def test_openai_request_conversion_only_raises_value_errors(messages, tools, too
 @given(text=st.text(alphabet=st.sampled_from(list('<>/{}":, []tool_call_namearguments\n x1')), max_size=80))
 def test_tool_call_parser_never_crashes_and_never_loses_a_block(text):
     reply = parse_reply(text, {"f", "x"})
-    if "<tool_call>" in text:  # every block becomes a call or a reported error, never nothing
-        assert reply.tool_calls or reply.error
+    if not reply.tool_calls:  # nothing is lost: what is not a call is text
+        assert reply.text == text
     for call in reply.tool_calls:
         assert isinstance(call.name, str) and isinstance(call.arguments, dict)
     f = TextStreamFilter()

@@ -1,0 +1,161 @@
+"""Grammar-constrained decoding, backed by xgrammar.
+
+A request whose `SamplingParams.structured_outputs` is set carries a grammar matcher.
+Grammars compile off the step thread (AsyncLLM awaits `compile_async`; the offline LLM
+compiles while it adds requests), are cached by their key, and a grammar that fails or
+takes longer than `compile_timeout` seconds is a `ValueError` naming the problem.
+
+Each step, `GrammarBitmask.apply` fills one token bitmask for every constrained row of the
+batch and applies it to the logits in one vectorized op before sampling; free rows share
+the batch untouched.
+
+Invariant: a request's matcher has accepted exactly its output tokens, in order. Tokens
+are accepted only where they are sampled (`LLMEngine._append_token`), so preemption (swap
+or recompute), chunked prefill and prefix-cache hits, which recompute or reuse KV but never
+resample a token, leave it right; an aborted request drops its matcher with itself.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor, TimeoutError as FutureTimeout
+
+import torch
+import xgrammar as xgr
+
+from engine.sampling_params import StructuredOutputsParams
+
+
+class GrammarCompiler:
+    """Compiles grammars for one tokenizer, off the caller's thread, with a cache and a timeout."""
+
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: tuple[int, ...],
+                 compile_timeout: float = 10.0, cache_size: int = 256) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.stop_token_ids = list(stop_token_ids)
+        self.compile_timeout = compile_timeout
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple[str, str], xgr.CompiledGrammar] = OrderedDict()
+        self._pending: dict[tuple[str, str], Future] = {}
+        self._lock = threading.Lock()
+        self._compiler: xgr.GrammarCompiler | None = None
+        # One worker: a grammar that takes too long occupies it, never the step thread.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-compile")
+        self.cache_hits = 0
+        self.cache_misses = 0
+
+    def _xgr_compiler(self) -> xgr.GrammarCompiler:
+        if self._compiler is None:  # reading the vocabulary takes ~0.2 s: only on first use
+            if self.tokenizer is None:
+                raise ValueError("structured outputs need a tokenizer; this model has none")
+            info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
+                                                      stop_token_ids=self.stop_token_ids)
+            self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+        return self._compiler
+
+    def submit(self, params: StructuredOutputsParams) -> Future:
+        """A future of the compiled grammar; one compilation per key, however many ask."""
+        key = params.key
+        with self._lock:
+            if key in self._cache:
+                self.cache_hits += 1
+                self._cache.move_to_end(key)
+                done: Future = Future()
+                done.set_result(self._cache[key])
+                return done
+            if key in self._pending:
+                self.cache_hits += 1
+                return self._pending[key]
+            self.cache_misses += 1
+            future = self._pool.submit(self._compile, params)
+            self._pending[key] = future
+        future.add_done_callback(lambda f: self._store(key, f))
+        return future
+
+    def _store(self, key: tuple[str, str], future: Future) -> None:
+        with self._lock:
+            self._pending.pop(key, None)
+            if future.exception() is None:
+                self._cache[key] = future.result()
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+
+    def compile(self, params: StructuredOutputsParams) -> xgr.CompiledGrammar:
+        """Blocking form (offline LLM): waits at most `compile_timeout` seconds."""
+        try:
+            return self.submit(params).result(timeout=self.compile_timeout)
+        except FutureTimeout:
+            raise ValueError(self._timeout_message(params)) from None
+
+    async def compile_async(self, params: StructuredOutputsParams) -> xgr.CompiledGrammar:
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(self.submit(params)), self.compile_timeout)
+        except asyncio.TimeoutError:
+            raise ValueError(self._timeout_message(params)) from None
+
+    def _timeout_message(self, params: StructuredOutputsParams) -> str:
+        return (f"structured_outputs.{params.kind}: the grammar did not compile within "
+                f"{self.compile_timeout:g} s; simplify it")
+
+    def _compile(self, params: StructuredOutputsParams) -> xgr.CompiledGrammar:
+        compiler = self._xgr_compiler()
+        kind = params.kind
+        try:
+            if kind == "json":
+                schema = params.json if isinstance(params.json, str) else json.dumps(params.json)
+                # Fixed separators: a small model cannot run away into whitespace.
+                return compiler.compile_json_schema(schema, any_whitespace=False)
+            if kind == "json_object":
+                return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
+            if kind == "regex":
+                return compiler.compile_regex(params.regex)
+            if kind == "choice":
+                return compiler.compile_grammar(
+                    "root ::= " + " | ".join(json.dumps(c) for c in params.choice))
+            if kind == "grammar":
+                return compiler.compile_grammar(params.grammar)
+            tag = params.structural_tag
+            return compiler.compile_structural_tag(tag if isinstance(tag, str) else json.dumps(tag))
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise ValueError(f"structured_outputs.{kind} is invalid: {_first_line(exc)}") from None
+
+    def matcher(self, compiled: xgr.CompiledGrammar) -> xgr.GrammarMatcher:
+        return xgr.GrammarMatcher(compiled)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    """xgrammar's messages start with a timestamp and a C++ source location."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]
+        if ": " in text and ".cc:" in text.split(": ", 1)[0]:
+            text = text.split(": ", 1)[1]
+    return text
+
+
+class GrammarBitmask:
+    """One reusable bitmask buffer for the constrained rows of a step."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+        self.buffer = xgr.allocate_token_bitmask(1, vocab_size)
+
+    def apply(self, logits: torch.Tensor, matchers: list) -> None:
+        """logits: [N, V] fp32, row i belongs to matchers[i] (None: unconstrained)."""
+        rows = [i for i, m in enumerate(matchers) if m is not None]
+        if not rows:
+            return
+        n = logits.shape[0]
+        if self.buffer.shape[0] < n:
+            self.buffer = xgr.allocate_token_bitmask(max(n, 2 * self.buffer.shape[0]), self.vocab_size)
+        bitmask = self.buffer[:n]
+        for i in rows:
+            matchers[i].fill_next_token_bitmask(bitmask, i)
+        # The model's vocab may be wider than the tokenizer's: those ids stay masked.
+        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=self.vocab_size, indices=rows)
