@@ -27,6 +27,9 @@ PROVIDER = "engine"
 
 class EngineLiteLLM(CustomLLM):
     async def _events(self, model: str, messages: list, optional_params: dict):
+        # vLLM's extensions (structured_outputs, ignore_eos, ...) come through extra_body.
+        extra = optional_params.get("extra_body") or {}
+        optional_params = {k: v for k, v in optional_params.items() if k != "extra_body"} | extra
         try:
             spec = openai_reply_spec(optional_params)
             msgs = openai_to_messages(messages)

@@ -85,7 +85,7 @@ def openai_reply_spec(p: dict) -> ReplySpec:
         if not isinstance(name, str):
             raise ValueError(f"tool_choice must name a function: {{'type': 'function', 'function': {{'name': ...}}}}, "
                              f"got {choice!r}"[:300])
-        mode, allowed = "required", [name]
+        mode, allowed, parallel = "required", [name], False  # a named function: one call to it
     else:
         raise ValueError(f"tool_choice must be 'none', 'auto', 'required' or a named function, got {choice!r}"[:300])
     if mode == "required" and not tools:
