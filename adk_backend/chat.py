@@ -32,7 +32,7 @@ async def chat_stream(engine, messages: list[dict], spec: ReplySpec, params: Sam
             raise ValueError("structured_outputs cannot be combined with tools or a response format; "
                              "use one of them")
         params = dataclasses.replace(params, structured_outputs=grammar)
-    prompt = render_prompt(engine.engine, messages, spec.offered_tools)
+    prompt = render_prompt(engine.engine, messages, spec.tools)
     callable_names = spec.callable_names
     stream_filter = TextStreamFilter()
     text, streamed, last, num_output = "", "", None, 0

@@ -8,7 +8,8 @@ model decides what to say; the grammar guarantees the shape:
 - auto: free text; once the model opens `<tool_call>`, the call is constrained: a declared
   tool's name, then arguments valid against that tool's schema, then `</tool_call>`.
 - required: only calls (one, or several with parallel calls), each one constrained.
-- none: no tool is offered and none can be called.
+- none: the tools stay in the prompt (the history may show their calls and results), but
+  the reply cannot open a call.
 - with a response schema, the answer is JSON of that schema; in auto mode the reply is
   either calls or that JSON.
 
@@ -51,11 +52,6 @@ class ReplySpec:
         return [t["function"]["name"] for t in self.tools]
 
     @property
-    def offered_tools(self) -> list[dict]:
-        """The tools rendered into the prompt: none in mode none."""
-        return [] if self.mode == "none" else self.tools
-
-    @property
     def callable_names(self) -> set[str]:
         if self.mode == "none":
             return set()
@@ -64,7 +60,14 @@ class ReplySpec:
 
 def reply_grammar(spec: ReplySpec) -> StructuredOutputsParams | None:
     """The structured_outputs that enforce `spec` (None: the reply is free text)."""
-    callable_tools = [t["function"] for t in spec.offered_tools if t["function"]["name"] in spec.callable_names]
+    if spec.response_schema is not None and spec.mode == "none":
+        return StructuredOutputsParams(json=spec.response_schema)
+    if spec.mode == "none":
+        if not spec.tools:
+            return None
+        no_call = {"type": "any_text", "excludes": [TOOL_CALL_OPEN]}
+        return StructuredOutputsParams(structural_tag={"type": "structural_tag", "format": no_call})
+    callable_tools = [t["function"] for t in spec.tools if t["function"]["name"] in spec.callable_names]
     if not callable_tools:
         return None if spec.response_schema is None else StructuredOutputsParams(json=spec.response_schema)
     tags = [_call_tag(fn) for fn in callable_tools]

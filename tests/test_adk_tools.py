@@ -205,7 +205,35 @@ def test_litellm_bad_request_is_a_clean_error(engine):
 def test_example_agents_load_with_adks_own_loader():
     from google.adk.cli.utils.agent_loader import AgentLoader
     loader = AgentLoader("agents")
-    assert {"assistant", "tools"} <= set(loader.list_agents())
+    assert {"assistant", "tools", "country_card"} <= set(loader.list_agents())
     tools_agent = loader.load_agent("tools")
-    assert tools_agent.model == "engine/smollm2-135m-instruct"
+    assert tools_agent.canonical_model.model == "engine/smollm2-135m-instruct"
     assert {t.__name__ for t in tools_agent.tools} == {"get_capital", "add_numbers"}
+
+
+def test_example_agents_call_their_tools_and_answer_in_their_schema_on_the_default_model():
+    """The served configuration (bf16, the default model): the tools agent really calls a
+    tool and answers from its result; country_card's answer is a valid CountryCard."""
+    from google.adk.cli.utils.agent_loader import AgentLoader
+    loader = AgentLoader("agents")
+    tools_agent, card_agent = loader.load_agent("tools"), loader.load_agent("country_card")
+
+    async def turn(agent, text):
+        runner = InMemoryRunner(agent=agent, app_name="t")
+        session = await runner.session_service.create_session(app_name="t", user_id="u")
+        events = [ev async for ev in runner.run_async(
+            user_id="u", session_id=session.id, new_message=types.Content(role="user", parts=[types.Part(text=text)]),
+            run_config=RunConfig(max_llm_calls=4))]
+        return events, await runner.session_service.get_session(app_name="t", user_id="u", session_id=session.id)
+
+    for question, tool in (("What is the capital of Peru?", "get_capital"), ("What is 17 plus 25?", "add_numbers")):
+        events, _ = asyncio.run(turn(tools_agent, question))
+        calls = [p.function_call for e in events if e.content for p in e.content.parts if p.function_call]
+        results = [p.function_response.response for e in events if e.content for p in e.content.parts
+                   if p.function_response]
+        assert [c.name for c in calls] == [tool] and results[0]["status"] == "success"
+        assert events[-1].is_final_response() and events[-1].content.parts[0].text
+    module = __import__("agents.country_card.agent", fromlist=["CountryCard"])
+    events, session = asyncio.run(turn(card_agent, "Japan"))
+    card = module.CountryCard.model_validate(session.state["card"])
+    assert card.capital == "Tokyo"  # from the tool's result

@@ -1,5 +1,12 @@
-"""An agent with deterministic function tools, on the local model."""
-import adk_backend  # noqa: F401  (registers the engine/ models)
+"""An agent that really calls its tools on the local 135M model.
+
+It calls tools first and answers after (adk_backend.tool_policy): the turn's first model
+call must be tool calls (mode ANY, several in one reply), each one constrained to a declared
+tool and that tool's argument schema; once the tools have answered, the model writes the
+answer from their results.
+"""
+from adk_backend.adk_model import EngineLlm
+from adk_backend.tool_policy import call_tools_then_answer
 from google.adk.agents import LlmAgent
 
 CAPITALS = {"france": "Paris", "japan": "Tokyo", "italy": "Rome", "kenya": "Nairobi", "peru": "Lima",
@@ -30,9 +37,11 @@ def add_numbers(a: float, b: float) -> dict:
 
 root_agent = LlmAgent(
     name="tools",
-    model="engine/smollm2-135m-instruct",
+    model=EngineLlm(model="engine/smollm2-135m-instruct", parallel_tool_calls=False),
     description="Answers with the help of tools.",
-    instruction="You answer questions. Use get_capital for capital cities and add_numbers for sums, "
-                "then answer in one sentence.",
+    instruction="You answer questions. Use get_capital for capital cities and add_numbers for sums. "
+                "When a tool has answered, reply with one sentence that states its result, for example "
+                "'The capital of France is Paris.' or 'The sum is 12.'",
     tools=[get_capital, add_numbers],
+    before_model_callback=call_tools_then_answer,
 )
