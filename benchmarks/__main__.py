@@ -9,6 +9,7 @@ SCENARIOS = {
     "throughput": ("benchmarks.throughput", "every system on mixed_chat_128: continuous, static, transformers, ..."),
     "latency": ("benchmarks.latency", "latency vs Poisson rate or clients, continuous vs static; p99 TTFT rate search"),
     "agent": ("benchmarks.agent_prefix", "multi-turn agent workload, prefix caching on vs off"),
+    "tools": ("benchmarks.tool_calling", "tool-call accuracy per tool_choice, constrained vs not; grammar cost"),
     "adk": ("benchmarks.adk_concurrency", "ADK sessions one by one vs asyncio.gather at 1-64"),
     "kernels": ("benchmarks.kernels", "Triton paged attention on a GPU"),
     "soak": ("benchmarks.soak", "reliability soak against the live server"),

@@ -128,3 +128,24 @@ def test_bf16_model_decodes_through_gemv_and_matches_onednn():
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     assert all(m._gemv is not None for m in linears)  # every dummy-tiny shape is supported
     torch.testing.assert_close(model.lm_head(x).float(), onednn.float(), atol=0.02, rtol=1e-2)
+
+
+@pytest.mark.parametrize("vocab", [49152, 1000, 37])
+def test_token_bitmask_kernel_matches_reference(vocab):
+    from engine.structured_output import apply_token_bitmask_ref
+    torch.manual_seed(0)
+    words = -(-vocab // 32)
+    bitmask = torch.randint(-2**31, 2**31 - 1, (6, words), dtype=torch.int32)
+    bitmask[1] = -1         # everything allowed
+    bitmask[2] = 0          # nothing allowed
+    bitmask[3, 5:] = 0      # a few words of a real grammar state
+    logits = torch.randn(6, vocab)
+    rows = [0, 1, 2, 3, 5]  # row 4 is unconstrained and must stay as it was
+    ours, ref = logits.clone(), logits.clone()
+    ops.apply_token_bitmask(ours, bitmask, torch.tensor(rows))
+    apply_token_bitmask_ref(ref, bitmask, rows)
+    torch.testing.assert_close(ours, ref, atol=0, rtol=0)
+    assert torch.equal(ours[4], logits[4]) and torch.equal(ours[1], logits[1])
+    assert torch.isneginf(ours[2]).all()
+    allowed0 = [j for j in range(vocab) if (int(bitmask[0, j // 32]) >> (j % 32)) & 1]
+    assert torch.isfinite(ours[0]).nonzero().flatten().tolist() == allowed0

@@ -1,13 +1,15 @@
 // CPU kernels for the engine's hot path. Decode on CPU is bound by per-op dispatch as much
 // as by memory, so these fuse what the torch reference does in many small ops:
 //   rms_norm / fused_add_rms_norm, rope_and_write_kv, silu_and_mul, and paged decode
-//   attention that reads K/V straight through the block tables (no gather).
+//   attention that reads K/V straight through the block tables (no gather), and the
+//   grammar token bitmask applied to the logits (16 logits per AVX-512 mask register).
 // Same arithmetic order as the torch reference (fp32 math, rounding to the model dtype at
 // the same points). Built at first use by kernels/cpu.py; tests compare with the reference.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 #include <immintrin.h>
 #include <sys/mman.h>
@@ -356,6 +358,32 @@ void gemv_bf16_impl(at::Tensor& y, const at::Tensor& x, const at::Tensor& w_pack
 }
 #endif
 
+// logits[r, j] = -inf where bit j of bitmask[r] is 0, for each r in rows. A 16-bit slice
+// of the bitmask is exactly an AVX-512 lane mask: one blend per 16 logits.
+void apply_token_bitmask_impl(at::Tensor& logits, const at::Tensor& bitmask, const at::Tensor& rows) {
+  const int64_t V = logits.size(1), words = bitmask.size(1);
+  const int64_t* row_ids = rows.data_ptr<int64_t>();
+  const int64_t num_rows = rows.numel();
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  for (int64_t k = 0; k < num_rows; ++k) {
+    const int64_t r = row_ids[k];
+    float* out = logits.data_ptr<float>() + r * logits.stride(0);
+    const uint16_t* bits = reinterpret_cast<const uint16_t*>(bitmask.data_ptr<int32_t>() + r * bitmask.stride(0));
+    const int64_t covered = std::min(V, words * 32);
+    int64_t j = 0;
+#ifdef __AVX512F__
+    const __m512 inf16 = _mm512_set1_ps(neg_inf);
+    for (; j + 16 <= covered; j += 16) {
+      const __mmask16 keep = bits[j / 16];  // little-endian: bits 0-15 of word j/32, then 16-31
+      if (keep != 0xFFFF) _mm512_storeu_ps(out + j, _mm512_mask_blend_ps(keep, inf16, _mm512_loadu_ps(out + j)));
+    }
+#endif
+    for (; j < covered; ++j)
+      if (!((bits[j / 16] >> (j % 16)) & 1)) out[j] = neg_inf;
+    for (; j < V; ++j) out[j] = neg_inf;  // ids past the bitmask are not the grammar's
+  }
+}
+
 void check_dtype(const at::Tensor& t) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, "float32 or bfloat16 only");
 }
@@ -466,7 +494,21 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w_packed, const c10:
 #endif
 }
 
+void apply_token_bitmask(at::Tensor& logits, const at::Tensor& bitmask, const at::Tensor& rows) {
+  TORCH_CHECK(logits.scalar_type() == at::kFloat && logits.dim() == 2 && logits.stride(1) == 1,
+              "logits must be [N, V] float32 with contiguous rows");
+  TORCH_CHECK(bitmask.scalar_type() == at::kInt && bitmask.dim() == 2 && bitmask.stride(1) == 1,
+              "bitmask must be [N, ceil(V/32)] int32");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 1, "rows must be int64 indices");
+  auto rows_c = rows.contiguous();
+  const int64_t* ids = rows_c.data_ptr<int64_t>();
+  for (int64_t k = 0; k < rows_c.numel(); ++k)
+    TORCH_CHECK(ids[k] >= 0 && ids[k] < logits.size(0) && ids[k] < bitmask.size(0), "row index out of range");
+  apply_token_bitmask_impl(logits, bitmask, rows_c);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("apply_token_bitmask", &apply_token_bitmask);
   m.def("rms_norm", &rms_norm);
   m.def("fused_add_rms_norm", &fused_add_rms_norm);
   m.def("rope_and_write_kv", &rope_and_write_kv);
