@@ -34,3 +34,17 @@ def tiny_hf_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(path, safe_serialization=True)
     return path
+
+
+SERVER_MODEL = "smollm2-server"  # the default model in fp32: cached and uncached prefixes give identical greedy text
+
+
+@pytest.fixture(scope="session")
+def smollm2_server():
+    """One live serving app on the default model (fp32), shared by the /v1 test modules."""
+    from adk_backend import configure_engine
+    from adk_backend.server import create_app
+    from server_helpers import LiveServer
+    configure_engine(SERVER_MODEL, model="smollm2-135m-instruct", dtype="float32", num_kv_blocks=2048)
+    with LiveServer(create_app(agents_dir="agents", model=SERVER_MODEL)) as s:
+        yield s

@@ -236,4 +236,4 @@ def test_example_agents_call_their_tools_and_answer_in_their_schema_on_the_defau
     module = __import__("agents.country_card.agent", fromlist=["CountryCard"])
     events, session = asyncio.run(turn(card_agent, "Japan"))
     card = module.CountryCard.model_validate(session.state["card"])
-    assert card.capital == "Tokyo"  # from the tool's result
+    assert (card.capital, card.continent, card.population_millions) == ("Tokyo", "Asia", 124)  # the tool's data

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from benchmarks import agent_prefix, latency, readme, report, throughput
+from benchmarks import agent_prefix, latency, readme, report, throughput, tool_calling
 from benchmarks.report import markdown_table
 from benchmarks.systems import run_engine
 from benchmarks.workloads import agent_sessions, fixed_length, load_workload, poisson_arrivals, synthetic
@@ -135,3 +135,29 @@ def test_workload_generators_are_reproducible():
     fixed = fixed_length(3, prompt_words=10, output_tokens=7)
     assert {it.max_tokens for it in fixed} == {7} and len({len(it.messages[0]["content"]) for it in fixed}) == 1
     assert "| a |" in markdown_table(["a"], [[1.0]])
+
+
+def test_tool_calling_scenario_scores_every_mode_and_measures_the_grammar_cost(results_dir):
+    data = tool_calling.main(["--model", "dummy-tiny", "--limit", "4", "--max-tokens", "48",
+                              "--throughput-limit", "4", "--repeats", "1"])
+    rows = {(r["mode"], r["constrained"]): r for r in data["accuracy"]}
+    assert set(rows) == {(m, c) for m in ("required", "named", "auto") for c in (False, True)}
+    # a random model never writes a valid call on its own; under the grammar every call it
+    # completes validates (the real model's rates are in test_structured_http)
+    assert rows[("required", False)]["schema_valid_rate"] == 0
+    assert all(r["schema_valid_rate"] == r["call_rate"] for (_, c), r in rows.items() if c)
+    tp = data["throughput"]
+    assert tp["median_none"] > 0 and tp["median_half"] > 0 and tp["ratio"] == tp["median_half"] / tp["median_none"]
+    assert (results_dir / "tool_calling.md").exists() and (results_dir / "tool_calling.png").exists()
+
+
+def test_tool_call_scoring_checks_the_schema_and_the_key_arguments():
+    tools, tasks = tool_calling.load_tasks()
+    assert len(tasks) >= 30 and len({t["function"] for t in tasks}) == len(tools) == 6
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+    task = {"function": "add_numbers", "arguments": {"a": 17, "b": 25}}
+    call = '<tool_call>\n{"name": "add_numbers", "arguments": {"a": 17.0, "b": 25}}\n</tool_call>'
+    assert tool_calling.score(call, task, schemas) == (True, True, True)
+    assert tool_calling.score(call.replace("25", "26"), task, schemas) == (True, True, False)
+    assert tool_calling.score(call.replace('"b": 25', '"b": "x"'), task, schemas) == (True, False, False)
+    assert tool_calling.score("no call", task, schemas) == (False, False, False)

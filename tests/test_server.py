@@ -7,18 +7,14 @@ import openai
 import pytest
 from starlette.testclient import TestClient
 
-from adk_backend import configure_engine
 from adk_backend.server import create_app
-from server_helpers import LiveServer
 
-MODEL = "smollm2-server"  # the default model in fp32: cached and uncached prefixes give identical greedy text
+from conftest import SERVER_MODEL as MODEL
 
 
 @pytest.fixture(scope="module")
-def server():
-    configure_engine(MODEL, model="smollm2-135m-instruct", dtype="float32", num_kv_blocks=2048)
-    with LiveServer(create_app(agents_dir="agents", model=MODEL)) as s:
-        yield s
+def server(smollm2_server):
+    return smollm2_server
 
 
 @pytest.fixture(scope="module")

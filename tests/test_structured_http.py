@@ -8,11 +8,7 @@ import jsonschema
 import openai
 import pytest
 
-from adk_backend import configure_engine
-from adk_backend.server import create_app
-from server_helpers import LiveServer
-
-MODEL = "smollm2-server"  # the same engine as test_server's (fp32, shared in the process)
+from conftest import SERVER_MODEL as MODEL
 
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
@@ -33,10 +29,8 @@ QUESTIONS = ["What's the weather in Paris?", "What is 17 plus 25?", "What is the
 
 
 @pytest.fixture(scope="module")
-def server():
-    configure_engine(MODEL, model="smollm2-135m-instruct", dtype="float32", num_kv_blocks=2048)
-    with LiveServer(create_app(agents_dir="agents", model=MODEL)) as s:
-        yield s
+def server(smollm2_server):
+    return smollm2_server
 
 
 @pytest.fixture(scope="module")

@@ -10,34 +10,38 @@ from adk_backend.tool_policy import call_tools_then_answer
 from google.adk.agents import LlmAgent
 from pydantic import BaseModel, Field
 
-CAPITALS = {"france": "Paris", "japan": "Tokyo", "italy": "Rome", "kenya": "Nairobi", "peru": "Lima",
-            "canada": "Ottawa", "egypt": "Cairo", "norway": "Oslo"}
+COUNTRIES = {"france": ("Paris", "Europe", 68), "japan": ("Tokyo", "Asia", 124), "kenya": ("Nairobi", "Africa", 56),
+             "peru": ("Lima", "South America", 34), "canada": ("Ottawa", "North America", 41),
+             "egypt": ("Cairo", "Africa", 114), "norway": ("Oslo", "Europe", 6), "australia": ("Canberra", "Oceania", 27)}
 
 
 class CountryCard(BaseModel):
     country: str = Field(description="The country's name in English.")
     capital: str = Field(description="Its capital city.")
     continent: Literal["Africa", "Asia", "Europe", "North America", "South America", "Oceania"]
+    population_millions: int
 
 
-def get_capital(country: str) -> dict:
-    """Returns the capital city of a country.
+def lookup_country(country: str) -> dict:
+    """Looks up a country's capital, continent and population.
 
     Args:
         country: The country's name in English, e.g. "France".
     """
-    capital = CAPITALS.get(country.strip().lower())
-    if capital is None:
+    facts = COUNTRIES.get(country.strip().lower())
+    if facts is None:
         return {"status": "error", "error": f"unknown country {country!r}"}
-    return {"status": "success", "country": country, "capital": capital}
+    capital, continent, population = facts
+    return {"status": "success", "country": country, "capital": capital, "continent": continent,
+            "population_millions": population}
 
 
 root_agent = LlmAgent(
     name="country_card",
     model="engine/smollm2-135m-instruct",
     description="Answers with a country card in JSON.",
-    instruction="The user names a country. Use get_capital to find its capital, then describe the country.",
-    tools=[get_capital],
+    instruction="The user names a country. Use lookup_country, then describe the country from what it returns.",
+    tools=[lookup_country],
     output_schema=CountryCard,
     output_key="card",
     before_model_callback=call_tools_then_answer,
