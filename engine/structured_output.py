@@ -41,21 +41,24 @@ class GrammarCompiler:
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple[str, str], xgr.CompiledGrammar] = OrderedDict()
         self._pending: dict[tuple[str, str], Future] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()        # cache and pending compilations
+        self._init_lock = threading.Lock()
         self._compiler: xgr.GrammarCompiler | None = None
-        # One worker: a grammar that takes too long occupies it, never the step thread.
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-compile")
+        # A grammar that takes too long occupies a worker, never the step thread; several
+        # workers, so that one slow schema does not hold up everyone else's.
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="grammar-compile")
         self.cache_hits = 0
         self.cache_misses = 0
 
     def _xgr_compiler(self) -> xgr.GrammarCompiler:
-        if self._compiler is None:  # reading the vocabulary takes ~0.2 s: only on first use
-            if self.tokenizer is None:
-                raise ValueError("structured outputs need a tokenizer; this model has none")
-            info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
-                                                      stop_token_ids=self.stop_token_ids)
-            self._compiler = xgr.GrammarCompiler(info, max_threads=1)
-        return self._compiler
+        with self._init_lock:  # reading the vocabulary takes ~0.2 s: once, on first use
+            if self._compiler is None:
+                if self.tokenizer is None:
+                    raise ValueError("structured outputs need a tokenizer; this model has none")
+                info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
+                                                          stop_token_ids=self.stop_token_ids)
+                self._compiler = xgr.GrammarCompiler(info, max_threads=1)  # thread-safe; one thread per compile
+            return self._compiler
 
     def submit(self, params: StructuredOutputsParams) -> Future:
         """A future of the compiled grammar; one compilation per key, however many ask."""

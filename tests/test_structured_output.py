@@ -196,3 +196,27 @@ def test_structured_outputs_params_key_ignores_dict_order():
     a = StructuredOutputsParams(json={"type": "object", "properties": {}})
     b = StructuredOutputsParams(json={"properties": {}, "type": "object"})
     assert a.key == b.key and a.kind == "json"
+
+
+def test_tools_go_through_the_chat_template_when_it_renders_them_else_hermes():
+    import copy
+
+    from adk_backend.chat_format import HERMES_SYSTEM, render_prompt, template_renders_tools
+    tool = {"type": "function", "function": {"name": "get_capital", "parameters": {"type": "object"}}}
+    msgs = [{"role": "user", "content": "Capital of Peru?"}]
+    engine = TINY.engine
+    assert not template_renders_tools(engine.tokenizer)  # SmolLM2's template ignores tools
+    hermes = render_prompt(engine, msgs, [tool])
+    assert HERMES_SYSTEM.split(".")[0] in hermes and '"name": "get_capital"' in hermes
+    tools_aware = copy.deepcopy(engine.tokenizer)
+    tools_aware.chat_template = (
+        "{% if tools %}<tools>{% for t in tools %}{{ t.function.name }};{% endfor %}</tools>\n{% endif %}"
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    original, engine.tokenizer = engine.tokenizer, tools_aware
+    try:
+        assert template_renders_tools(tools_aware)
+        prompt = render_prompt(engine, msgs, [tool])
+    finally:
+        engine.tokenizer = original
+    assert prompt.startswith("<tools>get_capital;</tools>") and HERMES_SYSTEM.split(".")[0] not in prompt
