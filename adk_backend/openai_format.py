@@ -9,7 +9,7 @@ from adk_backend.chat_format import tool_call_text, tool_response_text
 from adk_backend.reply_grammar import ReplySpec
 from engine import SamplingParams, StructuredOutputsParams
 
-_FINISH = {"stop": "stop", "length": "length", "abort": "stop"}
+_FINISH = {"stop": "stop", "length": "length", "abort": "abort"}  # "abort" as vLLM reports it
 
 
 def _text(content) -> str:
@@ -18,7 +18,11 @@ def _text(content) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type", "text") == "text")
+        for part in content:
+            kind = part.get("type", "text") if isinstance(part, dict) else type(part).__name__
+            if kind != "text":
+                raise ValueError(f"message content: {kind!r} parts are not supported; the model is text-only")
+        return "".join(p.get("text", "") for p in content)
     raise ValueError(f"message content must be a string or a list of text parts, got {type(content).__name__}")
 
 

@@ -1,11 +1,12 @@
-"""`python -m benchmarks <scenario> [options]`; `python -m benchmarks <scenario> -h` for each."""
+"""`python -m benchmarks <scenario> [options]`; `python -m benchmarks <scenario> --help` for each."""
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 
 SCENARIOS = {
-    "readme": ("benchmarks.readme", "all of README's figures and plots, in one run (about 30 minutes)"),
+    "readme": ("benchmarks.readme", "all of README's figures and plots, in one run (about 35 minutes)"),
     "throughput": ("benchmarks.throughput", "every system on mixed_chat_128: continuous, static, transformers, ..."),
     "latency": ("benchmarks.latency", "latency vs Poisson rate or clients, continuous vs static; p99 TTFT rate search"),
     "agent": ("benchmarks.agent_prefix", "multi-turn agent workload, prefix caching on vs off"),
@@ -16,15 +17,16 @@ SCENARIOS = {
 }
 
 
-def main() -> None:
-    if len(sys.argv) < 2 or sys.argv[1] not in SCENARIOS:
-        print(__doc__)
-        for name, (_, what) in SCENARIOS.items():
-            print(f"  {name:12s} {what}")
-        sys.exit(0 if len(sys.argv) < 2 else 2)
-    module = importlib.import_module(SCENARIOS[sys.argv[1]][0])
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    sub = ap.add_subparsers(dest="scenario", required=True, metavar="scenario")
+    for name, (_, what) in SCENARIOS.items():
+        sub.add_parser(name, help=what, add_help=False)  # the scenario's own parser answers --help
+    args, rest = ap.parse_known_args(sys.argv[1:] if argv is None else argv)
+    module = importlib.import_module(SCENARIOS[args.scenario][0])
+    sys.argv[0] = f"python -m benchmarks {args.scenario}"  # what the scenario's --help shows as its usage
     try:
-        module.main(sys.argv[2:])
+        module.main(rest)
     except KeyboardInterrupt:
         print("stopped; what was measured is in benchmarks/results/", file=sys.stderr)
         sys.exit(130)

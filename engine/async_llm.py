@@ -1,43 +1,46 @@
 """AsyncLLM: one engine shared by any number of asyncio callers, on any event loops.
 
 A dedicated thread owns the engine: it runs the step loop while there is work and sleeps
-on a condition variable when there is none. Callers never wait for a step: `generate()`
-validates and tokenizes on the caller's thread (a grammar compiles on a worker thread while
-the caller's loop waits for it), drops the request into an inbox and
-returns to its event loop; after every step the thread hands each request's delta to the
-caller's own loop with `call_soon_threadsafe`. Leaving the `async for` early (break, task
-cancelled, client gone) aborts the request; its blocks are freed at the next step.
+on a condition variable when there is none. Callers never wait for a step, nor block their
+loop: `generate()` tokenizes and templates on one input thread (a fast tokenizer is not
+safe to share between threads, so the step thread detokenizes with its own copy) and
+compiles grammars on the grammar workers, drops the request into an inbox and awaits its
+RequestStream; after every step the thread hands each request's delta to its stream.
+
+Request ids: the engine runs each request under an internal id, unique for the life of
+the process; the caller's id names its stream, so reusing an id right after `abort()` is
+fine, and a duplicate of an id still in flight fails only that call. Leaving the
+`async for` early (break, task cancelled, client gone) aborts the request; so does a reader
+that stops reading for `EngineConfig.stalled_stream_timeout` seconds. `shutdown()` ends
+every open stream with EngineDeadError.
 """
 from __future__ import annotations
 
 import asyncio
+import copy
+import itertools
 import logging
 import threading
-from dataclasses import dataclass
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Callable
 
 from engine import tracing
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
-from engine.request import Request, RequestOutput
+from engine.output_stream import RequestStream
+from engine.request import Request, RequestOutput, RequestStatus
 from engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
 
 class EngineDeadError(RuntimeError):
-    """The step thread has died; the engine accepts no more requests."""
+    """The step thread has died or was shut down; the engine accepts no more requests."""
 
 
 class RequestFailedError(RuntimeError):
     """The step running this request raised; the engine itself keeps serving."""
-
-
-@dataclass
-class _Stream:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
-    span: object  # the request's OpenTelemetry span, parented in the caller's context
 
 
 class AsyncLLM:
@@ -46,15 +49,19 @@ class AsyncLLM:
             config = EngineConfig(**engine_options)
         self.engine = LLMEngine(config)
         self.config = config
-        # Guards the inbox, aborts and streams only (short sections); the engine itself is
-        # touched by the step thread alone.
+        if self.engine.tokenizer is not None:  # the step thread's own copy for detokenizing
+            self.engine.detokenizer_tokenizer = copy.deepcopy(self.engine.tokenizer)
+        # Guards the inbox, aborts and the id maps only (short sections); the engine itself
+        # is touched by the step thread alone.
         self._cond = threading.Condition()
         self._inbox: list[Request] = []
-        self._aborts: list[tuple[str, _Stream | None]] = []
-        self._streams: dict[str, _Stream] = {}
+        self._aborts: list[str] = []                    # engine ids
+        self._streams: dict[str, RequestStream] = {}    # engine id -> its caller's stream
+        self._engine_ids: dict[str, str] = {}           # caller's id -> engine id, while in flight
+        self._seq = itertools.count()
+        self._input_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-input")
         self._dead: BaseException | None = None
         self._stopping = False
-        self._ids = 0
         self._stats = self.engine.stats()
         # Called on the step thread after every step with the requests it updated (metrics).
         self.step_listeners: list[Callable[[list[Request]], None]] = []
@@ -67,40 +74,49 @@ class AsyncLLM:
         return self.engine.tokenizer
 
     def is_healthy(self) -> bool:
-        return self._dead is None and self._thread.is_alive()
+        return self._dead is None and not self._stopping and self._thread.is_alive()
 
     async def generate(self, prompt: str | list[int] | list[dict], params: SamplingParams | None = None,
                        request_id: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
-        """Yields a RequestOutput per step with the new text and token ids (deltas); the last
+        """Yields a RequestOutput per step with the new text and token ids (deltas; several
+        steps' deltas merged when the caller reads slower than the engine steps); the last
         one has `finished=True`, the finish reason and the request's metrics. A list of
         {'role', 'content'} dicts is rendered with the model's chat template."""
         self._check_alive()
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
-            prompt = self.engine.apply_chat_template(prompt)
+        client_id = request_id if request_id is not None else f"async-{next(self._seq)}"
+        engine_id = f"{client_id}#{next(self._seq)}"
         with self._cond:
-            if request_id is None:
-                self._ids += 1
-                request_id = f"async-{self._ids}"
-            if request_id in self._streams:
-                raise ValueError(f"request id {request_id!r} is already in use")
-        grammar = None
-        if params is not None and getattr(params, "structured_outputs", None) is not None:
-            grammar = await self.engine.grammars.compile_async(params.structured_outputs)  # may raise
-        req = self.engine.make_request(prompt, params, request_id=request_id, priority=priority,
-                                       grammar=grammar)  # may raise
+            if client_id in self._engine_ids:
+                raise ValueError(f"request id {client_id!r} is already in use")
+            self._engine_ids[client_id] = engine_id
+        try:
+            req = await self._make_request(prompt, params, engine_id, priority)
+        except BaseException:
+            self._release(client_id, engine_id)
+            raise
         # The caller's OpenTelemetry context travels with the request to the step thread.
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), tracing.start_request_span(req, self.config.model))
+        stream = RequestStream(asyncio.get_running_loop(), client_id,
+                               tracing.start_request_span(req, self.config.model))
         with self._cond:
+            refused = self._dead is not None or self._stopping
+            if not refused and self._engine_ids.get(client_id) == engine_id:  # not aborted meanwhile
+                self._streams[engine_id] = stream
+                self._inbox.append(req)
+                self._cond.notify()
+                queued = True
+            else:
+                queued = False
+        if not queued:
+            stream.span.end()
+            self._release(client_id, engine_id)
             self._check_alive()
-            if request_id in self._streams:
-                raise ValueError(f"request id {request_id!r} is already in use")
-            self._streams[request_id] = stream
-            self._inbox.append(req)
-            self._cond.notify()
+            req.status, req.finish_reason = RequestStatus.FINISHED, "abort"  # aborted before it started
+            yield self._as_client(self.engine.make_output(req), stream)
+            return
         finished = False
         try:
             while True:
-                item = await stream.queue.get()
+                item = await stream.get()
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
@@ -110,18 +126,14 @@ class AsyncLLM:
                     return
         finally:
             if not finished:  # the consumer left early: free its blocks
-                self.abort(request_id)
+                self._abort_engine_id(client_id, engine_id)
 
     def abort(self, request_id: str) -> bool:
         """Stops a request; its blocks are freed and its stream ends with finish_reason
         'abort' at the next step. False if no such request is in flight."""
         with self._cond:
-            stream = self._streams.pop(request_id, None)
-            if stream is None:
-                return False
-            self._aborts.append((request_id, stream))
-            self._cond.notify()
-        return True
+            engine_id = self._engine_ids.get(request_id)
+        return engine_id is not None and self._abort_engine_id(request_id, engine_id)
 
     def stats(self) -> dict:
         """Engine stats as of the last step, plus the requests not yet taken in."""
@@ -132,53 +144,52 @@ class AsyncLLM:
         return stats | {"healthy": self.is_healthy()}
 
     def shutdown(self, timeout: float = 5.0) -> None:
+        """Stops the step thread; every open stream ends with EngineDeadError."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
         self._thread.join(timeout)
+        self._input_pool.shutdown(wait=False, cancel_futures=True)
         self.engine.grammars.shutdown()
 
-    # -- step thread ----------------------------------------------------------------------
+    # -- caller side ----------------------------------------------------------------------
+    async def _make_request(self, prompt, params, engine_id: str, priority: int) -> Request:
+        grammar = None
+        if isinstance(params, SamplingParams) and params.structured_outputs is not None:
+            grammar = await self.engine.grammars.compile_async(params.structured_outputs)
+
+        def make() -> Request:
+            text = prompt
+            if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+                text = self.engine.apply_chat_template(prompt)
+            return self.engine.make_request(text, params, request_id=engine_id, priority=priority, grammar=grammar)
+        return await asyncio.get_running_loop().run_in_executor(self._input_pool, make)
+
+    def _release(self, client_id: str, engine_id: str) -> None:
+        with self._cond:
+            if self._engine_ids.get(client_id) == engine_id:
+                del self._engine_ids[client_id]
+
+    def _abort_engine_id(self, client_id: str, engine_id: str) -> bool:
+        with self._cond:
+            if self._engine_ids.get(client_id) != engine_id:
+                return False
+            del self._engine_ids[client_id]
+            self._aborts.append(engine_id)
+            self._cond.notify()
+        return True
+
     def _check_alive(self) -> None:
         if self._dead is not None:
             raise EngineDeadError(f"engine is not running: {self._dead!r}")
         if self._stopping:
             raise EngineDeadError("engine is shut down")
 
-    def _deliver(self, stream: _Stream, item) -> bool:
-        try:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
-            return True
-        except RuntimeError:  # the caller's event loop is closed: nobody is listening
-            return False
-
-    def _take_in(self) -> list[tuple[_Stream, RequestOutput]]:
-        """Moves new requests and aborts into the engine (step thread only)."""
-        with self._cond:
-            while not (self._inbox or self._aborts or self.engine.has_unfinished() or self._stopping):
-                self._cond.wait()
-            inbox, self._inbox = self._inbox, []
-            aborts, self._aborts = self._aborts, []
-        for req in inbox:
-            self.engine.enqueue(req)
-        finals = []
-        for request_id, stream in aborts:
-            req = self.engine.abort(request_id)
-            if req is not None and stream is not None:
-                tracing.end_request_span(stream.span, req)
-                finals.append((stream, self.engine.make_output(req, delta=True)))
-        return finals
-
-    def _trace(self, stream: _Stream, req: Request) -> None:
-        if req.num_output_tokens == 1 and req.metrics.first_token_time is not None:
-            tracing.on_first_token(stream.span, req)
-        if req.is_finished:
-            tracing.end_request_span(stream.span, req)
-
+    # -- step thread ----------------------------------------------------------------------
     def _run(self) -> None:
         try:
             while True:
-                deliveries = self._take_in()
+                self._take_in()
                 if self._stopping:
                     break
                 updated = self.engine.step() if self.engine.has_unfinished() else []
@@ -188,32 +199,84 @@ class AsyncLLM:
                         listener(updated)
                     except Exception:  # a broken metrics hook must not take the engine down
                         log.exception("step listener failed")
-                with self._cond:
-                    last = self.engine.step_history[-1] if updated else None
-                    for rid in last.preempted if last else ():
-                        if rid in self._streams and rid in self.engine.requests:
-                            tracing.on_preempted(self._streams[rid].span, self.engine.requests[rid], last.time)
-                    for req in updated:
-                        stream = self._streams.get(req.request_id)
-                        if stream is None:
-                            continue
-                        self._trace(stream, req)
-                        if req.error is not None:
-                            item = RequestFailedError(f"request {req.request_id} failed: {req.error}")
-                        else:
-                            item = self.engine.make_output(req, delta=True)
-                        if req.is_finished:
-                            del self._streams[req.request_id]
-                        deliveries.append((stream, item))
-                for stream, item in deliveries:
-                    if not self._deliver(stream, item) and isinstance(item, RequestOutput) and not item.finished:
-                        self.abort(item.request_id)
+                self._publish(updated)
+                self._abort_stalled()
+            self._fail_all(EngineDeadError("engine is shut down"))
         except BaseException as exc:  # the loop itself broke: fail everyone now, refuse new work
             log.exception("engine step loop died")
-            with self._cond:
-                self._dead = exc
-                streams, self._streams = list(self._streams.values()), {}
-                self._inbox.clear()
-            for stream in streams:
-                stream.span.end()
-                self._deliver(stream, EngineDeadError(f"engine step loop died: {exc!r}"))
+            self._dead = exc
+            self._fail_all(EngineDeadError(f"engine step loop died: {exc!r}"))
+
+    def _take_in(self) -> None:
+        """Moves new requests and aborts into the engine."""
+        with self._cond:
+            while not (self._inbox or self._aborts or self.engine.has_unfinished() or self._stopping):
+                self._cond.wait()
+            inbox, self._inbox = self._inbox, []
+            aborts, self._aborts = self._aborts, []
+        for req in inbox:
+            try:
+                self.engine.enqueue(req)
+            except Exception as exc:  # one caller's request, not the engine
+                self._finish(req, exc)
+        for engine_id in aborts:
+            req = self.engine.abort(engine_id)
+            if req is not None:
+                self._finish(req, self.engine.make_output(req, delta=True))
+
+    def _publish(self, updated: list[Request]) -> None:
+        """Each updated request's delta (built outside the lock) to its stream."""
+        last = self.engine.step_history[-1] if updated else None
+        for rid in last.preempted if last else ():
+            stream = self._streams.get(rid)
+            if stream is not None and rid in self.engine.requests:
+                tracing.on_preempted(stream.span, self.engine.requests[rid], last.time)
+        for req in updated:
+            stream = self._streams.get(req.request_id)
+            if stream is None:
+                continue
+            if req.num_output_tokens == 1 and req.metrics.first_token_time is not None:
+                tracing.on_first_token(stream.span, req)
+            if req.error is not None:
+                self._finish(req, RequestFailedError(f"request {stream.client_id} failed: {req.error}"))
+            elif req.is_finished:
+                self._finish(req, self.engine.make_output(req, delta=True))
+            elif not stream.put(self._as_client(self.engine.make_output(req, delta=True), stream)):
+                self._abort_engine_id(stream.client_id, req.request_id)  # its loop is gone
+
+    def _finish(self, req: Request, item: RequestOutput | BaseException) -> None:
+        """The request's last item; its stream and ids are forgotten."""
+        with self._cond:
+            stream = self._streams.pop(req.request_id, None)
+            if stream is None:
+                return
+            self._release(stream.client_id, req.request_id)
+        if req.is_finished:
+            tracing.end_request_span(stream.span, req)
+        else:
+            stream.span.end()
+        stream.put(self._as_client(item, stream) if isinstance(item, RequestOutput) else item)
+
+    @staticmethod
+    def _as_client(out: RequestOutput, stream: RequestStream) -> RequestOutput:
+        out.request_id = stream.client_id
+        return out
+
+    def _abort_stalled(self) -> None:
+        timeout = self.config.stalled_stream_timeout
+        now = time.monotonic()
+        for engine_id, stream in list(self._streams.items()):
+            if stream.stalled_for(now) > timeout:
+                log.warning("request %s: its reader has not read for %.0f s; aborting it", stream.client_id, timeout)
+                req = self.engine.abort(engine_id)
+                if req is not None:
+                    self._finish(req, self.engine.make_output(req, delta=True))
+
+    def _fail_all(self, error: EngineDeadError) -> None:
+        with self._cond:
+            streams, self._streams = list(self._streams.values()), {}
+            self._inbox.clear()
+            self._engine_ids.clear()
+        for stream in streams:
+            stream.span.end()
+            stream.put(error)

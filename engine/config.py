@@ -60,12 +60,16 @@ class EngineConfig:
     attention_backend: Literal["torch", "triton"] | None = None  # default by device
     num_threads: int | None = None            # CPU threads for torch (default: all cores)
     grammar_compile_timeout: float = 10.0     # seconds a structured-output grammar may take to compile
+    stalled_stream_timeout: float = 60.0      # AsyncLLM aborts a request whose reader stops reading this long
 
     def __post_init__(self) -> None:
         if self.device is None:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.device == "cpu" and _DTYPES[self.dtype] == torch.float16:
+            raise ValueError(f"EngineConfig.dtype {self.dtype!r} (float16) is not supported on CPU: its matmul "
+                             "and attention kernels run in bfloat16 or float32; use dtype='bfloat16'")
         if self.attention_backend is None:
             self.attention_backend = "triton" if self.device.startswith("cuda") else "torch"
         _check(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size", self.block_size,
@@ -76,6 +80,7 @@ class EngineConfig:
         _check(self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory", self.kv_cache_memory, "> 0")
         _check(self.max_model_len is None or self.max_model_len >= 1, "max_model_len", self.max_model_len, ">= 1")
         _check(self.preemption_mode in ("swap", "recompute"), "preemption_mode", self.preemption_mode, "'swap' or 'recompute'")
+        _check(self.stalled_stream_timeout > 0, "stalled_stream_timeout", self.stalled_stream_timeout, "> 0")
         _check(self.grammar_compile_timeout > 0, "grammar_compile_timeout", self.grammar_compile_timeout, "> 0")
         _check(self.swap_space >= 0, "swap_space", self.swap_space, ">= 0")
         _check(self.scheduling_policy in ("continuous", "static"), "scheduling_policy", self.scheduling_policy, "'continuous' or 'static'")

@@ -25,9 +25,10 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def add_token(self, token_id: int) -> str | None:
-        """Appends one token's text. Returns the stop string if the text now contains one
-        (the text is then cut before it, or after it with include_stop_str_in_output)."""
+    def add_token(self, token_id: int, check_stop: bool = True) -> str | None:
+        """Appends one token's text. With `check_stop`, returns the stop string if the new
+        text completes one (the text is then cut before it, or after it with
+        include_stop_str_in_output); text added without it is never searched again."""
         self.ids.append(token_id)
         prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
         full = self._decode(self.ids[self.prefix_offset:])
@@ -36,7 +37,7 @@ class IncrementalDetokenizer:
         start = len(self.text)
         self.text += full[len(prefix):]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        if self.stop:
+        if self.stop and check_stop:
             return self._check_stop(start)
         return None
 

@@ -48,6 +48,7 @@ class LLMEngine:
         loaded = load_model(config)
         self.model_config = loaded.model_config
         self.tokenizer = loaded.tokenizer
+        self.detokenizer_tokenizer = loaded.tokenizer  # AsyncLLM gives the step thread its own copy
         self.max_model_len = max_positions(config, self.model_config)
         if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"EngineConfig.max_num_batched_tokens ({config.max_num_batched_tokens}) must be >= "
@@ -159,7 +160,7 @@ class LLMEngine:
             raise ValueError(f"request id {req.request_id!r} is already in use")
         self.requests[req.request_id] = req
         if self.tokenizer is not None:
-            self.detokenizers[req.request_id] = IncrementalDetokenizer(self.tokenizer, req)
+            self.detokenizers[req.request_id] = IncrementalDetokenizer(self.detokenizer_tokenizer, req)
         self.scheduler.add(req)
         self.num_prompt_tokens += req.num_prompt_tokens
         return req
@@ -246,11 +247,12 @@ class LLMEngine:
             req.error = f"sampled token {token} is not allowed by the request's grammar"
             req.finish_reason = "error"
             return
+        n_out = req.num_output_tokens
         detok = self.detokenizers.get(req.request_id)
-        stop_str = detok.add_token(token) if detok is not None else None
+        # As vLLM: stop strings count only from min_tokens on (the text is never cut before).
+        stop_str = detok.add_token(token, check_stop=n_out >= p.min_tokens) if detok is not None else None
         if detok is not None:
             req.output_text = detok.text
-        n_out = req.num_output_tokens
         if n_out >= p.min_tokens:
             if not p.ignore_eos and token in req.eos_token_ids:
                 req.finish_reason = "stop"

@@ -65,6 +65,10 @@ CHAT_CASES = [
         {"role": "assistant", "content": None, "tool_calls": [{"id": "a", "type": "function",
                                                                "function": {"name": "f", "arguments": "{oops"}}]},
         {"role": "user", "content": "x"}]), 400, "not JSON"),
+    ("image part to a text-only model", chat_body(messages=[{"role": "user", "content": [
+        {"type": "text", "text": "What is in this picture?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]), 400,
+     "'image_url' parts are not supported"),
     ("prompt over max_model_len", chat_body(messages=[{"role": "user", "content": "word " * 2000}]), 400,
      "max_model_len is 512"),
 ]

@@ -161,3 +161,13 @@ def test_tool_call_scoring_checks_the_schema_and_the_key_arguments():
     assert tool_calling.score(call.replace("25", "26"), task, schemas) == (True, True, False)
     assert tool_calling.score(call.replace('"b": 25', '"b": "x"'), task, schemas) == (True, False, False)
     assert tool_calling.score("no call", task, schemas) == (False, False, False)
+
+
+@pytest.mark.parametrize("args, shows", [(["--help"], "tools"), (["tools", "--help"], "--throughput-limit"),
+                                         (["agent", "-h"], "python -m benchmarks agent")])
+def test_benchmarks_cli_help_exits_0_and_says_what_it_runs(args, shows):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "benchmarks", *args], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert shows in r.stdout

@@ -55,9 +55,14 @@ def cloud_trace():
     if not isinstance(provider, TracerProvider):  # the global provider ADK and the engine both use
         provider = TracerProvider()
         trace.set_tracer_provider(provider)
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    processor = SimpleSpanProcessor(exporter)
+    provider.add_span_processor(processor)
     configure_engine("smollm2-traced", model="smollm2-135m-instruct", num_kv_blocks=1024)
     yield fake
+    # Take the exporter off the global provider before its server goes: later tests' spans
+    # would otherwise block on retries to a server that is gone.
+    active = provider._active_span_processor
+    active._span_processors = tuple(p for p in active._span_processors if p is not processor)
     fake.server.stop(None)
 
 
