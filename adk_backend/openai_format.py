@@ -92,9 +92,7 @@ def openai_reply_spec(p: dict) -> ReplySpec:
         mode, allowed, parallel = "required", [name], False  # a named function: one call to it
     else:
         raise ValueError(f"tool_choice must be 'none', 'auto', 'required' or a named function, got {choice!r}"[:300])
-    if mode == "required" and not tools:
-        raise ValueError(f"tool_choice {choice!r} needs tools, and none were given"[:300])
-    return ReplySpec(tools=tools, mode=mode if tools else "none", allowed=allowed,
+    return ReplySpec(tools=tools, mode=mode, allowed=allowed,
                      parallel=True if parallel is None else parallel,
                      response_schema=response_schema(p.get("response_format")))
 

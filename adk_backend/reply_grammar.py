@@ -40,7 +40,7 @@ class ReplySpec:
     def __post_init__(self) -> None:
         names = self.tool_names
         if self.mode == "required" and not self.tools:
-            raise ValueError("a tool call is required, but no tools were given")
+            raise ValueError("a required tool call needs tools, and none were given")
         for name in self.allowed or []:
             if name not in names:
                 raise ValueError(f"the tool choice names {name!r}, which is not among the tools {names}")
@@ -60,16 +60,14 @@ class ReplySpec:
 
 def reply_grammar(spec: ReplySpec) -> StructuredOutputsParams | None:
     """The structured_outputs that enforce `spec` (None: the reply is free text)."""
-    if spec.response_schema is not None and spec.mode == "none":
-        return StructuredOutputsParams(json=spec.response_schema)
-    if spec.mode == "none":
+    callable_tools = [t["function"] for t in spec.tools if t["function"]["name"] in spec.callable_names]
+    if not callable_tools:  # mode none, or no tools: the answer alone
+        if spec.response_schema is not None:
+            return StructuredOutputsParams(json=spec.response_schema)
         if not spec.tools:
             return None
         no_call = {"type": "any_text", "excludes": [TOOL_CALL_OPEN]}
         return StructuredOutputsParams(structural_tag={"type": "structural_tag", "format": no_call})
-    callable_tools = [t["function"] for t in spec.tools if t["function"]["name"] in spec.callable_names]
-    if not callable_tools:
-        return None if spec.response_schema is None else StructuredOutputsParams(json=spec.response_schema)
     tags = [_call_tag(fn) for fn in callable_tools]
     calls_only = {"type": "tags_with_separator", "tags": tags, "separator": "\n", "at_least_one": True,
                   "stop_after_first": not spec.parallel}

@@ -28,7 +28,7 @@ class StructuredOutputsParams:
             object.__setattr__(self, "choice", tuple(self.choice))
         if self.json_object not in (True, False):
             raise ValueError(f"structured_outputs.json_object must be a boolean, got {self.json_object!r}")
-        chosen = [k for k in _KINDS if getattr(self, k) not in (None, False)]
+        chosen = self._chosen()
         if len(chosen) != 1:
             raise ValueError(f"structured_outputs must set exactly one of {', '.join(_KINDS)}; got "
                              f"{', '.join(chosen) or 'none'}")
@@ -53,9 +53,12 @@ class StructuredOutputsParams:
             raise ValueError(f"structured_outputs has unknown field(s) {unknown}; known: {list(_KINDS)}")
         return cls(**value)
 
+    def _chosen(self) -> list[str]:
+        return [k for k in _KINDS if getattr(self, k) not in (None, False)]
+
     @property
     def kind(self) -> str:
-        return next(k for k in _KINDS if getattr(self, k) not in (None, False))
+        return self._chosen()[0]
 
     @property
     def key(self) -> tuple[str, str]:
