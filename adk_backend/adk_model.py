@@ -61,8 +61,8 @@ class EngineLlm(BaseLlm):
             async for item in chat_stream(engine, messages, spec, params):
                 if isinstance(item, ChatResult):
                     yield final_response(item)
-                elif stream:
-                    yield LlmResponse(content=types.Content(role="model", parts=[types.Part(text=item)]),
+                elif stream and item.text:
+                    yield LlmResponse(content=types.Content(role="model", parts=[types.Part(text=item.text)]),
                                       partial=True)
         except ValueError as exc:  # refused: prompt too long, bad sampling values, bad history
             yield _error("INVALID_ARGUMENT", str(exc))

@@ -9,7 +9,6 @@ results as <tool_response>...</tool_response> in a 'tool' message.
 """
 from __future__ import annotations
 
-import functools
 import json
 import re
 import uuid
@@ -48,37 +47,25 @@ def tool_response_text(name: str, response) -> str:
     return f"<tool_response>\n{json.dumps({'name': name, 'content': response}, default=str)}\n</tool_response>"
 
 
-def render_prompt(engine, messages: list[dict], tools: list[dict] | None) -> str:
-    """The prompt text for `messages` with `tools` declared: through the model's own chat
-    template where it renders tools, else in a Hermes system block."""
+def messages_with_tools(messages: list[dict], tools: list[dict] | None,
+                        template_renders_tools: bool) -> tuple[list[dict], list[dict] | None]:
+    """The messages and tools to hand the chat template: the tools as they are where the
+    template renders them, else declared in a Hermes system block."""
     messages = [dict(m) for m in messages]
-    if tools and template_renders_tools(engine.tokenizer):
-        return engine.apply_chat_template(messages, tools=tools)
-    if tools:
-        block = HERMES_SYSTEM.format(tools="\n".join(json.dumps(t) for t in tools))
-        if messages and messages[0]["role"] == "system":
-            messages[0]["content"] = messages[0]["content"] + "\n\n" + block
-        else:
-            messages.insert(0, {"role": "system", "content": block})
-    return engine.apply_chat_template(messages)
+    if not tools or template_renders_tools:
+        return messages, tools or None
+    block = HERMES_SYSTEM.format(tools="\n".join(json.dumps(t) for t in tools))
+    if messages and messages[0]["role"] == "system":
+        messages[0]["content"] = messages[0]["content"] + "\n\n" + block
+    else:
+        messages.insert(0, {"role": "system", "content": block})
+    return messages, None
 
 
-_PROBE_TOOL = {"type": "function", "function": {"name": "probe_tool_7f3a", "description": "",
-                                                "parameters": {"type": "object", "properties": {}}}}
-
-
-@functools.lru_cache(maxsize=16)
-def template_renders_tools(tokenizer) -> bool:
-    """Whether the chat template shows the tools it is given (SmolLM2's ignores them)."""
-    template = getattr(tokenizer, "chat_template", None)
-    if not template:
-        return False
-    try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tools=[_PROBE_TOOL],
-                                             add_generation_prompt=True, tokenize=False)
-    except Exception:  # a template that fails on tools cannot render them
-        return False
-    return "probe_tool_7f3a" in text
+def render_prompt(engine, messages: list[dict], tools: list[dict] | None) -> str:
+    """The prompt text on an offline LLMEngine (AsyncLLM callers go through chat_stream)."""
+    messages, tools = messages_with_tools(messages, tools, engine.chat_template_renders_tools)
+    return engine.apply_chat_template(messages, tools)
 
 
 def parse_reply(text: str, callable_tools: set[str]) -> ParsedReply:

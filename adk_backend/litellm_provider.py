@@ -57,8 +57,8 @@ class EngineLiteLLM(CustomLLM):
         if reply.tool_calls:
             message.tool_calls = [ChatCompletionMessageToolCall(id=c["id"], type="function",
                                                                 function=Function(**c["function"]))
-                                  for c in openai_tool_calls(result)]
-        response.choices[0].finish_reason = finish_reason(result)
+                                  for c in openai_tool_calls(result.choices[0])]
+        response.choices[0].finish_reason = finish_reason(result.choices[0])
         response.model = model
         response.created = int(time.time())
         response.usage = Usage(**usage(result))
@@ -69,14 +69,16 @@ class EngineLiteLLM(CustomLLM):
                          optional_params: dict | None = None, **kwargs) -> AsyncIterator[GenericStreamingChunk]:
         async for item in self._events(model, messages, optional_params or {}):
             if not isinstance(item, ChatResult):
-                yield {"text": item, "tool_use": None, "is_finished": False, "finish_reason": "", "usage": None,
+                if not item.text:
+                    continue
+                yield {"text": item.text, "tool_use": None, "is_finished": False, "finish_reason": "", "usage": None,
                        "index": 0}
                 continue
-            calls = openai_tool_calls(item)
+            calls = openai_tool_calls(item.choices[0])
             for call in calls:
                 yield {"text": "", "tool_use": call, "is_finished": False, "finish_reason": "", "usage": None,
                        "index": 0}
-            yield {"text": "", "tool_use": None, "is_finished": True, "finish_reason": finish_reason(item),
+            yield {"text": "", "tool_use": None, "is_finished": True, "finish_reason": finish_reason(item.choices[0]),
                    "usage": usage(item), "index": 0}
 
     # Sync entry points run the async ones on a private event loop thread.

@@ -52,9 +52,9 @@ class EngineMetrics:
                     "prefix_cache_hits": self.prefix_hits, "prompt_tokens_total": self.prompt_tokens,
                     "generation_tokens_total": self.generation_tokens}
 
-        def on_step(updated) -> None:  # runs on the engine's step thread
+        def on_step(step) -> None:  # runs on the engine's step thread, with its StepOutput
             now = time.time()
-            for req in updated:
+            for req in step.updated:
                 rid, m = req.request_id, req.metrics
                 if req.num_output_tokens == 1 and m.first_token_time is not None and rid not in last_token:
                     self.ttft.labels(model).observe(m.time_to_first_token)
@@ -67,10 +67,10 @@ class EngineMetrics:
                     if m.e2e_latency is not None:
                         self.e2e.labels(model).observe(m.e2e_latency)
                     self.finished.labels(model, req.finish_reason or "unknown").inc()
-            if len(last_token) > 1024:  # forget requests that were aborted between steps
-                for rid in [r for r in last_token if r not in engine.engine.requests]:
+            if len(last_token) > 1024:  # forget requests aborted between steps (silent for a minute)
+                for rid in [r for r, t in last_token.items() if now - t > 60]:
                     del last_token[rid]
-            stats = engine.engine.stats()
+            stats = engine.stats()
             self.running.labels(model).set(stats["num_running"])
             self.waiting.labels(model).set(stats["num_waiting"])
             self.swapped.labels(model).set(stats["num_swapped"])

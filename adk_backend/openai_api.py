@@ -15,10 +15,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from adk_backend.chat import ChatResult, chat_stream
 from adk_backend.engines import engine_for, model_name
-from adk_backend.openai_format import (finish_reason, openai_reply_spec, openai_sampling, openai_to_messages,
-                                       openai_tool_calls, response_schema, token_usage, usage)
+from adk_backend.openai_format import (chat_logprobs, chat_top_logprobs, completion_logprobs, finish_reason,
+                                       openai_reply_spec, openai_sampling, openai_to_messages, openai_tool_calls,
+                                       response_schema, token_usage, usage)
 from engine import StructuredOutputsParams
 from engine.async_llm import EngineDeadError, RequestFailedError
+from engine.output_stream import merge
 
 
 class APIError(Exception):
@@ -72,8 +74,9 @@ async def _body(request: Request) -> dict:
 _COMMON_FIELDS = {"model", "stream", "stream_options", "temperature", "top_p", "top_k", "min_p", "max_tokens",
                   "seed", "stop", "presence_penalty", "frequency_penalty", "n", "user", "ignore_eos", "min_tokens",
                   "repetition_penalty", "structured_outputs", "response_format"}
-CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "tools", "tool_choice", "parallel_tool_calls"}
-COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt"}
+CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "tools", "tool_choice", "parallel_tool_calls",
+                                "logprobs", "top_logprobs"}
+COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "logprobs"}
 # Fields accepted only at a value that asks for nothing.
 _NO_OP_VALUES = {"logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}), "echo": (None, False),
                  "suffix": (None, ""), "best_of": (None, 1), "store": (None, False), "service_tier": (None, "auto", "default")}
@@ -92,12 +95,10 @@ def _check_fields(body: dict, known: set[str]) -> None:
 
 def _check_params(body: dict) -> None:
     for key in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "max_tokens",
-                "max_completion_tokens", "seed", "top_k", "n", "min_tokens", "repetition_penalty"):
+                "max_completion_tokens", "seed", "top_k", "n", "min_tokens", "repetition_penalty", "top_logprobs"):
         v = body.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
             raise APIError(400, f"'{key}' must be a number, got {v!r}", param=key)
-    if body.get("n", 1) != 1:
-        raise APIError(400, "only n=1 is supported", param="n")
     stop = body.get("stop")
     if stop is not None and not isinstance(stop, str) and not (
             isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
@@ -175,7 +176,7 @@ def make_router(served: list[str], max_tokens_limit: int, max_concurrent_per_cli
         if limit is not None and limit > max_tokens_limit:
             raise APIError(400, f"max_tokens must be <= {max_tokens_limit}, got {limit}", param="max_tokens")
         try:
-            return openai_sampling(body)
+            return dataclasses.replace(openai_sampling(body), n=1 if body.get("n") is None else body["n"])
         except ValueError as exc:
             raise APIError(400, str(exc)) from exc
 
@@ -200,20 +201,35 @@ def make_router(served: list[str], max_tokens_limit: int, max_concurrent_per_cli
             spec = openai_reply_spec(body)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise APIError(400, f"invalid messages, tools or response_format: {exc}") from exc
+        try:
+            top_n = chat_top_logprobs(body)
+            params = dataclasses.replace(params, logprobs=top_n)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="logprobs") from exc
         engine = engine_for(model)  # a dead engine refuses in generate(): 503 through _guarded
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         events = _guarded(chat_stream(engine, messages, spec, params))
+
+        def logprobs(token_ids: list[int], entries) -> dict | None:
+            return chat_logprobs(token_ids, entries, top_n) if top_n is not None else None
+
         if not body.get("stream"):
-            result = None
+            result, tokens = None, [([], []) for _ in range(params.n)]
             async for item in events:
                 if isinstance(item, ChatResult):
                     result = item
-            message = {"role": "assistant", "content": result.reply.text or None}
-            if result.reply.tool_calls:
-                message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in openai_tool_calls(result)]
+                elif item.logprobs:
+                    tokens[item.index][0].extend(item.token_ids)
+                    tokens[item.index][1].extend(item.logprobs)
+            choices = []
+            for c in result.choices:
+                message = {"role": "assistant", "content": c.reply.text or None}
+                if c.reply.tool_calls:
+                    message["tool_calls"] = [{k: v for k, v in t.items() if k != "index"} for t in openai_tool_calls(c)]
+                choices.append({"index": c.index, "message": message, "logprobs": logprobs(*tokens[c.index]),
+                                "finish_reason": finish_reason(c)})
             return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-                    "choices": [{"index": 0, "message": message, "finish_reason": finish_reason(result)}],
-                    "usage": usage(result)}
+                    "choices": choices, "usage": usage(result)}
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         first = await _first(events)  # errors before the first token still get a proper status
 
@@ -221,19 +237,23 @@ def make_router(served: list[str], max_tokens_limit: int, max_concurrent_per_cli
             return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
                     "choices": choices, **extra}
 
-        def delta(d: dict, finish=None) -> dict:
-            return chunk([{"index": 0, "delta": d, "finish_reason": finish}])
+        def delta(index: int, d: dict, finish=None, lp=None) -> dict:
+            choice = {"index": index, "delta": d, "finish_reason": finish}
+            return chunk([choice | ({"logprobs": lp} if lp is not None else {})])
 
         async def events_out():
-            yield delta({"role": "assistant", "content": ""})
+            for i in range(params.n):
+                yield delta(i, {"role": "assistant", "content": ""})
             async for item in _prepend(first, events):
                 if not isinstance(item, ChatResult):
-                    yield delta({"content": item})
+                    yield delta(item.index, {"content": item.text},
+                                lp=logprobs(item.token_ids, item.logprobs) if item.logprobs else None)
                     continue
-                calls = openai_tool_calls(item)
-                if calls:
-                    yield delta({"tool_calls": calls})
-                yield delta({}, finish_reason(item))
+                for c in item.choices:
+                    calls = openai_tool_calls(c)
+                    if calls:
+                        yield delta(c.index, {"tool_calls": calls})
+                    yield delta(c.index, {}, finish_reason(c))
                 if include_usage:
                     yield chunk([], usage=usage(item))
 
@@ -251,6 +271,14 @@ def make_router(served: list[str], max_tokens_limit: int, max_concurrent_per_cli
             raise APIError(400, str(exc), param="response_format") from exc
         if schema is not None:
             params = dataclasses.replace(params, structured_outputs=StructuredOutputsParams(json=schema))
+        top_n = body.get("logprobs")
+        if top_n is not None:
+            if isinstance(top_n, bool) or not isinstance(top_n, int):
+                raise APIError(400, f"'logprobs' must be an integer, got {top_n!r}", param="logprobs")
+            try:
+                params = dataclasses.replace(params, logprobs=top_n)
+            except ValueError as exc:
+                raise APIError(400, str(exc), param="logprobs") from exc
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
@@ -262,16 +290,22 @@ def make_router(served: list[str], max_tokens_limit: int, max_concurrent_per_cli
 
         stream_outputs = _guarded(engine.generate(prompt, params))
         first = await _first(stream_outputs)
+        offsets = [0] * params.n  # text already returned per choice (for logprobs' text_offset)
+
+        def choice(c) -> dict:
+            lp = None
+            if top_n is not None:
+                lp = completion_logprobs(c.token_ids, c.logprobs, top_n, offsets[c.index])
+            offsets[c.index] += len(c.text)
+            return {"index": c.index, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason}
+
         if not body.get("stream"):
-            text, n_out, last = "", 0, None
+            whole = None  # every delta merged, choice by choice
             async for out in _prepend(first, stream_outputs):
-                text += out.outputs[0].text
-                n_out += len(out.outputs[0].token_ids)
-                last = out
+                whole = out if whole is None else merge(whole, out)
             return {"id": rid, "object": "text_completion", "created": created, "model": model,
-                    "choices": [{"index": 0, "text": text, "finish_reason": last.outputs[0].finish_reason,
-                                 "logprobs": None}],
-                    "usage": token_usage(len(last.prompt_token_ids), n_out)}
+                    "choices": [choice(c) for c in whole.outputs],
+                    "usage": token_usage(len(whole.prompt_token_ids), sum(len(c.token_ids) for c in whole.outputs))}
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
         def chunk(choices: list, **extra) -> dict:
@@ -281,8 +315,8 @@ def make_router(served: list[str], max_tokens_limit: int, max_concurrent_per_cli
         async def events_out():
             n_out = 0
             async for out in _prepend(first, stream_outputs):
-                n_out += len(out.outputs[0].token_ids)
-                yield chunk([{"index": 0, "text": out.outputs[0].text, "finish_reason": out.outputs[0].finish_reason}])
+                n_out += sum(len(c.token_ids) for c in out.outputs)
+                yield chunk([choice(c) for c in out.outputs])
                 if out.finished and include_usage:
                     yield chunk([], usage=token_usage(len(out.prompt_token_ids), n_out))
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 
-from adk_backend.chat import ChatResult
+from adk_backend.chat import ChatChoice, ChatResult
 from adk_backend.chat_format import tool_call_text, tool_response_text
 from adk_backend.reply_grammar import ReplySpec
 from engine import SamplingParams, StructuredOutputsParams
+from engine.request import Logprob
 
 _FINISH = {"stop": "stop", "length": "length", "abort": "abort"}  # "abort" as vLLM reports it
 
@@ -137,13 +138,13 @@ def openai_sampling(optional_params: dict) -> SamplingParams:
     )
 
 
-def openai_tool_calls(result: ChatResult) -> list[dict]:
+def openai_tool_calls(choice: ChatChoice) -> list[dict]:
     return [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": json.dumps(c.arguments)},
-             "index": i} for i, c in enumerate(result.reply.tool_calls)]
+             "index": i} for i, c in enumerate(choice.reply.tool_calls)]
 
 
-def finish_reason(result: ChatResult) -> str:
-    return "tool_calls" if result.reply.tool_calls else _FINISH.get(result.finish_reason, "stop")
+def finish_reason(choice: ChatChoice) -> str:
+    return "tool_calls" if choice.reply.tool_calls else _FINISH.get(choice.finish_reason, "stop")
 
 
 def token_usage(num_prompt_tokens: int, num_output_tokens: int) -> dict:
@@ -153,3 +154,44 @@ def token_usage(num_prompt_tokens: int, num_output_tokens: int) -> dict:
 
 def usage(result: ChatResult) -> dict:
     return token_usage(result.num_prompt_tokens, result.num_output_tokens)
+
+
+def chat_top_logprobs(body: dict) -> int | None:
+    """SamplingParams.logprobs for a chat request: `top_logprobs` when `logprobs` is on."""
+    wanted, top = body.get("logprobs"), body.get("top_logprobs")
+    if wanted not in (None, True, False):
+        raise ValueError(f"'logprobs' must be a boolean, got {wanted!r}")
+    if top is not None and not wanted:
+        raise ValueError("'top_logprobs' needs 'logprobs': true")
+    return (top or 0) if wanted else None
+
+
+def _logprob(lp: Logprob) -> float:
+    return max(lp.logprob, -9999.0)  # JSON has no -inf
+
+
+def _top(entry: dict[int, Logprob], n: int) -> list[Logprob]:
+    return sorted((lp for lp in entry.values() if lp.rank is not None and lp.rank <= n), key=lambda lp: lp.rank)
+
+
+def chat_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]], top_n: int) -> dict:
+    """OpenAI's chat `logprobs` object for the given tokens."""
+    def token(lp: Logprob) -> dict:
+        text = lp.decoded_token or ""
+        return {"token": text, "logprob": _logprob(lp), "bytes": list(text.encode("utf-8"))}
+    return {"content": [token(entry[t]) | {"top_logprobs": [token(lp) for lp in _top(entry, top_n)]}
+                        for t, entry in zip(token_ids, logprobs)], "refusal": None}
+
+
+def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]], top_n: int,
+                        text_offset: int = 0) -> dict:
+    """The legacy completions `logprobs` object; offsets count from `text_offset`."""
+    tokens, offsets = [], []
+    for t, entry in zip(token_ids, logprobs):
+        offsets.append(text_offset)
+        tokens.append(entry[t].decoded_token or "")
+        text_offset += len(tokens[-1])
+    return {"tokens": tokens,
+            "token_logprobs": [_logprob(entry[t]) for t, entry in zip(token_ids, logprobs)],
+            "top_logprobs": [{lp.decoded_token or "": _logprob(lp) for lp in _top(entry, top_n)} for entry in logprobs],
+            "text_offset": offsets}

@@ -27,9 +27,9 @@ from typing import AsyncIterator, Callable
 
 from engine import tracing
 from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
+from engine.llm_engine import LLMEngine, StepOutput
 from engine.output_stream import RequestStream
-from engine.request import Request, RequestOutput, RequestStatus
+from engine.request import CompletionOutput, Request, RequestOutput
 from engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class AsyncLLM:
         self.engine = LLMEngine(config)
         self.config = config
         if self.engine.tokenizer is not None:  # the step thread's own copy for detokenizing
-            self.engine.detokenizer_tokenizer = copy.deepcopy(self.engine.tokenizer)
+            self.engine.outputs.tokenizer = copy.deepcopy(self.engine.tokenizer)
         # Guards the inbox, aborts and the id maps only (short sections); the engine itself
         # is touched by the step thread alone.
         self._cond = threading.Condition()
@@ -63,8 +63,8 @@ class AsyncLLM:
         self._dead: BaseException | None = None
         self._stopping = False
         self._stats = self.engine.stats()
-        # Called on the step thread after every step with the requests it updated (metrics).
-        self.step_listeners: list[Callable[[list[Request]], None]] = []
+        # Called on the step thread with every step's StepOutput (metrics).
+        self.step_listeners: list[Callable[[StepOutput], None]] = []
         self._thread = threading.Thread(target=self._run, name="engine-step-loop", daemon=True)
         self._thread.start()
 
@@ -73,6 +73,16 @@ class AsyncLLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    @property
+    def chat_template_renders_tools(self) -> bool:
+        """Whether the model's chat template shows the tools it is given."""
+        return self.engine.chat_template_renders_tools
+
+    async def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        """The prompt text for a conversation, rendered on the engine's input thread."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._input_pool, self.engine.apply_chat_template, messages, tools)
+
     def is_healthy(self) -> bool:
         return self._dead is None and not self._stopping and self._thread.is_alive()
 
@@ -80,7 +90,8 @@ class AsyncLLM:
                        request_id: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Yields a RequestOutput per step with the new text and token ids (deltas; several
         steps' deltas merged when the caller reads slower than the engine steps); the last
-        one has `finished=True`, the finish reason and the request's metrics. A list of
+        one has `finished=True`, the finish reason and the request's metrics. With
+        `params.n > 1` each output holds the sequences (by `index`) that changed. A list of
         {'role', 'content'} dicts is rendered with the model's chat template."""
         self._check_alive()
         client_id = request_id if request_id is not None else f"async-{next(self._seq)}"
@@ -96,7 +107,7 @@ class AsyncLLM:
             raise
         # The caller's OpenTelemetry context travels with the request to the step thread.
         stream = RequestStream(asyncio.get_running_loop(), client_id,
-                               tracing.start_request_span(req, self.config.model))
+                               tracing.start_request_span(req, self.config.model), [req, *req.forks])
         with self._cond:
             refused = self._dead is not None or self._stopping
             if not refused and self._engine_ids.get(client_id) == engine_id:  # not aborted meanwhile
@@ -110,8 +121,7 @@ class AsyncLLM:
             stream.span.end()
             self._release(client_id, engine_id)
             self._check_alive()
-            req.status, req.finish_reason = RequestStatus.FINISHED, "abort"  # aborted before it started
-            yield self._as_client(self.engine.make_output(req), stream)
+            yield self._as_client(_aborted_before_start(req), stream)
             return
         finished = False
         try:
@@ -192,14 +202,15 @@ class AsyncLLM:
                 self._take_in()
                 if self._stopping:
                     break
-                updated = self.engine.step() if self.engine.has_unfinished() else []
+                step = self.engine.step() if self.engine.has_unfinished() else None
                 self._stats = self.engine.stats()
-                for listener in self.step_listeners:
-                    try:
-                        listener(updated)
-                    except Exception:  # a broken metrics hook must not take the engine down
-                        log.exception("step listener failed")
-                self._publish(updated)
+                if step is not None:
+                    for listener in self.step_listeners:
+                        try:
+                            listener(step)
+                        except Exception:  # a broken metrics hook must not take the engine down
+                            log.exception("step listener failed")
+                    self._publish(step)
                 self._abort_stalled()
             self._fail_all(EngineDeadError("engine is shut down"))
         except BaseException as exc:  # the loop itself broke: fail everyone now, refuse new work
@@ -216,45 +227,47 @@ class AsyncLLM:
             aborts, self._aborts = self._aborts, []
         for req in inbox:
             try:
-                self.engine.enqueue(req)
+                self.engine.enqueue(req, delta=True)
             except Exception as exc:  # one caller's request, not the engine
-                self._finish(req, exc)
+                self._finish(req.request_id, exc)
         for engine_id in aborts:
-            req = self.engine.abort(engine_id)
-            if req is not None:
-                self._finish(req, self.engine.make_output(req, delta=True))
+            self._abort_now(engine_id)
 
-    def _publish(self, updated: list[Request]) -> None:
-        """Each updated request's delta (built outside the lock) to its stream."""
-        last = self.engine.step_history[-1] if updated else None
-        for rid in last.preempted if last else ():
-            stream = self._streams.get(rid)
-            if stream is not None and rid in self.engine.requests:
-                tracing.on_preempted(stream.span, self.engine.requests[rid], last.time)
-        for req in updated:
-            stream = self._streams.get(req.request_id)
+    def _publish(self, step: StepOutput) -> None:
+        """Each updated request's output to its stream."""
+        for seq in step.preempted:
+            stream = self._streams.get(seq.group_id)
+            if stream is not None:
+                tracing.on_preempted(stream.span, seq, step.stats.time)
+        for out in step.outputs:
+            stream = self._streams.get(out.request_id)
             if stream is None:
                 continue
-            if req.num_output_tokens == 1 and req.metrics.first_token_time is not None:
-                tracing.on_first_token(stream.span, req)
-            if req.error is not None:
-                self._finish(req, RequestFailedError(f"request {stream.client_id} failed: {req.error}"))
-            elif req.is_finished:
-                self._finish(req, self.engine.make_output(req, delta=True))
-            elif not stream.put(self._as_client(self.engine.make_output(req, delta=True), stream)):
-                self._abort_engine_id(stream.client_id, req.request_id)  # its loop is gone
+            if not stream.first_token_seen and out.metrics.first_token_time is not None:
+                stream.first_token_seen = True
+                tracing.on_first_token(stream.span, out.metrics)
+            if out.error is not None:
+                self._abort_now(out.request_id, quiet=True)  # its other sequences, if any
+                self._finish(out.request_id, RequestFailedError(f"request {stream.client_id} failed: {out.error}"))
+            elif out.finished:
+                self._finish(out.request_id, out)
+            elif not stream.put(self._as_client(out, stream)):
+                self._abort_engine_id(stream.client_id, out.request_id)  # its loop is gone
 
-    def _finish(self, req: Request, item: RequestOutput | BaseException) -> None:
+    def _abort_now(self, engine_id: str, quiet: bool = False) -> None:
+        """Step thread: stops the request in the engine and ends its stream."""
+        out = self.engine.abort(engine_id)
+        if out is not None and not quiet:
+            self._finish(engine_id, out)
+
+    def _finish(self, engine_id: str, item: RequestOutput | BaseException) -> None:
         """The request's last item; its stream and ids are forgotten."""
         with self._cond:
-            stream = self._streams.pop(req.request_id, None)
+            stream = self._streams.pop(engine_id, None)
             if stream is None:
                 return
-            self._release(stream.client_id, req.request_id)
-        if req.is_finished:
-            tracing.end_request_span(stream.span, req)
-        else:
-            stream.span.end()
+            self._release(stream.client_id, engine_id)
+        tracing.end_request_span(stream.span, stream.seqs)
         stream.put(self._as_client(item, stream) if isinstance(item, RequestOutput) else item)
 
     @staticmethod
@@ -268,9 +281,7 @@ class AsyncLLM:
         for engine_id, stream in list(self._streams.items()):
             if stream.stalled_for(now) > timeout:
                 log.warning("request %s: its reader has not read for %.0f s; aborting it", stream.client_id, timeout)
-                req = self.engine.abort(engine_id)
-                if req is not None:
-                    self._finish(req, self.engine.make_output(req, delta=True))
+                self._abort_now(engine_id)
 
     def _fail_all(self, error: EngineDeadError) -> None:
         with self._cond:
@@ -280,3 +291,10 @@ class AsyncLLM:
         for stream in streams:
             stream.span.end()
             stream.put(error)
+
+
+def _aborted_before_start(req: Request) -> RequestOutput:
+    return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
+                         outputs=[CompletionOutput(index=i, text="", token_ids=[], finish_reason="abort")
+                                  for i in range(req.sampling_params.n)],
+                         finished=True, metrics=req.metrics)

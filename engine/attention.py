@@ -1,17 +1,14 @@
-"""Attention over the paged KV cache for one flattened varlen batch.
+"""Attention over the paged KV cache for one flattened varlen batch: the torch paths.
 
 The batch puts all single-token decodes first, then prefill chunks. Metadata is built
-once per step (`AttentionMetadata`) and shared by every layer. Backends:
-- `torch`: the reference and CPU path. Decodes are vectorized across sequences (one
-  gather of their blocks, one SDPA call); each prefill chunk is one SDPA call over its
-  cached context plus its own tokens.
-- `triton`: kernels in `kernels/` (GPU; the interpreter in tests).
+once per step (`AttentionMetadata`, by the step's backend, see `engine.attention_backends`)
+and shared by every layer. Decodes are vectorized across sequences (one gather of their
+blocks, one SDPA call); each prefill chunk is one SDPA call over its cached context plus
+its own tokens.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 
@@ -38,13 +35,6 @@ class AttentionMetadata:
     block_tables: torch.Tensor | None = None     # [B, max_blocks] int32
     max_query_len: int = 0
     max_seq_len: int = 0
-
-
-@dataclass(frozen=True)
-class AttentionBackend:
-    name: str
-    write_kv: Callable | None  # None: the layer's fused RoPE kernel already wrote K/V
-    attend: Callable           # (q, k, v, k_cache, v_cache, meta, scale) -> [T, H, D]
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -113,5 +103,4 @@ def _torch_prefills(out, q, k, v, k_cache, v_cache, meta: AttentionMetadata, sca
         out[rows] = op.squeeze(0).transpose(0, 1)
 
 
-TORCH_BACKEND = AttentionBackend("torch", write_kv, torch_paged_attention)
-CPU_BACKEND = AttentionBackend("cpu", None, cpu_paged_attention)
+

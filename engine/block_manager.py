@@ -153,6 +153,24 @@ class KVCacheManager:
             req.block_hashes.append(h)
             parent = h
 
+    def fork(self, parent: Request, child: Request) -> list[tuple[int, int]] | None:
+        """Parallel sampling: `child` (holding no blocks) shares `parent`'s full blocks and
+        gets a fresh block for the partial last one. Returns the (source, destination) block
+        copies the caller must make, or None (nothing changed) when the pool is short."""
+        assert not child.block_ids
+        full, partial = divmod(parent.num_computed_tokens, self.block_size)
+        if partial and self.pool.num_free == 0:
+            return None
+        for block_id in parent.block_ids[:full]:
+            self.pool.share(self.pool.blocks[block_id])
+        child.block_ids = parent.block_ids[:full]
+        child.block_hashes = parent.block_hashes[:full]
+        if not partial:
+            return []
+        block = self.pool.allocate()
+        child.block_ids.append(block.block_id)
+        return [(parent.block_ids[full], block.block_id)]
+
     def free(self, req: Request) -> None:
         # Release the tail first so that, among this request's blocks, the shared prefix
         # (most likely reused) is evicted last.

@@ -7,6 +7,8 @@ from typing import Literal
 
 import torch
 
+from engine.attention_backends import check_dtype
+
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
            "fp16": torch.float16, "half": torch.float16, "float32": torch.float32,
            "fp32": torch.float32, "float": torch.float32}
@@ -57,7 +59,7 @@ class EngineConfig:
     preemption_mode: Literal["swap", "recompute"] = "recompute"
     swap_space: int = 1 << 30                 # bytes of CPU memory for swapped-out blocks
     scheduling_policy: Literal["continuous", "static"] = "continuous"
-    attention_backend: Literal["torch", "triton"] | None = None  # default by device
+    attention_backend: Literal["cpu", "torch", "triton"] | None = None  # default: triton on CUDA, cpu on CPU
     num_threads: int | None = None            # CPU threads for torch (default: all cores)
     grammar_compile_timeout: float = 10.0     # seconds a structured-output grammar may take to compile
     stalled_stream_timeout: float = 60.0      # AsyncLLM aborts a request whose reader stops reading this long
@@ -67,11 +69,7 @@ class EngineConfig:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
-        if self.device == "cpu" and _DTYPES[self.dtype] == torch.float16:
-            raise ValueError(f"EngineConfig.dtype {self.dtype!r} (float16) is not supported on CPU: its matmul "
-                             "and attention kernels run in bfloat16 or float32; use dtype='bfloat16'")
-        if self.attention_backend is None:
-            self.attention_backend = "triton" if self.device.startswith("cuda") else "torch"
+        check_dtype(self.attention_backend, self.device, _DTYPES[self.dtype])
         _check(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size", self.block_size,
                "a power of two from 1 to 128")
         _check(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, ">= 1")
@@ -84,7 +82,6 @@ class EngineConfig:
         _check(self.grammar_compile_timeout > 0, "grammar_compile_timeout", self.grammar_compile_timeout, "> 0")
         _check(self.swap_space >= 0, "swap_space", self.swap_space, ">= 0")
         _check(self.scheduling_policy in ("continuous", "static"), "scheduling_policy", self.scheduling_policy, "'continuous' or 'static'")
-        _check(self.attention_backend in ("torch", "triton"), "attention_backend", self.attention_backend, "'torch' or 'triton'")
         if not self.enable_chunked_prefill and self.max_model_len is not None:
             _check(self.max_num_batched_tokens >= self.max_model_len, "max_num_batched_tokens",
                    self.max_num_batched_tokens, f">= max_model_len ({self.max_model_len}) without chunked prefill")

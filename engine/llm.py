@@ -6,7 +6,8 @@ from typing import Sequence
 from tqdm.auto import tqdm
 
 from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine, PromptType
+from engine.input_processor import PromptType
+from engine.llm_engine import LLMEngine
 from engine.request import RequestOutput
 from engine.sampling_params import SamplingParams
 
@@ -61,10 +62,10 @@ class LLM:
         outputs: dict[str, RequestOutput] = {}
         with tqdm(total=len(reqs), disable=not use_tqdm, desc="generate") as bar:
             while pending:
-                for req in engine.step():
-                    if req.is_finished and req.request_id in pending:
-                        pending.discard(req.request_id)
-                        outputs[req.request_id] = engine.make_output(req)
+                for out in engine.step().outputs:
+                    if out.finished and out.request_id in pending:
+                        pending.discard(out.request_id)
+                        outputs[out.request_id] = out
                         bar.update(1)
                 if not engine.has_unfinished() and pending:
                     raise RuntimeError(f"engine stopped with {len(pending)} requests unfinished")

@@ -1,4 +1,11 @@
-"""The engine core: requests in, one scheduled forward pass per `step()`, outputs out."""
+"""The engine core: requests in, one scheduled forward pass per `step()`, outputs out.
+
+`step()` schedules, runs the model, appends each sampled token (the one place a token is
+added: grammar matchers, stop conditions and parallel-sampling forks follow it), lets
+finished requests go (their blocks return to the pool in the same step) and returns one
+StepOutput. Prompts become Requests in the InputProcessor; tokens become RequestOutputs in
+the OutputProcessor.
+"""
 from __future__ import annotations
 
 import itertools
@@ -10,19 +17,20 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.attention_backends import make_backend
 from engine.block_manager import KVCacheManager
 from engine.config import EngineConfig
-from engine.detokenizer import IncrementalDetokenizer
+from engine.input_processor import InputProcessor, PromptType
 from engine.loader import load_model, max_positions
 from engine.model_runner import ModelRunner
-from engine.request import CompletionOutput, Request, RequestOutput, RequestStatus
+from engine.output_processor import OutputProcessor
+from engine.request import Logprob, Request, RequestOutput, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
+from engine.static_scheduler import StaticScheduler
 from engine.structured_output import GrammarCompiler
 
 log = logging.getLogger(__name__)
-
-PromptType = str | list[int]
 
 
 @dataclass
@@ -41,6 +49,15 @@ class StepStats:
     num_waiting: int
 
 
+@dataclass
+class StepOutput:
+    """What one `step()` produced."""
+    outputs: list[RequestOutput]   # one per request with new tokens or finished (finished ones are forgotten)
+    updated: list[Request]         # the sequences that got a token or finished
+    preempted: list[Request]
+    stats: StepStats | None        # None when nothing was scheduled
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -48,40 +65,39 @@ class LLMEngine:
         loaded = load_model(config)
         self.model_config = loaded.model_config
         self.tokenizer = loaded.tokenizer
-        self.detokenizer_tokenizer = loaded.tokenizer  # AsyncLLM gives the step thread its own copy
         self.max_model_len = max_positions(config, self.model_config)
         if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"EngineConfig.max_num_batched_tokens ({config.max_num_batched_tokens}) must be >= "
                              f"max_model_len ({self.max_model_len}) when chunked prefill is off")
         self.device = torch.device(config.device)
         num_blocks = self._num_kv_blocks()
-        dtype = config.torch_dtype
         shape = (num_blocks, config.block_size, self.model_config.num_kv_heads, self.model_config.head_dim)
         # One buffer for every layer's K and V (block copies then take one launch). Zeroed:
         # padded decode rows read stale slots under a mask, and 0 * NaN would leak NaN.
-        self.kv_buffer = torch.zeros((2 * self.model_config.num_layers, *shape), dtype=dtype, device=self.device)
-        self.kv_caches = [(self.kv_buffer[2 * i], self.kv_buffer[2 * i + 1])
-                          for i in range(self.model_config.num_layers)]
+        kv_buffer = torch.zeros((2 * self.model_config.num_layers, *shape), dtype=config.torch_dtype,
+                                device=self.device)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        backend = make_backend(config.attention_backend, config.block_size, self.device, config.torch_dtype)
+        self.runner = ModelRunner(loaded.model, kv_buffer, config.block_size, backend, config.seed)
         swapper = None
         if config.preemption_mode == "swap":
             from engine.swap import Swapper
-            swapper = Swapper(self.kv, self.kv_caches, config.swap_space)
-        self.scheduler = Scheduler(config, self.kv, swapper)
-        self.runner = ModelRunner(loaded.model, self.kv_caches, config.block_size, self.device,
-                                  config.attention_backend, config.seed)
+            swapper = Swapper(self.kv, self.runner.kv_caches, config.swap_space)
+        scheduler_cls = StaticScheduler if config.scheduling_policy == "static" else Scheduler
+        self.scheduler = scheduler_cls(config, self.kv, swapper)
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size,
                                         self.model_config.eos_token_ids, config.grammar_compile_timeout)
-        self.requests: dict[str, Request] = {}
-        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
-        self._ids = itertools.count()
+        self.inputs = InputProcessor(self.tokenizer, self.model_config, self.max_model_len, self.grammars, config.model)
+        self.outputs = OutputProcessor(self.tokenizer)  # AsyncLLM gives it the step thread's own tokenizer
+        self.requests: dict[str, list[Request]] = {}   # request id -> its sequences, until its output is final
         self.step_count = 0
         self.step_history: deque[StepStats] = deque(maxlen=4096)
         self.peak_batch_size = 0
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
-        log.info("engine ready: %s, %s on %s, %d KV blocks of %d tokens, max_model_len %d",
-                 config.model, config.dtype, config.device, num_blocks, config.block_size, self.max_model_len)
+        log.info("engine ready: %s, %s on %s (%s attention), %d KV blocks of %d tokens, max_model_len %d",
+                 config.model, config.dtype, config.device, backend.name, num_blocks, config.block_size,
+                 self.max_model_len)
 
     def _num_kv_blocks(self) -> int:
         cfg = self.config
@@ -108,59 +124,30 @@ class LLMEngine:
 
     # -- requests ------------------------------------------------------------------------
     def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError(f"model {self.config.model!r} has no tokenizer; pass token ids")
-            return prompt, self.tokenizer.encode(prompt, add_special_tokens=False)
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return None, list(prompt)
-        raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        return self.inputs.tokenize(prompt)
 
     def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> str:
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError(f"model {self.config.model!r} has no chat template")
-        if not isinstance(messages, list) or not messages:
-            raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
-        for m in messages:
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content", ""), str):
-                raise ValueError(f"each message needs a string 'role' and string 'content', got {m!r}")
-        # transformers renders templates in a sandboxed Jinja environment.
-        return self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+        return self.inputs.apply_chat_template(messages, tools)
+
+    @property
+    def chat_template_renders_tools(self) -> bool:
+        return self.inputs.template_renders_tools
 
     def make_request(self, prompt: PromptType, params: SamplingParams | None = None,
                      request_id: str | None = None, priority: int = 0,
                      arrival_time: float | None = None, grammar=None) -> Request:
-        """Validates and tokenizes a request without touching engine state (any thread).
-        `grammar`: its structured_outputs already compiled (AsyncLLM compiles them off the
-        event loop); else they are compiled here."""
-        params = params or SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
-        text, ids = self.tokenize(prompt)
-        if not ids:
-            raise ValueError("prompt is empty: it must have at least one token")
-        if any(t < 0 or t >= self.model_config.vocab_size for t in ids):
-            raise ValueError(f"prompt token ids must be in [0, {self.model_config.vocab_size})")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}, "
-                             "which leaves no room to generate")
-        if params.structured_outputs is not None and grammar is None:
-            grammar = self.grammars.compile(params.structured_outputs)
-        req = Request(request_id=request_id if request_id is not None else f"req-{next(self._ids)}",
-                      prompt_token_ids=ids, sampling_params=params, prompt=text,
-                      eos_token_ids=self.model_config.eos_token_ids, max_total_tokens=self.max_model_len,
-                      priority=priority, arrival_time=arrival_time or time.time())
-        if grammar is not None:
-            req.grammar = self.grammars.matcher(grammar)
-        return req
+        """Validates and tokenizes a request without touching engine state (any one thread)."""
+        return self.inputs.make_request(prompt, params, request_id, priority, arrival_time, grammar)
 
-    def enqueue(self, req: Request) -> Request:
-        """Queues a request made by make_request (the thread that steps the engine only)."""
+    def enqueue(self, req: Request, delta: bool = False) -> Request:
+        """Queues a request made by make_request (the thread that steps the engine only).
+        `delta`: its outputs carry only what is new since the last one."""
         if req.request_id in self.requests:
             raise ValueError(f"request id {req.request_id!r} is already in use")
-        self.requests[req.request_id] = req
-        if self.tokenizer is not None:
-            self.detokenizers[req.request_id] = IncrementalDetokenizer(self.detokenizer_tokenizer, req)
+        if req.forks and self.config.scheduling_policy == "static":
+            raise ValueError("SamplingParams.n > 1 is not supported by the static scheduling baseline")
+        self.requests[req.request_id] = [req, *req.forks]
+        self.outputs.add(req, delta)
         self.scheduler.add(req)
         self.num_prompt_tokens += req.num_prompt_tokens
         return req
@@ -172,68 +159,53 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         return self.enqueue(self.make_request(prompt, params, request_id, priority, arrival_time))
 
-    def abort(self, request_id: str) -> Request | None:
-        req = self.requests.get(request_id)
-        if req is None or req.is_finished:
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stops every sequence of a request; returns its final output (None if unknown)."""
+        seqs = self.requests.pop(request_id, None)
+        if seqs is None:
             return None
-        self.scheduler.finish(req, "abort")
-        self._forget(req)
-        return req
-
-    def _forget(self, req: Request) -> None:
-        self.requests.pop(req.request_id, None)
-        self.detokenizers.pop(req.request_id, None)
+        for seq in seqs:
+            self.scheduler.finish(seq, "abort")
+        return self.outputs.make_output(request_id)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
     # -- one step ------------------------------------------------------------------------
-    def step(self) -> list[Request]:
-        """Schedule, run one forward pass, sample. Returns the requests that got a token or
-        finished in this step (finished ones have already given their blocks back)."""
+    def step(self) -> StepOutput:
+        """Schedule, run one forward pass, sample, let finished requests go."""
         sched = self.scheduler.schedule()
         self.step_count += 1
         if sched.is_empty:
-            return []
+            return StepOutput([], [], [], None)
         try:
             result = self.runner.execute(sched)
         except Exception as exc:  # fail this step's requests; the engine keeps serving
             log.exception("step %d failed", self.step_count)
-            failed = [r for r, _ in sched.scheduled]
-            for r in failed:
-                r.error = f"{type(exc).__name__}: {exc}"
-                self.scheduler.finish(r, "error")
-                self._forget(r)
-            self._record(sched, failed)
-            return failed
+            failed = [seq for r, _ in sched.scheduled for seq in (r, *r.forks)]
+            for seq in failed:
+                seq.error = f"{type(exc).__name__}: {exc}"
+                self.scheduler.finish(seq, "error")
+            return self._step_output(sched, failed, failed)
         now = time.time()
         for req, n in sched.scheduled:
-            if req.static_done:  # a pad token: the row's context grows within its reservation
-                req.static_pad_pos = min(req.static_pad_pos + 1, len(req.block_ids) * self.kv.block_size - 1)
-            else:
+            if req not in sched.pads:
                 req.num_computed_tokens += n
                 self.kv.cache_full_blocks(req)
-        updated: list[Request] = []
-        finished: list[Request] = []
+        done: list[Request] = []
         for req, token, lp in zip(result.sampled, result.token_ids, result.logprobs):
             self._append_token(req, token, lp, now)
-            updated.append(req)
             if req.finish_reason is not None:
-                if self.config.scheduling_policy == "static":
-                    req.static_done = True
-                    req.static_pad_pos = req.num_tokens - 1  # its last token is not computed yet
-                else:
-                    finished.append(req)
-        if self.config.scheduling_policy == "static" and self.scheduler.static_batch_done():
-            finished.extend(self.scheduler.running)
-            updated.extend(r for r in self.scheduler.running if r not in updated)
-        for req in finished:
+                done.append(req)
+        for req in result.sampled:
+            if req.forks:
+                self._fork(req)
+        leaving = self.scheduler.leaving(sched, [r for r in done if not r.is_finished])
+        for req in leaving:
             self.scheduler.finish(req, req.finish_reason)
-            self._forget(req)
-        self._record(sched, finished)
-        return updated
+        return self._step_output(sched, list(dict.fromkeys([*result.sampled, *leaving])), leaving)
 
-    def _append_token(self, req: Request, token: int, logprobs: dict[int, float] | None, now: float) -> None:
+    def _append_token(self, req: Request, token: int, logprobs: dict[int, Logprob] | None, now: float) -> None:
         p = req.sampling_params
         req.all_token_ids.append(token)
         self.num_generated_tokens += 1
@@ -241,18 +213,15 @@ class LLMEngine:
             req.metrics.first_token_time = now
         if logprobs is not None:
             req.logprobs.append(logprobs)
-            req.cumulative_logprob += logprobs[token]
+            req.cumulative_logprob += logprobs[token].logprob
         if req.grammar is not None and not req.grammar.accept_token(token):
             # Cannot happen while the sampler masks; if it does, only this request fails.
             req.error = f"sampled token {token} is not allowed by the request's grammar"
             req.finish_reason = "error"
             return
         n_out = req.num_output_tokens
-        detok = self.detokenizers.get(req.request_id)
         # As vLLM: stop strings count only from min_tokens on (the text is never cut before).
-        stop_str = detok.add_token(token, check_stop=n_out >= p.min_tokens) if detok is not None else None
-        if detok is not None:
-            req.output_text = detok.text
+        stop_str = self.outputs.on_token(req, token, check_stop=n_out >= p.min_tokens)
         if n_out >= p.min_tokens:
             if not p.ignore_eos and token in req.eos_token_ids:
                 req.finish_reason = "stop"
@@ -269,7 +238,32 @@ class LLMEngine:
         if n_out >= req.max_output_tokens:
             req.finish_reason = "length"
 
-    def _record(self, sched, finished: list[Request]) -> None:
+    def _fork(self, first: Request) -> None:
+        """Parallel sampling: the siblings of `first`, whose prompt was just computed and who
+        sampled their first tokens from its last row, share its full prompt blocks (ref
+        counts) and get their own copy of its partial last block (copy-on-write, done now
+        because each writes its next token there). Without a free block or a batch slot a
+        sibling waits and recomputes its prompt (prefix-cache hits, when enabled)."""
+        copies: list[tuple[int, int]] = []
+        for sib in first.forks:
+            if sib.finish_reason is not None:  # finished at its first token
+                continue
+            sib_copies = None
+            if len(self.scheduler.running) < self.config.max_num_seqs:
+                sib_copies = self.kv.fork(first, sib)
+            if sib_copies is None:
+                self.scheduler.add(sib)
+                continue
+            copies += sib_copies
+            sib.num_computed_tokens = first.num_computed_tokens
+            self.scheduler.add_forked(sib)
+        self.runner.copy_blocks([s for s, _ in copies], [d for _, d in copies])
+        for sib in first.forks:
+            if sib.finish_reason is not None:
+                self.scheduler.finish(sib, sib.finish_reason)
+        first.forks = []
+
+    def _step_output(self, sched, updated: list[Request], finished: list[Request]) -> StepOutput:
         decodes = sum(1 for _, n in sched.scheduled if n == 1)
         stats = StepStats(step=self.step_count, time=time.time(), batch_size=len(sched.scheduled),
                           num_decodes=decodes, num_prefill_tokens=sched.num_tokens - decodes,
@@ -280,29 +274,18 @@ class LLMEngine:
                           num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting))
         self.step_history.append(stats)
         self.peak_batch_size = max(self.peak_batch_size, stats.batch_size)
+        groups = list(dict.fromkeys(r.group_id for r in updated))
+        return StepOutput([self.make_output(g) for g in groups], updated, list(sched.preempted), stats)
 
-    # -- outputs and stats ---------------------------------------------------------------
-    def make_output(self, req: Request, delta: bool = False) -> RequestOutput:
-        """The request's output so far; with `delta`, only what was not returned before."""
-        finished = req.is_finished
-        detok = self.detokenizers.get(req.request_id)
-        text = detok.releasable(finished) if detok is not None else req.output_text
-        if finished:
-            text = req.output_text
-        token_ids = req.output_token_ids
-        logprobs = req.logprobs
-        if delta:
-            new_text, new_ids = text[req.sent_text_len:], token_ids[req.sent_token_len:]
-            new_lp = logprobs[req.sent_token_len:] if logprobs is not None else None
-            req.sent_text_len, req.sent_token_len = len(text), len(token_ids)
-            text, token_ids, logprobs = new_text, new_ids, new_lp
-        completion = CompletionOutput(index=0, text=text, token_ids=list(token_ids),
-                                      finish_reason=req.finish_reason if finished else None,
-                                      stop_reason=req.stop_reason, logprobs=logprobs,
-                                      cumulative_logprob=req.cumulative_logprob if req.logprobs is not None else None)
-        return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
-                             outputs=[completion], finished=finished, metrics=req.metrics, error=req.error)
+    def make_output(self, request_id: str) -> RequestOutput:
+        """The request's output (a delta if it was enqueued with `delta`). Once it is
+        finished, the request is forgotten."""
+        out = self.outputs.make_output(request_id)
+        if out.finished:
+            self.requests.pop(request_id, None)
+        return out
 
+    # -- stats ----------------------------------------------------------------------------
     def stats(self) -> dict:
         sched = self.scheduler
         history = [s.batch_size for s in itertools.islice(reversed(self.step_history), 256)][::-1]

@@ -13,22 +13,31 @@ import threading
 import time
 from dataclasses import replace
 
-from engine.request import RequestOutput
+from engine.request import Request, RequestOutput
 
 
 def merge(older: RequestOutput, newer: RequestOutput) -> RequestOutput:
-    """Two consecutive deltas of one request as one."""
-    a, b = older.outputs[0], newer.outputs[0]
-    logprobs = None if a.logprobs is None and b.logprobs is None else (a.logprobs or []) + (b.logprobs or [])
-    merged = replace(b, text=a.text + b.text, token_ids=a.token_ids + b.token_ids, logprobs=logprobs)
-    return replace(newer, outputs=[merged])
+    """Two consecutive deltas of one request as one (sequence by sequence, by index)."""
+    merged = {c.index: c for c in older.outputs}
+    for b in newer.outputs:
+        a = merged.get(b.index)
+        if a is None:
+            merged[b.index] = b
+            continue
+        logprobs = None if a.logprobs is None and b.logprobs is None else (a.logprobs or []) + (b.logprobs or [])
+        merged[b.index] = replace(b, text=a.text + b.text, token_ids=a.token_ids + b.token_ids, logprobs=logprobs,
+                                  finish_reason=b.finish_reason or a.finish_reason,
+                                  stop_reason=b.stop_reason if b.finish_reason else a.stop_reason)
+    return replace(newer, outputs=[merged[i] for i in sorted(merged)])
 
 
 class RequestStream:
-    def __init__(self, loop: asyncio.AbstractEventLoop, client_id: str, span) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, client_id: str, span, seqs: list[Request]) -> None:
         self.loop = loop
         self.client_id = client_id      # the caller's request id (engine ids are internal)
         self.span = span                # the request's OpenTelemetry span
+        self.seqs = seqs                # its sequences (step thread only: for the span's totals)
+        self.first_token_seen = False
         self._lock = threading.Lock()
         self._pending: RequestOutput | BaseException | None = None
         self._since: float | None = None

@@ -43,14 +43,27 @@ class RequestMetrics:
 
 
 @dataclass
+class Logprob:
+    """One token's log probability under the model's raw next-token distribution (before
+    penalties, temperature and grammar masks, as vLLM reports them)."""
+    logprob: float
+    rank: int | None = None            # 1 = the most likely token
+    decoded_token: str | None = None   # filled when the output is built
+
+
+@dataclass
 class CompletionOutput:
-    index: int
+    index: int                           # which of the request's n sequences
     text: str
     token_ids: list[int]
     finish_reason: str | None = None     # "stop" | "length" | "abort" | "error"
     stop_reason: str | int | None = None  # the stop string or stop token that ended it
-    logprobs: list[dict[int, float]] | None = None
+    logprobs: list[dict[int, Logprob]] | None = None  # per token: the top-n and the sampled one
     cumulative_logprob: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
 
 
 @dataclass
@@ -70,6 +83,9 @@ class RequestOutput:
 
 @dataclass(eq=False)
 class Request:
+    """One sequence. A request with `n > 1` is n of these: the first (index 0) carries the
+    caller's id and, until its prompt is computed, its siblings in `forks`; they then share
+    its prompt's KV blocks."""
     request_id: str
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
@@ -89,17 +105,15 @@ class Request:
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.error: str | None = None
-        self.logprobs: list[dict[int, float]] | None = [] if self.sampling_params.logprobs is not None else None
+        self.logprobs: list[dict[int, Logprob]] | None = [] if self.sampling_params.logprobs is not None else None
         self.cumulative_logprob = 0.0
         self.generator: torch.Generator | None = None
         if self.sampling_params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.sampling_params.seed)
         self.grammar = None                  # its grammar matcher, when structured_outputs is set
-        self.static_done = False             # static batching: finished, but its row stays until the batch ends
-        self.static_pad_pos = 0              # position of its next pad token
-        self.output_text = ""                # filled by the detokenizer
-        self.sent_text_len = 0               # how much of output_text has been streamed
-        self.sent_token_len = 0
+        self.group_id = self.request_id      # the id of the request this sequence belongs to
+        self.index = 0                       # its place among the request's n sequences
+        self.forks: list[Request] = []       # index 0 only: siblings waiting for the prompt's KV
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.request import Request
+from engine.request import Logprob, Request
 from engine.structured_output import GrammarBitmask
 
 
@@ -13,7 +13,7 @@ class Sampler:
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.grammar_bitmask: GrammarBitmask | None = None  # made at the first constrained step
 
-    def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[dict[int, float] | None]]:
+    def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[dict[int, Logprob] | None]]:
         """logits: [N, V] fp32, one row per request to sample. Returns token ids and, for
         requests that asked for them, the top-n logprobs (raw model distribution) plus the
         sampled token's."""
@@ -32,18 +32,11 @@ class Sampler:
         else:
             tokens = self._sample(logits, reqs)
         token_list = tokens.tolist()
-        out_logprobs: list[dict[int, float] | None] = [None] * len(reqs)
+        out_logprobs: list[dict[int, Logprob] | None] = [None] * len(reqs)
         if raw_logprobs is not None:
             for i, r in enumerate(reqs):
-                if not logprobs_wanted[i]:
-                    continue
-                n = r.sampling_params.logprobs
-                entry = {}
-                if n:
-                    vals, ids = raw_logprobs[i].topk(n)
-                    entry = dict(zip(ids.tolist(), vals.tolist()))
-                entry[token_list[i]] = raw_logprobs[i, token_list[i]].item()
-                out_logprobs[i] = entry
+                if logprobs_wanted[i]:
+                    out_logprobs[i] = _top_logprobs(raw_logprobs[i], token_list[i], r.sampling_params.logprobs)
         return token_list, out_logprobs
 
     @staticmethod
@@ -106,3 +99,15 @@ class Sampler:
         sampled = (probs / noise).argmax(dim=-1)
         greedy = torch.tensor([p.greedy for p in params], device=logits.device)
         return torch.where(greedy, greedy_tokens, sampled)
+
+
+def _top_logprobs(row: torch.Tensor, token: int, n: int) -> dict[int, Logprob]:
+    """The sampled token's logprob and rank, and the n most likely tokens' (ranks 1..n)."""
+    entry: dict[int, Logprob] = {}
+    if n:
+        vals, ids = row.topk(n)
+        entry = {t: Logprob(v, rank) for rank, (t, v) in enumerate(zip(ids.tolist(), vals.tolist()), start=1)}
+    if token not in entry:
+        value = row[token]
+        entry[token] = Logprob(value.item(), int((row > value).sum().item()) + 1)
+    return entry

@@ -89,6 +89,7 @@ class SamplingParams:
     logprobs: int | None = None  # top-n logprobs per generated token
     include_stop_str_in_output: bool = False
     structured_outputs: StructuredOutputsParams | None = None  # constrain the output to a grammar
+    n: int = 1                   # sequences sampled from one prompt (they share its KV blocks)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -100,6 +101,8 @@ class SamplingParams:
         self._validate()
 
     def _validate(self) -> None:
+        _int("n", self.n)
+        _check(1 <= self.n <= 64, "n", self.n, "in [1, 64]")
         _num("temperature", self.temperature)
         _check(self.temperature >= 0, "temperature", self.temperature, ">= 0")
         _num("top_p", self.top_p)

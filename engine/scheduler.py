@@ -7,10 +7,7 @@ they never stall), then to prompt chunks of running requests, then to new reques
 blocks and `max_num_seqs` allow. A request that needs a block when none is free preempts
 the lowest-priority (latest-arriving) running request.
 
-`scheduling_policy="static"` is the baseline continuous batching is measured against, made
-faithful to padded static batching (transformers' `generate` on a batch): admit a batch,
-reserve every member's KV for the batch's full length up front, and keep every row busy (a
-finished member keeps decoding pad tokens) until the longest member finishes.
+The static-batching baseline is `engine.static_scheduler.StaticScheduler`.
 """
 from __future__ import annotations
 
@@ -28,6 +25,8 @@ class SchedulerOutput:
     # (request, number of tokens to compute this step); decodes first, then prompt chunks.
     scheduled: list[tuple[Request, int]] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    # Rows that compute a pad token at this position and sample nothing (static batching).
+    pads: dict[Request, int] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
@@ -51,6 +50,11 @@ class Scheduler:
     def add(self, req: Request) -> None:
         self.waiting.append(req)
 
+    def add_forked(self, req: Request) -> None:
+        """A sibling that holds its share of its prompt's blocks joins the batch directly."""
+        assert req.block_ids and req.num_computed_tokens == req.num_tokens - 1
+        self._start(req)
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -70,10 +74,10 @@ class Scheduler:
         req.metrics.finished_time = time.time()
 
     # -- one step ------------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
-        if self.config.scheduling_policy == "static":
-            return self._schedule_static()
-        return self._schedule_continuous()
+    def leaving(self, sched: SchedulerOutput, done: list[Request]) -> list[Request]:
+        """After a step: which requests leave the batch now, given those that reached a
+        finish condition (here: all of them)."""
+        return done
 
     def _chunk(self, req: Request, budget: int) -> int:
         """Tokens of `req` to compute within `budget` (0: does not fit this step)."""
@@ -82,7 +86,7 @@ class Scheduler:
             return remaining
         return budget if self.config.enable_chunked_prefill else 0
 
-    def _schedule_continuous(self) -> SchedulerOutput:
+    def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         # Decodes (one token left) before prompt chunks; stable, so arrival order is kept.
@@ -157,32 +161,3 @@ class Scheduler:
         self.waiting.appendleft(req)
         out.preempted.append(req)
         return returned
-
-    # -- static baseline ---------------------------------------------------------------
-    def _schedule_static(self) -> SchedulerOutput:
-        out = SchedulerOutput()
-        budget = self.config.max_num_batched_tokens
-        if not self.running:
-            # Admit the next batch. As in a padded static batch, every member gets KV for the
-            # batch's full length (longest prompt + longest output) reserved up front.
-            batch = list(self.waiting)[:self.config.max_num_seqs]
-            length = min(max(r.num_prompt_tokens for r in batch) + max(r.max_output_tokens for r in batch),
-                         self.kv.num_blocks * self.kv.block_size // len(batch) if batch else 0)
-            for req in batch:
-                if not self.kv.allocate(req, max(length, req.num_prompt_tokens + req.max_output_tokens)):
-                    break
-                self.waiting.popleft()
-                self._start(req)
-        for req in self.running:
-            if req.static_done:
-                num_new = 1  # a pad token keeps its row busy (and its context growing) until the batch ends
-            else:
-                num_new = self._chunk(req, budget)
-            if num_new == 0 or num_new > budget:
-                continue
-            out.scheduled.append((req, num_new))
-            budget -= num_new
-        return out
-
-    def static_batch_done(self) -> bool:
-        return bool(self.running) and all(r.static_done for r in self.running)

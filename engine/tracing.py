@@ -11,7 +11,7 @@ from __future__ import annotations
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from engine.request import Request
+from engine.request import Request, RequestMetrics
 
 _tracer = trace.get_tracer("engine")
 
@@ -32,20 +32,22 @@ def start_request_span(req: Request, model: str, parent: otel_context.Context | 
                               })
 
 
-def on_first_token(span: trace.Span, req: Request) -> None:
-    span.add_event("first_token", timestamp=_ns(req.metrics.first_token_time))
+def on_first_token(span: trace.Span, metrics: RequestMetrics) -> None:
+    span.add_event("first_token", timestamp=_ns(metrics.first_token_time))
 
 
 def on_preempted(span: trace.Span, req: Request, when: float) -> None:
     span.add_event("preempted", {"engine.num_preemptions": req.metrics.num_preemptions}, timestamp=_ns(when))
 
 
-def end_request_span(span: trace.Span, req: Request) -> None:
+def end_request_span(span: trace.Span, seqs: list[Request]) -> None:
+    """Ends the span of a request (its n sequences) with its totals and latencies."""
+    req = seqs[0]
     m = req.metrics
     attrs = {
         "gen_ai.usage.prompt_tokens": req.num_prompt_tokens,
-        "gen_ai.usage.completion_tokens": req.num_output_tokens,
-        "gen_ai.response.finish_reasons": [req.finish_reason or "unknown"],
+        "gen_ai.usage.completion_tokens": sum(s.num_output_tokens for s in seqs),
+        "gen_ai.response.finish_reasons": [s.finish_reason or "unknown" for s in seqs],
         "engine.num_cached_tokens": m.num_cached_tokens,
         "engine.num_preemptions": m.num_preemptions,
     }
@@ -58,6 +60,7 @@ def end_request_span(span: trace.Span, req: Request) -> None:
     if m.batch_size_at_first_schedule is not None:
         attrs["engine.batch_size_at_first_schedule"] = m.batch_size_at_first_schedule
     span.set_attributes(attrs)
-    if req.error:
-        span.set_status(trace.Status(trace.StatusCode.ERROR, req.error))
+    error = next((s.error for s in seqs if s.error), None)
+    if error:
+        span.set_status(trace.Status(trace.StatusCode.ERROR, error))
     span.end(end_time=_ns(m.finished_time) if m.finished_time else None)

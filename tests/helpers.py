@@ -24,9 +24,9 @@ def run_staggered(engine: LLMEngine, prompts: list, params: SamplingParams, arri
         while pending and arrivals[pending[0]] <= step:
             i = pending.pop(0)
             engine.add_request(prompts[i], params, request_id=f"p{i}")
-        for req in engine.step():
-            if req.is_finished:
-                done[req.request_id] = req.output_token_ids
+        for out in engine.step().outputs:
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
         step += 1
         assert step < 10_000
     return done
@@ -36,3 +36,13 @@ def assert_all_blocks_free(engine: LLMEngine) -> None:
     kv = engine.kv
     assert kv.num_free_blocks == kv.num_blocks, f"{kv.num_blocks - kv.num_free_blocks} blocks leaked"
     assert all(b.ref_count == 0 for b in kv.pool.blocks)
+
+
+def fail_next_forward(engine: LLMEngine, exc: Exception) -> None:
+    """Fault injection: the model's next forward pass raises `exc` (once)."""
+    model = engine.runner.model
+
+    def failing(*args, **kwargs):
+        del model.forward  # back to the class's forward
+        raise exc
+    model.forward = failing

@@ -144,8 +144,8 @@ def test_twenty_sessions_in_mode_any_share_one_batch_with_free_sessions():
     engine = engine_for(MODEL)
     seen: list[tuple[int, int]] = []  # per step: (constrained, free) requests that got a token
 
-    def record(updated):
-        seen.append((sum(r.grammar is not None for r in updated), sum(r.grammar is None for r in updated)))
+    def record(step):
+        seen.append((sum(r.grammar is not None for r in step.updated), sum(r.grammar is None for r in step.updated)))
     engine.step_listeners.append(record)
     forced = LlmAgent(name="forced", model=MODEL, instruction="Use get_capital.", tools=[get_capital],
                       before_model_callback=with_mode(types.FunctionCallingConfigMode.ANY),

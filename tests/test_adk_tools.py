@@ -154,10 +154,10 @@ def test_reply_parsing_splits_calls_from_text_and_keeps_anything_else_as_text():
 
 def test_a_call_cut_short_by_max_tokens_is_text_with_finish_reason_max_tokens_not_an_error(engine):
     from adk_backend.adk_model import final_response
-    from adk_backend.chat import ChatResult
-    result = ChatResult(reply=parse_reply('<tool_call>\n{"name": "f", "arguments": {"x": [1,', {"f"}),
-                        request_id="r", num_prompt_tokens=5, num_output_tokens=3, num_cached_tokens=0,
-                        finish_reason="length")
+    from adk_backend.chat import ChatChoice, ChatResult
+    reply = parse_reply('<tool_call>\n{"name": "f", "arguments": {"x": [1,', {"f"})
+    result = ChatResult(choices=[ChatChoice(0, reply, "length", 3)], request_id="r", num_prompt_tokens=5,
+                        num_cached_tokens=0)
     resp = final_response(result)
     assert resp.error_code is None and resp.finish_reason == types.FinishReason.MAX_TOKENS
     assert resp.content.parts[0].text.startswith("<tool_call>") and not resp.content.parts[0].function_call

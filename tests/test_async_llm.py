@@ -7,7 +7,7 @@ import pytest
 
 from engine import LLM, AsyncLLM, EngineConfig, SamplingParams
 from engine.async_llm import EngineDeadError, RequestFailedError
-from helpers import assert_all_blocks_free
+from helpers import assert_all_blocks_free, fail_next_forward
 
 CFG = dict(model="dummy-tiny", dtype="float32", num_kv_blocks=256, max_model_len=256, max_num_batched_tokens=128)
 PARAMS = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -134,7 +134,7 @@ def test_abort_ends_the_stream_with_finish_reason_abort(engine):
 
 def test_failed_step_fails_its_requests_and_the_engine_keeps_serving(engine, reference):
     async def main():
-        engine.engine.runner.fail_next_step = RuntimeError("injected fault")
+        fail_next_forward(engine.engine, RuntimeError("injected fault"))
         failed = await asyncio.gather(*(collect(engine, i) for i in range(3)), return_exceptions=True)
         ok = await collect(engine, 7)
         return failed, ok

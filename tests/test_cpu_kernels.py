@@ -69,23 +69,21 @@ def test_paged_decode_attention_matches_reference(dtype, gqa):
     torch.testing.assert_close(out.float(), ref, atol=TOL[dtype], rtol=TOL[dtype])
 
 
-def test_engine_on_cpu_kernels_equals_engine_on_torch_reference(monkeypatch):
+def test_engine_on_cpu_kernels_equals_engine_on_torch_reference():
     from engine import EngineConfig, LLMEngine, SamplingParams
-    import engine.model_runner as mr
 
-    def run():
+    def run(backend):
         eng = LLMEngine(EngineConfig(model="dummy-tiny", dtype="float32", num_kv_blocks=64, max_model_len=256,
-                                     max_num_batched_tokens=16))
+                                     max_num_batched_tokens=16, attention_backend=backend))
         reqs = [eng.add_request(list(range(5 + i, 30 + 3 * i)), SamplingParams(temperature=0, max_tokens=12,
                                                                              ignore_eos=True)) for i in range(4)]
         while eng.has_unfinished():
             eng.step()
         return [r.output_token_ids for r in reqs], eng.runner.attention.name
 
-    fused, name = run()
-    assert name == "cpu"
-    monkeypatch.setattr(mr, "cpu_kernels", lambda: None)
-    reference, name = run()
+    fused, name = run(None)
+    assert name == "cpu"  # the default on CPU
+    reference, name = run("torch")
     assert name == "torch"
     assert fused == reference
 

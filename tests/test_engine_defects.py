@@ -144,9 +144,8 @@ def test_slow_readers_get_every_token_in_merged_deltas():
 
 
 def test_an_aborted_chat_reports_finish_reason_abort_not_stop():
-    from adk_backend.chat import ChatResult
+    from adk_backend.chat import ChatChoice
     from adk_backend.chat_format import ParsedReply
     from adk_backend.openai_format import finish_reason
-    result = ChatResult(reply=ParsedReply(text="partial", tool_calls=[]), request_id="r", num_prompt_tokens=3,
-                        num_output_tokens=2, num_cached_tokens=0, finish_reason="abort")
+    result = ChatChoice(0, ParsedReply(text="partial", tool_calls=[]), "abort", 2)
     assert finish_reason(result) == "abort"

@@ -12,6 +12,7 @@ import httpx
 
 from adk_backend import configure_engine, engine_for
 from adk_backend.server import create_app
+from helpers import fail_next_forward
 from server_helpers import LiveServer, free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,7 +35,7 @@ def test_exception_in_one_step_fails_that_request_and_the_server_keeps_serving()
     engine = engine_for("fault-step")
     with LiveServer(create_app(model="fault-step", web=False)) as s:
         assert chat(s.url, "fault-step").status_code == 200
-        engine.engine.runner.fail_next_step = RuntimeError("injected forward fault")
+        fail_next_forward(engine.engine, RuntimeError("injected forward fault"))
         r = chat(s.url, "fault-step")
         assert r.status_code == 500 and "injected forward fault" in r.json()["error"]["message"]
         assert httpx.get(s.url + "/health").status_code == 200

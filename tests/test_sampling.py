@@ -72,6 +72,8 @@ def test_logprobs_list_top_n_and_the_sampled_token(llm):
     assert len(out.logprobs) == 5
     for tok, lp in zip(out.token_ids, out.logprobs):
         assert tok in lp and len(lp) == 3  # greedy token is the top-1
-        assert lp[tok] == max(lp.values()) and lp[tok] <= 0
-    assert out.cumulative_logprob == pytest.approx(sum(lp[t] for t, lp in zip(out.token_ids, out.logprobs)))
+        assert lp[tok].rank == 1 and sorted(v.rank for v in lp.values()) == [1, 2, 3]
+        assert lp[tok].logprob == max(v.logprob for v in lp.values()) and lp[tok].logprob <= 0
+        assert lp[tok].decoded_token == llm.tokenizer.decode([tok])
+    assert out.cumulative_logprob == pytest.approx(sum(lp[t].logprob for t, lp in zip(out.token_ids, out.logprobs)))
     assert_all_blocks_free(llm.engine)

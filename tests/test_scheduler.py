@@ -78,14 +78,16 @@ def test_static_policy_holds_the_batch_until_its_longest_member_finishes():
     engine.step()
     assert len(short.block_ids) == 1 and len(long.block_ids) == 1
     assert engine.kv.num_free_blocks == 62
-    steps = []
+    steps, pads = [], []
     while not late.metrics.first_scheduled_time:
+        pads.append(engine.scheduler.pad_positions.get(short))
         engine.step()
         steps.append(engine.step_history[-1])
     # The finished short member kept computing a pad token, at a growing position, in every
     # step of the batch ...
     assert all(short.request_id in s.scheduled for s in steps[:-1])
-    assert short.static_pad_pos == 9  # pads ran past its own 6 tokens up to the batch length
+    computed = [p for p in pads if p is not None]  # the pad token's position in each step
+    assert computed == list(range(computed[0], 9)) and computed[0] == 5  # past its own 6 tokens, up to the batch's 9
     # ... and both members of the first batch finished in the same step.
     assert sorted(steps[-2].finished) == sorted([short.request_id, long.request_id])
     assert short.num_output_tokens == 2 and long.num_output_tokens == 6

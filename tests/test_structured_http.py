@@ -138,7 +138,9 @@ def test_vllm_structured_outputs_field_and_completions_response_format(client, s
     ({"tools": TOOLS, "structured_outputs": {"choice": ["a"]}}, None, "cannot be combined"),
     ({"guided_json": {"type": "object"}}, "guided_json", "unsupported field 'guided_json'"),
     ({"logit_bias": {"42": 5}}, "logit_bias", "not supported"),
-    ({"logprobs": True}, "logprobs", "not supported"),
+    ({"top_logprobs": 3}, "logprobs", "needs 'logprobs': true"),
+    ({"logprobs": True, "top_logprobs": 21}, "logprobs", "in [0, 20]"),
+    ({"logprobs": "yes"}, "logprobs", "must be a boolean"),
 ])
 def test_bad_structured_requests_are_400s_that_name_the_problem(server, body, param, message):
     r = httpx.post(server.url + "/v1/chat/completions", timeout=30, json={

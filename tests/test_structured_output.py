@@ -201,11 +201,12 @@ def test_structured_outputs_params_key_ignores_dict_order():
 def test_tools_go_through_the_chat_template_when_it_renders_them_else_hermes():
     import copy
 
-    from adk_backend.chat_format import HERMES_SYSTEM, render_prompt, template_renders_tools
+    from adk_backend.chat_format import HERMES_SYSTEM, render_prompt
+    from engine.input_processor import InputProcessor
     tool = {"type": "function", "function": {"name": "get_capital", "parameters": {"type": "object"}}}
     msgs = [{"role": "user", "content": "Capital of Peru?"}]
     engine = TINY.engine
-    assert not template_renders_tools(engine.tokenizer)  # SmolLM2's template ignores tools
+    assert not engine.chat_template_renders_tools  # SmolLM2's template ignores tools
     hermes = render_prompt(engine, msgs, [tool])
     assert HERMES_SYSTEM.split(".")[0] in hermes and '"name": "get_capital"' in hermes
     tools_aware = copy.deepcopy(engine.tokenizer)
@@ -213,10 +214,12 @@ def test_tools_go_through_the_chat_template_when_it_renders_them_else_hermes():
         "{% if tools %}<tools>{% for t in tools %}{{ t.function.name }};{% endfor %}</tools>\n{% endif %}"
         "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    original, engine.tokenizer = engine.tokenizer, tools_aware
+    original = engine.inputs
+    engine.inputs = InputProcessor(tools_aware, original.model_config, original.max_model_len, original.grammars,
+                                   original.model_name)
     try:
-        assert template_renders_tools(tools_aware)
+        assert engine.chat_template_renders_tools
         prompt = render_prompt(engine, msgs, [tool])
     finally:
-        engine.tokenizer = original
+        engine.inputs = original
     assert prompt.startswith("<tools>get_capital;</tools>") and HERMES_SYSTEM.split(".")[0] not in prompt

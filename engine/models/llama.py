@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.attention import AttentionBackend, AttentionMetadata
+from engine.attention import AttentionMetadata
 from engine.config import ModelConfig
 from engine.models.layers import Linear, RMSNorm, RotaryEmbedding, apply_rope
 
@@ -34,7 +34,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                attention: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor]:
+                attention) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cpu_ops is not None:
             return self._forward_fused(h, residual, cos, sin, k_cache, v_cache, meta, attention)
         if residual is None:
@@ -119,7 +119,7 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], attention: AttentionBackend) -> torch.Tensor:
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], attention) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
         cos, sin = self.rotary.lookup(positions, h.dtype)
         if self.layers[0].cpu_ops is not None:
