@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from adk_backend.chat_format import ParsedReply, TextStreamFilter, messages_with_tools, parse_reply
 from adk_backend.reply_grammar import ReplySpec, reply_grammar
 from engine import SamplingParams
-from engine.request import Logprob
+from engine import Logprob
 
 
 @dataclass

@@ -8,7 +8,7 @@ from adk_backend.chat import ChatChoice, ChatResult
 from adk_backend.chat_format import tool_call_text, tool_response_text
 from adk_backend.reply_grammar import ReplySpec
 from engine import SamplingParams, StructuredOutputsParams
-from engine.request import Logprob
+from engine import Logprob
 
 _FINISH = {"stop": "stop", "length": "length", "abort": "abort"}  # "abort" as vLLM reports it
 

@@ -2,11 +2,11 @@
 from engine.config import EngineConfig, ModelConfig
 from engine.llm import LLM
 from engine.llm_engine import LLMEngine
-from engine.request import CompletionOutput, RequestMetrics, RequestOutput
+from engine.request import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from engine.sampling_params import SamplingParams, StructuredOutputsParams
 
 __all__ = ["LLM", "AsyncLLM", "EngineConfig", "ModelConfig", "LLMEngine", "SamplingParams", "StructuredOutputsParams",
-           "RequestOutput", "CompletionOutput", "RequestMetrics"]
+           "RequestOutput", "CompletionOutput", "Logprob", "RequestMetrics"]
 
 
 def __getattr__(name: str):
