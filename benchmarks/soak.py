@@ -36,11 +36,15 @@ def _rss_bytes(pid: int) -> int:
     return 0
 
 
-def _metric(text: str, name: str) -> float:
+def _metric(text: str, name: str, default: float | None = None, **labels: str) -> float:
+    """A sample from Prometheus text: the first series of `name` carrying `labels`."""
+    want = [f'{k}="{v}"' for k, v in labels.items()]
     for line in text.splitlines():
-        if line.startswith(name + "{"):
+        if line.startswith(name + "{") and all(w in line.split("}", 1)[0] for w in want):
             return float(line.rsplit(" ", 1)[1])
-    raise KeyError(name)
+    if default is None:
+        raise KeyError(name)
+    return default
 
 
 class Soak:
@@ -174,6 +178,10 @@ async def _drive(url, pid, expected_chat, num_requests, concurrency, seed, time_
         "running_at_end": _metric(metrics, "vllm:num_requests_running"),
         "waiting_at_end": _metric(metrics, "vllm:num_requests_waiting"),
         "kv_usage_at_end": _metric(metrics, "vllm:kv_cache_usage_perc"),
+        # Cancelled as the clients saw it, and aborted as the server's metrics saw it (a
+        # stream cancelled just after its last token finished normally, so server <= client).
+        "client_cancels": sum(n for k, n in counts.items() if k.endswith(":cancelled")),
+        "server_aborts": _metric(metrics, "vllm:request_success_total", 0.0, finished_reason="abort"),
         "rss_after_warmup_mb": rss_warm / 2**20, "rss_at_end_mb": rss_end / 2**20,
         "rss_growth": rss_end / rss_warm - 1,
     }

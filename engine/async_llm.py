@@ -63,7 +63,8 @@ class AsyncLLM:
         self._dead: BaseException | None = None
         self._stopping = False
         self._stats = self.engine.stats()
-        # Called on the step thread with every step's StepOutput (metrics).
+        # Called on the step thread with every step's StepOutput (metrics), and with an
+        # aborted request's (no stats).
         self.step_listeners: list[Callable[[StepOutput], None]] = []
         self._thread = threading.Thread(target=self._run, name="engine-step-loop", daemon=True)
         self._thread.start()
@@ -205,11 +206,7 @@ class AsyncLLM:
                 step = self.engine.step() if self.engine.has_unfinished() else None
                 self._stats = self.engine.stats()
                 if step is not None:
-                    for listener in self.step_listeners:
-                        try:
-                            listener(step)
-                        except Exception:  # a broken metrics hook must not take the engine down
-                            log.exception("step listener failed")
+                    self._notify(step)
                     self._publish(step)
                 self._abort_stalled()
             self._fail_all(EngineDeadError("engine is shut down"))
@@ -254,11 +251,22 @@ class AsyncLLM:
             elif not stream.put(self._as_client(out, stream)):
                 self._abort_engine_id(stream.client_id, out.request_id)  # its loop is gone
 
+    def _notify(self, step: StepOutput) -> None:
+        for listener in self.step_listeners:
+            try:
+                listener(step)
+            except Exception:  # a broken metrics hook must not take the engine down
+                log.exception("step listener failed")
+
     def _abort_now(self, engine_id: str, quiet: bool = False) -> None:
-        """Step thread: stops the request in the engine and ends its stream."""
+        """Step thread: stops the request in the engine and ends its stream. Listeners see
+        its sequences finish with reason 'abort' (metrics count aborts as vLLM does)."""
+        seqs = self.engine.requests.get(engine_id, [])
         out = self.engine.abort(engine_id)
-        if out is not None and not quiet:
-            self._finish(engine_id, out)
+        if out is None or quiet:
+            return
+        self._notify(StepOutput([out], seqs, [], None))
+        self._finish(engine_id, out)
 
     def _finish(self, engine_id: str, item: RequestOutput | BaseException) -> None:
         """The request's last item; its stream and ids are forgotten."""

@@ -50,7 +50,7 @@ class EngineConfig:
     seed: int = 0                             # seed for random (`dummy`) weights
     block_size: int = 16
     num_kv_blocks: int | None = None          # explicit KV capacity; else derived from the budget
-    kv_cache_memory: int | None = None        # KV budget in bytes (default: 4 GiB on CPU, 90% of free GPU memory)
+    kv_cache_memory: int | None = None        # KV budget in bytes (default: 4 GiB on CPU, 85% of free GPU memory)
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None          # default: the model's context, capped at 8192
@@ -102,3 +102,24 @@ class EngineConfig:
 def _check(ok: bool, field: str, value, limit: str) -> None:
     if not ok:
         raise ValueError(f"EngineConfig.{field} must be {limit}, got {value!r}")
+
+
+def num_kv_blocks(cfg: EngineConfig, mcfg: ModelConfig, max_model_len: int, device: torch.device) -> int:
+    """KV capacity in blocks: `num_kv_blocks` if set, else what the memory budget holds (no
+    more than every sequence at full length could use). Refuses a capacity that cannot
+    hold one request of `max_model_len`."""
+    per_block = mcfg.kv_bytes_per_token(cfg.torch_dtype) * cfg.block_size
+    blocks_per_seq = -(-max_model_len // cfg.block_size)
+    if cfg.num_kv_blocks is not None:
+        num_blocks = cfg.num_kv_blocks
+    else:
+        budget = cfg.kv_cache_memory
+        if budget is None:
+            budget = int(torch.cuda.mem_get_info(device)[0] * 0.85) if device.type == "cuda" else 4 << 30
+        num_blocks = min(budget // per_block, cfg.max_num_seqs * blocks_per_seq)
+    if num_blocks < blocks_per_seq:
+        raise ValueError(
+            f"KV capacity of {num_blocks} blocks x {cfg.block_size} tokens = {num_blocks * cfg.block_size} tokens "
+            f"cannot hold one request of max_model_len={max_model_len}; raise num_kv_blocks "
+            f"(or kv_cache_memory) to at least {blocks_per_seq} blocks or lower max_model_len")
+    return num_blocks

@@ -19,7 +19,7 @@ import torch
 
 from engine.attention_backends import make_backend
 from engine.block_manager import KVCacheManager
-from engine.config import EngineConfig
+from engine.config import EngineConfig, num_kv_blocks
 from engine.input_processor import InputProcessor, PromptType
 from engine.loader import load_model, max_positions
 from engine.model_runner import ModelRunner
@@ -70,7 +70,7 @@ class LLMEngine:
             raise ValueError(f"EngineConfig.max_num_batched_tokens ({config.max_num_batched_tokens}) must be >= "
                              f"max_model_len ({self.max_model_len}) when chunked prefill is off")
         self.device = torch.device(config.device)
-        num_blocks = self._num_kv_blocks()
+        num_blocks = num_kv_blocks(config, self.model_config, self.max_model_len, self.device)
         shape = (num_blocks, config.block_size, self.model_config.num_kv_heads, self.model_config.head_dim)
         # One buffer for every layer's K and V (block copies then take one launch). Zeroed:
         # padded decode rows read stale slots under a mask, and 0 * NaN would leak NaN.
@@ -98,29 +98,6 @@ class LLMEngine:
         log.info("engine ready: %s, %s on %s (%s attention), %d KV blocks of %d tokens, max_model_len %d",
                  config.model, config.dtype, config.device, backend.name, num_blocks, config.block_size,
                  self.max_model_len)
-
-    def _num_kv_blocks(self) -> int:
-        cfg = self.config
-        per_block = self.model_config.kv_bytes_per_token(cfg.torch_dtype) * cfg.block_size
-        if cfg.num_kv_blocks is not None:
-            num_blocks = cfg.num_kv_blocks
-        else:
-            budget = cfg.kv_cache_memory
-            if budget is None:
-                if self.device.type == "cuda":
-                    free, _ = torch.cuda.mem_get_info(self.device)
-                    budget = int(free * 0.85)
-                else:
-                    budget = 4 << 30
-            # No more than every sequence at full length could use.
-            enough = cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size)
-            num_blocks = min(budget // per_block, enough)
-        if num_blocks * cfg.block_size < self.max_model_len:
-            raise ValueError(
-                f"KV capacity of {num_blocks} blocks x {cfg.block_size} tokens = {num_blocks * cfg.block_size} tokens "
-                f"cannot hold one request of max_model_len={self.max_model_len}; raise num_kv_blocks "
-                f"(or kv_cache_memory) to at least {-(-self.max_model_len // cfg.block_size)} blocks or lower max_model_len")
-        return num_blocks
 
     # -- requests ------------------------------------------------------------------------
     def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:

@@ -36,7 +36,7 @@ DUMMY_SHAPES: dict[str, ModelConfig] = {
     # Tiny GQA Llama for tests: 4 query heads share 2 KV heads; the default tokenizer's vocab.
     "dummy-tiny": replace(_SMOLLM2_SHAPE, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                           num_kv_heads=2, head_dim=16, tie_word_embeddings=False),
-    "dummy-smollm2-135m": _SMOLLM2_SHAPE,
+    "dummy-smollm2-135m": _SMOLLM2_SHAPE,  # for speed figures: what the weights are does not matter
     "dummy-llama3-8b": ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
                                    num_heads=32, num_kv_heads=8, head_dim=128, max_position_embeddings=131072,
                                    rms_norm_eps=1e-5, rope_theta=500000.0,
@@ -44,6 +44,11 @@ DUMMY_SHAPES: dict[str, ModelConfig] = {
                                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
                                    bos_token_id=1, eos_token_ids=(2,)),
 }
+
+
+# Weight std of the random models. dummy-tiny's is large on purpose: with 0.02 its attention
+# is nearly uniform, and block-order, position and mask bugs would barely change a token.
+_DUMMY_STD = {"dummy-tiny": 0.2}
 
 
 @dataclass
@@ -176,7 +181,7 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
     finally:
         torch.set_default_dtype(prev)
     if weights is None:
-        model.init_random(cfg.seed)
+        model.init_random(cfg.seed, _DUMMY_STD.get(cfg.model, 0.02))
     else:
         model.load_hf_state_dict(weights)
     model.eval()

@@ -95,12 +95,16 @@ def test_client_that_stops_reading_its_stream_is_aborted_and_its_blocks_come_bac
 
 
 def test_sigterm_drains_in_flight_requests_and_exits_zero():
+    """SIGTERM mid-stream: the stream still gets every one of its tokens and its real finish
+    reason, while a new request is refused (the listener is closed) before the process
+    exits 0."""
     port = free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "adk_backend", "serve", "--model", "dummy-tiny", "--port",
-                             str(port), "--agents-dir", "agents"], cwd=ROOT, env=env,
+                             str(port), "--agents-dir", "agents", "--grace-period", "60"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
+    max_tokens = 600
     try:
         deadline = time.time() + 120
         while True:
@@ -112,15 +116,35 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero():
                 pass
             assert time.time() < deadline, "server did not come up"
             time.sleep(0.2)
-        with httpx.stream("POST", url + "/v1/chat/completions", timeout=30, json={
-                "model": "dummy-tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200,
-                "stream": True}) as r:
+        with httpx.stream("POST", url + "/v1/chat/completions", timeout=60, json={
+                "model": "dummy-tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens,
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}) as r:
             lines = r.iter_lines()
-            next(lines)
+            first = next(lines)
             proc.send_signal(signal.SIGTERM)  # mid-stream
+            refused = None
+            deadline = time.time() + 10
+            while refused is None and time.time() < deadline:
+                try:
+                    code = chat(url, "dummy-tiny").status_code
+                    if code == 503:
+                        refused = "503"
+                except httpx.TransportError:  # connection refused: the listener is closed
+                    refused = "connection refused"
+                time.sleep(0.05)
+            draining = proc.poll() is None  # still serving the stream when it refused
             rest = [line for line in lines if line]
-        assert rest[-1] == "data: [DONE]"  # the in-flight stream was finished, not cut
-        assert proc.wait(timeout=30) == 0
+        assert refused is not None, "a new request was accepted while draining"
+        assert draining
+        chunks = [json.loads(line[6:]) for line in [first, *rest] if line.startswith("data: {")]
+        assert rest[-1] == "data: [DONE]"
+        assert not any("error" in c for c in chunks), chunks[-2:]
+        finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+        assert finish == ["length"]  # ran to its end, not cut
+        assert chunks[-1]["usage"]["completion_tokens"] == max_tokens
+        text_chunks = [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
+        assert len(text_chunks) >= 10  # the text really arrived, not only the final usage
+        assert proc.wait(timeout=60) == 0
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -11,6 +11,8 @@ def check(report: dict, planned: int) -> None:
     outcomes = report["outcomes"]
     assert outcomes.get("bad:refused", 0) > 0 and "bad:accepted" not in outcomes
     assert outcomes.get("stream:cancelled", 0) + outcomes.get("adk:cancelled", 0) > 0
+    # The server saw the cancellations: its abort count, not only the clients' word.
+    assert 0 < report["server_aborts"] <= report["client_cancels"], (report["server_aborts"], report["client_cancels"])
     assert report["running_at_end"] == 0 and report["waiting_at_end"] == 0
     assert report["kv_usage_at_end"] == 0.0  # zero KV blocks leaked
     assert report["rss_growth"] < 0.10

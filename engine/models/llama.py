@@ -161,7 +161,7 @@ class LlamaForCausalLM(nn.Module):
         if leftover:
             raise ValueError(f"unexpected weights in checkpoint: {leftover[:5]}")
 
-    def init_random(self, seed: int) -> None:
+    def init_random(self, seed: int, std: float = 0.02) -> None:
         g = torch.Generator(device=self.embed_tokens.weight.device).manual_seed(seed)
         with torch.no_grad():
             for name, p in self.named_parameters():
@@ -170,4 +170,4 @@ class LlamaForCausalLM(nn.Module):
                 elif name.endswith("bias"):
                     p.zero_()
                 else:
-                    p.normal_(0.0, 0.02, generator=g)
+                    p.normal_(0.0, std, generator=g)
