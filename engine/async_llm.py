@@ -79,10 +79,20 @@ class AsyncLLM:
         """Whether the model's chat template shows the tools it is given."""
         return self.engine.chat_template_renders_tools
 
-    async def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+    @property
+    def sampling_defaults(self) -> dict:
+        """SamplingParams fields the checkpoint's generation_config.json sets; they apply
+        where a request leaves the field unset."""
+        return dict(self.engine.inputs.sampling_defaults)
+
+    def default_sampling_params(self) -> SamplingParams:
+        return self.engine.default_sampling_params()
+
+    async def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
+                                  template_kwargs: dict | None = None) -> str:
         """The prompt text for a conversation, rendered on the engine's input thread."""
         return await asyncio.get_running_loop().run_in_executor(
-            self._input_pool, self.engine.apply_chat_template, messages, tools)
+            self._input_pool, self.engine.apply_chat_template, messages, tools, template_kwargs)
 
     def is_healthy(self) -> bool:
         return self._dead is None and not self._stopping and self._thread.is_alive()

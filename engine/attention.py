@@ -4,7 +4,8 @@ The batch puts all single-token decodes first, then prefill chunks. Metadata is 
 once per step (`AttentionMetadata`, by the step's backend, see `engine.attention_backends`)
 and shared by every layer. Decodes are vectorized across sequences (one gather of their
 blocks, one SDPA call); each prefill chunk is one SDPA call over its cached context plus
-its own tokens.
+its own tokens. A sliding-window layer (Gemma 3) passes `window`: a query at position p
+then sees keys p - window + 1 .. p only.
 """
 from __future__ import annotations
 
@@ -47,19 +48,24 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 
 def torch_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           k_cache: torch.Tensor, v_cache: torch.Tensor,
-                          meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                          meta: AttentionMetadata, scale: float, window: int | None = None) -> torch.Tensor:
     """q: [T, H, D]; k, v: [T, Hkv, D] (already written to the cache). Returns [T, H, D]."""
     out = torch.empty_like(q)
     if meta.num_decodes:
-        out[:meta.num_decodes] = _torch_decode(q[:meta.num_decodes], k_cache, v_cache, meta, scale)
-    _torch_prefills(out, q, k, v, k_cache, v_cache, meta, scale)
+        out[:meta.num_decodes] = _torch_decode(q[:meta.num_decodes], k_cache, v_cache, meta, scale, window)
+    _torch_prefills(out, q, k, v, k_cache, v_cache, meta, scale, window)
     return out
 
 
-def cpu_paged_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """The torch path with decodes done by the C++ kernel (kernels/csrc/cpu_ops.cpp)."""
+def cpu_paged_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+                        window: int | None = None) -> torch.Tensor:
+    """The torch path with decodes done by the C++ kernel (kernels/csrc/cpu_ops.cpp); the
+    kernel attends to whole contexts, so sliding-window layers decode on the torch path."""
     from kernels.cpu import load
+    if window is not None:
+        return torch_paged_attention(q, k, v, k_cache, v_cache, meta, scale, window)
     nd = meta.num_decodes
+    q = q.contiguous()  # the unfused layers hand a view of q/k
     if nd and not meta.prefills:
         return load().paged_decode_attention(q, k_cache, v_cache, meta.decode_block_tables,
                                              meta.decode_seq_lens, scale)
@@ -71,7 +77,7 @@ def cpu_paged_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scal
     return out
 
 
-def _torch_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def _torch_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None) -> torch.Tensor:
     """All decodes at once: gather each sequence's blocks, one masked SDPA call."""
     bt = meta.decode_block_tables
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
@@ -79,24 +85,36 @@ def _torch_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) ->
     # index_select is several times faster than advanced indexing here.
     kd = k_cache.index_select(0, bt.view(-1)).view(n, -1, num_kv_heads, head_dim).transpose(1, 2)
     vd = v_cache.index_select(0, bt.view(-1)).view(n, -1, num_kv_heads, head_dim).transpose(1, 2)
-    od = F.scaled_dot_product_attention(q.unsqueeze(2), kd, vd, attn_mask=meta.decode_mask, scale=scale,
+    mask = meta.decode_mask
+    if window is not None:
+        kv_pos = torch.arange(mask.shape[-1], device=q.device)
+        mask = mask & (kv_pos[None, :] > meta.decode_seq_lens[:, None] - 1 - window).view(mask.shape)
+    od = F.scaled_dot_product_attention(q.unsqueeze(2), kd, vd, attn_mask=mask, scale=scale,
                                         enable_gqa=True)
     return od.squeeze(2)
 
 
-def _torch_prefills(out, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> None:
+def _torch_prefills(out, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+                    window: int | None = None) -> None:
     """Each prompt chunk: causal attention over its cached context plus its own tokens."""
     for p in meta.prefills:
         rows = slice(p.start, p.start + p.num_tokens)
         qp = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
-        if p.context_len == p.num_tokens:  # no earlier context: plain causal attention on fresh K/V
+        fresh = p.context_len == p.num_tokens
+        if fresh and window is None:  # no earlier context: plain causal attention on fresh K/V
             kp, vp = k[rows], v[rows]
             mask, causal = None, True
         else:
-            kp = k_cache.index_select(0, p.block_table).flatten(0, 1)[:p.context_len]
-            vp = v_cache.index_select(0, p.block_table).flatten(0, 1)[:p.context_len]
-            q_pos = torch.arange(p.context_len - p.num_tokens, p.context_len, device=q.device)
-            mask = torch.arange(p.context_len, device=q.device)[None, :] <= q_pos[:, None]
+            if fresh:
+                kp, vp = k[rows], v[rows]
+            else:
+                kp = k_cache.index_select(0, p.block_table).flatten(0, 1)[:p.context_len]
+                vp = v_cache.index_select(0, p.block_table).flatten(0, 1)[:p.context_len]
+            q_pos = torch.arange(p.context_len - p.num_tokens, p.context_len, device=q.device)[:, None]
+            kv_pos = torch.arange(p.context_len, device=q.device)[None, :]
+            mask = kv_pos <= q_pos
+            if window is not None:
+                mask = mask & (kv_pos > q_pos - window)
             causal = False
         op = F.scaled_dot_product_attention(qp, kp.transpose(0, 1).unsqueeze(0), vp.transpose(0, 1).unsqueeze(0),
                                             attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)

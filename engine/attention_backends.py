@@ -96,7 +96,7 @@ class CpuBackend(TorchBackend):
     def prepare_model(self, model) -> None:
         model.use_cpu_kernels(self.ops)
 
-    write_kv = None
+    write_kv = staticmethod(torch_attention.write_kv)  # for layers without the fused path
     attend = staticmethod(torch_attention.cpu_paged_attention)
 
 
@@ -124,9 +124,11 @@ class TritonBackend(TorchBackend):
         meta.max_seq_len = max(s.context_len for s in rows)
         return meta
 
-    def attend(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def attend(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+               window: int | None = None) -> torch.Tensor:
         return self.kernels.paged_attention(q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens,
-                                           meta.block_tables, scale, meta.max_query_len, meta.max_seq_len)
+                                           meta.block_tables, scale, meta.max_query_len, meta.max_seq_len,
+                                           window=window)
 
 
 def _padded(block_ids: list[int], width: int) -> list[int]:

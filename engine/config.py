@@ -16,7 +16,7 @@ _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.
 
 @dataclass
 class ModelConfig:
-    """Shape of a Llama-family decoder (Llama, SmolLM2, Qwen2, Mistral)."""
+    """Shape of a decoder: the Llama family (Llama, SmolLM2, Qwen2, Qwen3, Mistral) or Gemma 3."""
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -24,17 +24,33 @@ class ModelConfig:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    architecture: str = "llama"  # "llama" | "gemma3": which model file builds it
     max_position_embeddings: int = 8192
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Qwen2 has biases on q/k/v
+    qk_norm: bool = False         # per-head RMSNorm of q and k (Qwen3, Gemma 3)
+    final_logit_softcapping: float | None = None
+    # Gemma 3: layer i attends within sliding_window tokens when layer_types[i] is
+    # "sliding_attention", with its own RoPE base; queries are scaled by query_pre_attn_scalar.
+    layer_types: tuple[str, ...] | None = None
+    sliding_window: int | None = None
+    local_rope_theta: float | None = None
+    query_pre_attn_scalar: float | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         assert self.num_heads % self.num_kv_heads == 0, "query heads must be a multiple of KV heads"
+        assert self.layer_types is None or len(self.layer_types) == self.num_layers
+
+    def layer_window(self, i: int) -> int | None:
+        """Layer i's sliding window in tokens, None for full attention."""
+        if self.layer_types is not None and self.layer_types[i] == "sliding_attention":
+            return self.sliding_window
+        return None
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         elem = torch.tensor([], dtype=dtype).element_size()

@@ -23,8 +23,9 @@ _PROBE_TOOL = {"type": "function", "function": {"name": "probe_tool_7f3a", "desc
 
 class InputProcessor:
     def __init__(self, tokenizer, model_config: ModelConfig, max_model_len: int,
-                 grammars: GrammarCompiler, model_name: str) -> None:
+                 grammars: GrammarCompiler, model_name: str, sampling_defaults: dict | None = None) -> None:
         self.tokenizer = tokenizer
+        self.sampling_defaults = dict(sampling_defaults or {})  # from generation_config.json
         self.model_config = model_config
         self.max_model_len = max_model_len
         self.grammars = grammars
@@ -41,16 +42,32 @@ class InputProcessor:
             return None, list(prompt)
         raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
 
-    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
+                            template_kwargs: dict | None = None) -> str:
+        """The prompt for a conversation. Messages are transformers' chat messages: 'role' and
+        'content' (a string; None on an assistant turn that only calls tools), and where the
+        template renders them, an assistant's 'tool_calls' and a tool result's 'name' and
+        'tool_call_id'. `template_kwargs` reach the template (e.g. Qwen3's enable_thinking)."""
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"model {self.model_name!r} has no chat template")
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
         for m in messages:
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content", ""), str):
-                raise ValueError(f"each message needs a string 'role' and string 'content', got {m!r}")
+            content = m.get("content", "") if isinstance(m, dict) else None
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not (
+                    isinstance(content, str) or (content is None and m.get("tool_calls"))):
+                raise ValueError(f"each message needs a string 'role' and string 'content', got {m!r}"[:300])
+        kwargs = dict(template_kwargs or {})
+        for reserved in ("messages", "conversation", "tools", "tokenize", "add_generation_prompt"):
+            if reserved in kwargs:
+                raise ValueError(f"chat template argument {reserved!r} cannot be overridden")
         # transformers renders templates in a sandboxed Jinja environment.
-        return self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False,
+                                                 **kwargs)
+
+    def default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the checkpoint's generation_config defaults (as vLLM)."""
+        return SamplingParams(**self.sampling_defaults)
 
     def _probe_tools(self) -> bool:
         """Whether the chat template shows the tools it is given (SmolLM2's ignores them)."""
@@ -67,7 +84,7 @@ class InputProcessor:
                      arrival_time: float | None = None, grammar=None) -> Request:
         """`grammar`: its structured_outputs already compiled (AsyncLLM compiles them off the
         event loop); else they are compiled here."""
-        params = params or SamplingParams()
+        params = params or self.default_sampling_params()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         text, ids = self.tokenize(prompt)

@@ -29,20 +29,26 @@ class LLM:
             prompts = [prompts]
         prompts = list(prompts)
         if params is None or isinstance(params, SamplingParams):
-            params = [params or SamplingParams()] * len(prompts)
+            params = [params or self.get_default_sampling_params()] * len(prompts)
         params = list(params)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
         return self._run(prompts, params, use_tqdm)
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams carrying the checkpoint's generation_config defaults (as vLLM's)."""
+        return self.engine.default_sampling_params()
+
     def chat(self, messages: list[dict] | Sequence[list[dict]],
              params: SamplingParams | Sequence[SamplingParams] | None = None,
-             use_tqdm: bool = False) -> list[RequestOutput]:
-        """One conversation (a list of {'role', 'content'}) or a list of them."""
+             use_tqdm: bool = False, tools: list[dict] | None = None,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """One conversation (a list of {'role', 'content'}) or a list of them; `tools` and
+        `chat_template_kwargs` (e.g. {'enable_thinking': False}) go to the chat template."""
         if not isinstance(messages, (list, tuple)) or not messages:
             raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
         conversations = [messages] if isinstance(messages[0], dict) else list(messages)
-        prompts = [self.engine.apply_chat_template(c) for c in conversations]
+        prompts = [self.engine.apply_chat_template(c, tools, chat_template_kwargs) for c in conversations]
         return self.generate(prompts, params, use_tqdm)
 
     def _run(self, prompts: list[PromptType], params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:

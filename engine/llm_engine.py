@@ -87,7 +87,8 @@ class LLMEngine:
         self.scheduler = scheduler_cls(config, self.kv, swapper)
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size,
                                         self.model_config.eos_token_ids, config.grammar_compile_timeout)
-        self.inputs = InputProcessor(self.tokenizer, self.model_config, self.max_model_len, self.grammars, config.model)
+        self.inputs = InputProcessor(self.tokenizer, self.model_config, self.max_model_len, self.grammars, config.model,
+                                     loaded.sampling_defaults)
         self.outputs = OutputProcessor(self.tokenizer)  # AsyncLLM gives it the step thread's own tokenizer
         self.requests: dict[str, list[Request]] = {}   # request id -> its sequences, until its output is final
         self.step_count = 0
@@ -103,8 +104,12 @@ class LLMEngine:
     def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         return self.inputs.tokenize(prompt)
 
-    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> str:
-        return self.inputs.apply_chat_template(messages, tools)
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
+                            template_kwargs: dict | None = None) -> str:
+        return self.inputs.apply_chat_template(messages, tools, template_kwargs)
+
+    def default_sampling_params(self) -> SamplingParams:
+        return self.inputs.default_sampling_params()
 
     @property
     def chat_template_renders_tools(self) -> bool:

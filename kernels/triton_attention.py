@@ -19,7 +19,7 @@ def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, query_start_ptr, seq_lens_ptr,
     scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bt,
     G: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr, TOKENS_PER_TILE: tl.constexpr,
-    KV_SPLIT_LEN: tl.constexpr, part_out_ptr, part_lse_ptr, NUM_SPLITS: tl.constexpr,
+    KV_SPLIT_LEN: tl.constexpr, part_out_ptr, part_lse_ptr, NUM_SPLITS: tl.constexpr, window,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -55,6 +55,9 @@ def _paged_attention_kernel(
         kv_lo = 0
         # causal: this tile's last token sees up to its own position
         kv_hi = tl.minimum(seq_len, ctx_before + tile_tok0 + TOKENS_PER_TILE)
+    if window > 0:  # sliding window: start at the block holding the tile's oldest visible key
+        oldest = tl.maximum(ctx_before + tile_tok0 - window + 1, 0)
+        kv_lo = tl.maximum(kv_lo, (oldest // BLOCK_SIZE) * BLOCK_SIZE)
     offs = tl.arange(0, BLOCK_SIZE)
     for start in range(kv_lo, kv_hi, BLOCK_SIZE):
         block = tl.load(block_tables_ptr + seq * stride_bt + start // BLOCK_SIZE)
@@ -65,6 +68,7 @@ def _paged_attention_kernel(
         v = tl.load(v_cache_ptr + kv_off, mask=kv_ok[:, None], other=0.0)
         s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32))) * scale
         visible = kv_ok[None, :] & (pos[None, :] <= q_pos[:, None]) & row_ok[:, None]
+        visible = visible & ((pos[None, :] > q_pos[:, None] - window) | (window == 0))
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -141,8 +145,10 @@ def _pow2(n: int) -> int:
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, query_start_loc: torch.Tensor,
                     seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, max_query_len: int,
-                    max_seq_len: int, num_kv_splits: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal paged attention for a varlen batch mixing prefill chunks and decodes.
+                    max_seq_len: int, num_kv_splits: int | None = None, out: torch.Tensor | None = None,
+                    window: int | None = None) -> torch.Tensor:
+    """Causal paged attention for a varlen batch mixing prefill chunks and decodes; with
+    `window`, a query at position p sees keys p - window + 1 .. p (sliding-window layers).
     Decode-only batches over long contexts split the KV range (flash-decoding) and merge
     the slices by log-sum-exp; `num_kv_splits` forces the number of slices (1: off)."""
     T, H, D = q.shape
@@ -154,7 +160,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         num_kv_splits = min(16, _pow2(max(1, max_seq_len // 1024))) if max_query_len == 1 and num_seqs < 64 else 1
     common = dict(scale=scale, stride_qt=q.stride(0), stride_qh=q.stride(1), stride_ot=out.stride(0),
                   stride_oh=out.stride(1), stride_kb=k_cache.stride(0), stride_ks=k_cache.stride(1),
-                  stride_kh=k_cache.stride(2), stride_bt=block_tables.stride(0), G=G, D=D, BLOCK_SIZE=block_size)
+                  stride_kh=k_cache.stride(2), stride_bt=block_tables.stride(0), G=G, D=D, BLOCK_SIZE=block_size,
+                  window=window or 0)
     if num_kv_splits > 1:
         assert max_query_len == 1, "split-KV is for decode-only batches"
         assert num_kv_splits == _pow2(num_kv_splits)

@@ -72,7 +72,7 @@ def _decode_one_by_one(engine: LLMEngine, ids: list[int]) -> tuple[torch.Tensor,
 
 def test_bf16_served_configuration_agrees_with_transformers_fp32(served_engine, real_model_dir):
     engine = served_engine
-    assert engine.runner.model.layers[0].qkv_proj._gemv is not None, "the GEMV kernel is not in use"
+    assert engine.runner.model.layers[0].self_attn.qkv_proj._gemv is not None, "the GEMV kernel is not in use"
     ids = engine.tokenizer.encode(TEXT, add_special_tokens=False)
     assert len(ids) >= 250
     ours, our_streams = _decode_one_by_one(engine, ids)

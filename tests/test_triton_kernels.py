@@ -62,6 +62,26 @@ def test_split_kv_decode_matches_reference(splits):
     torch.testing.assert_close(out.cpu(), ref, atol=2e-4, rtol=2e-4)
 
 
+@pytest.mark.parametrize("window, splits", [(1, 1), (5, 1), (16, 1), (20, None), (20, 4)])
+def test_sliding_window_matches_reference(window, splits):
+    """Sliding-window layers (Gemma 3): a query sees only its last `window` keys, in prefill
+    chunks with cached context, long decodes and split-KV decodes alike."""
+    q, kc, vc, starts, lens, tables, mq, ms = make_batch([1, 7, 5, 1, 1], [70, 0, 20, 33, 3], 2, 2, 32, 16,
+                                                         torch.float32)
+    out = ta.paged_attention(q, kc, vc, starts, lens, tables, 0.125, mq, ms, window=window)
+    ref = paged_attention_ref(q.cpu(), kc.cpu(), vc.cpu(), starts.cpu(), lens.cpu(), tables.cpu(), 0.125,
+                              window=window)
+    torch.testing.assert_close(out.cpu(), ref, atol=2e-4, rtol=2e-4)
+    if splits:
+        dq, dkc, dvc, dstarts, dlens, dtables, _, dms = make_batch([1, 1, 1], [70, 5, 33], 2, 2, 32, 16,
+                                                                   torch.float32, seed=1)
+        out = ta.paged_attention(dq, dkc, dvc, dstarts, dlens, dtables, 0.125, 1, dms, num_kv_splits=splits,
+                                 window=window)
+        ref = paged_attention_ref(dq.cpu(), dkc.cpu(), dvc.cpu(), dstarts.cpu(), dlens.cpu(), dtables.cpu(), 0.125,
+                                  window=window)
+        torch.testing.assert_close(out.cpu(), ref, atol=2e-4, rtol=2e-4)
+
+
 def test_write_kv_skips_padded_slots():
     kc = torch.zeros(4, 16, 2, 8, device=DEVICE)
     vc = torch.zeros_like(kc)

@@ -1,4 +1,6 @@
-"""Building blocks of the Llama family: linear (prepacked on CPU), RMSNorm, RoPE."""
+"""Building blocks shared by the model families: linear (prepacked on CPU), RMSNorm (and
+Gemma's variant), RoPE, and the paged self-attention block (q/k/v in one projection,
+optional per-head q/k norms, an optional sliding window)."""
 from __future__ import annotations
 
 import math
@@ -58,6 +60,19 @@ class RMSNorm(nn.Module):
         return self.forward(residual), residual
 
 
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: scale by (1 + weight), in fp32, then cast (as transformers does)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__(dim, eps)
+        nn.init.zeros_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.float())).to(x.dtype)
+
+
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
@@ -102,3 +117,65 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+class SelfAttention(nn.Module):
+    """q/k/v in one projection -> (per-head q/k RMSNorm: Qwen3, Gemma 3) -> RoPE -> K/V into
+    the paged cache -> attention over the cache (within `window` tokens when set) -> o_proj."""
+
+    def __init__(self, cfg, scale: float, window: int | None = None, norm_cls: type[RMSNorm] = RMSNorm) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.scale, self.window = scale, window
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size)
+        self.q_norm = norm_cls(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = norm_cls(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+
+    def _qk_heads(self, qkv: torch.Tensor) -> torch.Tensor:
+        """The q and k heads of qkv as one [T, H + Hkv, D] view, normalized in place if the
+        family norms them."""
+        T = qkv.shape[0]
+        qk = qkv[:, :self.q_size + self.kv_size].view(T, self.num_heads + self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            qk[:, :self.num_heads] = self.q_norm(qk[:, :self.num_heads])
+            qk[:, self.num_heads:] = self.k_norm(qk[:, self.num_heads:])
+        return qk
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, meta, attention) -> torch.Tensor:
+        T = h.shape[0]
+        qkv = self.qkv_proj(h)
+        qk = apply_rope(self._qk_heads(qkv), cos, sin)
+        q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
+        v = qkv[:, self.q_size + self.kv_size:].view(T, self.num_kv_heads, self.head_dim)
+        attention.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        o = attention.attend(q, k, v, k_cache, v_cache, meta, self.scale, self.window)
+        return self.o_proj(o.reshape(T, self.q_size))
+
+    def forward_fused(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, meta, attention, ops) -> torch.Tensor:
+        """Same computation with the C++ CPU kernels (RoPE writes K/V itself)."""
+        T = h.shape[0]
+        qkv = self.qkv_proj(h)
+        if self.q_norm is not None:
+            self._qk_heads(qkv)
+        q = ops.rope_and_write_kv(qkv, cos, sin, k_cache, v_cache, meta.slot_mapping,
+                                  self.num_heads, self.num_kv_heads, self.head_dim)
+        k = v = None
+        if meta.prefills:  # prefill attention reads this step's K/V straight from qkv
+            k = k_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping]
+            v = qkv[:, self.q_size + self.kv_size:].view(T, self.num_kv_heads, self.head_dim)
+        o = attention.attend(q, k, v, k_cache, v_cache, meta, self.scale, self.window)
+        return self.o_proj(o.view(T, self.q_size))
+
+    def load(self, get, prefix: str) -> None:
+        """From transformers' names under `prefix` (e.g. 'model.layers.3.self_attn.')."""
+        self.qkv_proj.weight.copy_(torch.cat([get(prefix + f"{n}_proj.weight") for n in "qkv"]))
+        if self.qkv_proj.bias is not None:
+            self.qkv_proj.bias.copy_(torch.cat([get(prefix + f"{n}_proj.bias") for n in "qkv"]))
+        self.o_proj.weight.copy_(get(prefix + "o_proj.weight"))
+        if self.q_norm is not None:
+            self.q_norm.weight.copy_(get(prefix + "q_norm.weight"))
+            self.k_norm.weight.copy_(get(prefix + "k_norm.weight"))

@@ -1,0 +1,109 @@
+"""Qwen3, Gemma 3 and Llama 3.x checkpoints saved by transformers, loaded by the engine,
+give transformers' own greedy tokens, token for token (fp32): in a staggered batch with
+chunked prefill, under preemption, and for Gemma 3 with prompts far past its sliding window."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from engine import LLM, EngineConfig, LLMEngine, SamplingParams
+from helpers import assert_all_blocks_free, hf_greedy, run_staggered
+from tiny_models import GEMMA_WINDOW, save_tiny
+
+FAMILIES = ["qwen3", "gemma3", "llama3"]
+LENGTHS = [1, 5, 15, 16, 17, 33, 50, 70]
+MAX_NEW = 20
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_dir(request, tmp_path_factory):
+    return request.param, save_tiny(request.param, tmp_path_factory.mktemp(request.param))
+
+
+@pytest.fixture(scope="module")
+def reference(family_dir):
+    """transformers' greedy tokens for every prompt."""
+    _, path = family_dir
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in LENGTHS]
+    expected = [hf_greedy(hf, p, MAX_NEW, None) for p in prompts]
+    assert sum(len(set(e)) for e in expected) >= 6 * len(prompts), "degenerate outputs prove little"
+    return prompts, expected
+
+
+PARAMS = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_greedy_equals_transformers_in_a_staggered_chunked_batch(family_dir, reference, backend):
+    family, path = family_dir
+    prompts, expected = reference
+    engine = LLMEngine(EngineConfig(model=str(path), dtype="float32", num_kv_blocks=256, block_size=16,
+                                    max_model_len=1024, max_num_batched_tokens=24, attention_backend=backend))
+    assert engine.model_config.architecture == ("gemma3" if family == "gemma3" else "llama")
+    got = run_staggered(engine, prompts, PARAMS, [0, 0, 1, 1, 3, 4, 8, 12])
+    for i, n in enumerate(LENGTHS):
+        assert got[f"p{i}"] == expected[i], f"{family}: prompt of {n} tokens"
+    assert any(s.num_prefill_tokens and s.num_decodes for s in engine.step_history)  # chunks beside decodes
+    assert_all_blocks_free(engine)
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_greedy_equals_transformers_under_preemption(family_dir, reference, mode):
+    family, path = family_dir
+    prompts, expected = reference
+    # Together the prompts need about 25 blocks of 16 tokens: give the pool 10.
+    llm = LLM(model=str(path), dtype="float32", num_kv_blocks=10, block_size=16, max_model_len=128,
+              preemption_mode=mode, swap_space=1 << 24)
+    outs = llm.generate(prompts, PARAMS)
+    assert [o.outputs[0].token_ids for o in outs] == expected, family
+    assert llm.stats()["num_preemptions"] > 0
+    assert_all_blocks_free(llm.engine)
+
+
+def test_gemma3_prompts_past_the_sliding_window_attend_within_it(family_dir, reference):
+    family, path = family_dir
+    if family != "gemma3":
+        pytest.skip("Gemma 3 only")
+    prompts, _ = reference
+    assert max(LENGTHS) + MAX_NEW > 5 * GEMMA_WINDOW
+    engine = LLMEngine(EngineConfig(model=str(path), dtype="float32", num_kv_blocks=64, block_size=16,
+                                    max_model_len=1024))
+    assert [engine.model_config.layer_window(i) for i in range(4)] == [GEMMA_WINDOW, GEMMA_WINDOW, None, GEMMA_WINDOW]
+    # Without the window, the same weights give other tokens: the window is really applied.
+    for layer in engine.runner.model.layers:
+        layer.self_attn.window = None
+    assert run_staggered(engine, [prompts[-1]], PARAMS, [0])["p0"] != reference[1][-1]
+
+
+def test_gemma3_on_the_triton_backend_gives_transformers_tokens(family_dir, reference):
+    """The Triton kernels' sliding window inside the engine (the interpreter on CPU)."""
+    family, path = family_dir
+    if family != "gemma3":
+        pytest.skip("Gemma 3 only")
+    prompts, expected = reference
+    engine = LLMEngine(EngineConfig(model=str(path), dtype="float32", num_kv_blocks=64, block_size=16,
+                                    max_model_len=1024, max_num_batched_tokens=32, attention_backend="triton"))
+    picked = [2, 5, 7]  # 15, 33 and 70 tokens: inside, twice and six times the window
+    got = run_staggered(engine, [prompts[i] for i in picked], PARAMS, [0, 0, 2])
+    assert [got[f"p{j}"] for j in range(3)] == [expected[i] for i in picked]
+
+
+def test_sharded_checkpoint_loads_and_its_generation_config_sets_the_defaults(tmp_path):
+    path = save_tiny("qwen3", tmp_path / "sharded", max_shard_size="100KB",
+                     generation={"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20,
+                                 "bos_token_id": 1, "eos_token_id": [2, 7]})
+    assert len(list(path.glob("*.safetensors"))) > 1
+    llm = LLM(model=str(path), dtype="float32", num_kv_blocks=64, max_model_len=1024)
+    defaults = llm.get_default_sampling_params()
+    assert (defaults.temperature, defaults.top_p, defaults.top_k) == (0.6, 0.95, 20)
+    assert llm.engine.model_config.eos_token_ids == (2, 7)
+    req = llm.engine.add_request([5, 6, 7])  # no params: the checkpoint's defaults
+    assert (req.sampling_params.temperature, req.sampling_params.top_k) == (0.6, 20)
+    llm.engine.abort(req.request_id)
+    # Explicit params win; the sharded weights are the same weights.
+    family_path = save_tiny("qwen3", tmp_path / "whole")
+    prompts = [[3, 4, 5], list(range(10, 40)), list(range(100, 117))]
+    whole = LLM(model=str(family_path), dtype="float32", num_kv_blocks=64, max_model_len=1024)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, PARAMS)] == \
+        [o.outputs[0].token_ids for o in whole.generate(prompts, PARAMS)]
