@@ -109,7 +109,8 @@ class GrammarCompiler:
         kind = params.kind
         try:
             if kind == "json":
-                schema = params.json if isinstance(params.json, str) else json.dumps(params.json)
+                schema = json.loads(params.json) if isinstance(params.json, str) else params.json
+                schema = json.dumps(strict_json_strings(schema))
                 # Fixed separators: a small model cannot run away into whitespace.
                 return compiler.compile_json_schema(schema, any_whitespace=False)
             if kind == "json_object":
@@ -121,8 +122,8 @@ class GrammarCompiler:
                     "root ::= " + " | ".join(json.dumps(c) for c in params.choice))
             if kind == "grammar":
                 return compiler.compile_grammar(params.grammar)
-            tag = params.structural_tag
-            return compiler.compile_structural_tag(tag if isinstance(tag, str) else json.dumps(tag))
+            tag = json.loads(params.structural_tag) if isinstance(params.structural_tag, str) else params.structural_tag
+            return compiler.compile_structural_tag(json.dumps(_strict_tag_schemas(tag)))
         except (RuntimeError, ValueError, TypeError) as exc:
             raise ValueError(f"structured_outputs.{kind} is invalid: {_first_line(exc)}") from None
 
@@ -131,6 +132,39 @@ class GrammarCompiler:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+# A JSON string character that needs no escape; xgrammar's rule for strings with a length
+# bound allows raw control characters (U+0000-U+001F), which no JSON parser accepts.
+_PLAIN_CHAR = r'[^"\\\x00-\x1f]'
+
+
+def strict_json_strings(schema):
+    """The schema with every length-bounded string (no pattern or format of its own) given
+    an equivalent pattern that excludes raw control characters, so the output always parses."""
+    if isinstance(schema, list):
+        return [strict_json_strings(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strict_json_strings(v) if k not in ("enum", "const", "default", "examples") else v
+           for k, v in schema.items()}
+    types = out.get("type") if isinstance(out.get("type"), list) else [out.get("type")]
+    bounded = "minLength" in out or "maxLength" in out
+    if "string" in types and len(types) == 1 and bounded and not ({"pattern", "format", "enum", "const"} & out.keys()):
+        lo, hi = out.pop("minLength", 0), out.pop("maxLength", None)
+        out["pattern"] = f"^{_PLAIN_CHAR}{{{lo},{'' if hi is None else hi}}}$"
+    return out
+
+
+def _strict_tag_schemas(node):
+    """strict_json_strings applied to every json_schema inside a structural tag."""
+    if isinstance(node, list):
+        return [_strict_tag_schemas(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    if node.get("type") == "json_schema" and "json_schema" in node:
+        return {**node, "json_schema": strict_json_strings(node["json_schema"])}
+    return {k: _strict_tag_schemas(v) for k, v in node.items()}
 
 
 def _first_line(exc: BaseException) -> str:

@@ -7,7 +7,7 @@ import re
 
 import jsonschema
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from engine import LLM, AsyncLLM, EngineConfig, SamplingParams, StructuredOutputsParams
@@ -41,6 +41,8 @@ schemas = st.recursive(leaves, lambda kids: st.one_of(
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(schema=schemas, seed=st.integers(0, 2**31))
+# Found by this test: xgrammar's rule for length-bounded strings let a raw control character in.
+@example(schema={"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 3}, seed=1_741_153_605)
 def test_every_output_under_a_json_schema_parses_and_validates(schema, seed):
     params = SamplingParams(temperature=1.0, seed=seed, max_tokens=400, structured_outputs={"json": schema})
     out = TINY.generate([[5, 6, 7, 8]], params)[0].outputs[0]
@@ -223,3 +225,16 @@ def test_tools_go_through_the_chat_template_when_it_renders_them_else_hermes():
     finally:
         engine.inputs = original
     assert prompt.startswith("<tools>get_capital;</tools>") and HERMES_SYSTEM.split(".")[0] not in prompt
+
+
+def test_a_length_bounded_json_string_never_takes_a_raw_control_character():
+    grammars = TINY.engine.grammars
+    for schema in ({"type": "string", "maxLength": 6},
+                   {"type": "object", "properties": {"s": {"type": "string", "minLength": 1}}, "required": ["s"]}):
+        prefix = '"' if schema["type"] == "string" else '{"s": "'
+        matcher = grammars.matcher(grammars.compile(StructuredOutputsParams(json=schema)))
+        tok = TINY.tokenizer
+        assert all(matcher.accept_token(t) for t in tok.encode(prefix, add_special_tokens=False))
+        control = tok.encode("\x0f", add_special_tokens=False)
+        assert len(control) == 1 and not matcher.accept_token(control[0])
+        assert matcher.accept_token(tok.encode("a", add_special_tokens=False)[0])
