@@ -19,7 +19,7 @@ from google.genai import types
 from pydantic import TypeAdapter
 
 from adk_backend.chat import ChatResult, chat_stream
-from adk_backend.chat_format import tool_call_text, tool_response_text
+from adk_backend.chat_format import ToolCall, assistant_message, tool_message
 from adk_backend.engines import PREFIX, engine_for
 from adk_backend.reply_grammar import ReplySpec
 from engine import SamplingParams
@@ -57,13 +57,15 @@ class EngineLlm(BaseLlm):
             spec = reply_spec(llm_request.config, self.parallel_tool_calls)
             if spec.response_schema is not None:
                 messages = with_schema_instruction(messages, spec.response_schema)
-            params = sampling_params(llm_request.config)
-            async for item in chat_stream(engine, messages, spec, params):
+            params = sampling_params(llm_request.config, engine.sampling_defaults)
+            template_kwargs, show_thoughts = thinking_options(llm_request.config)
+            async for item in chat_stream(engine, messages, spec, params, template_kwargs):
                 if isinstance(item, ChatResult):
-                    yield final_response(item)
-                elif stream and item.text:
-                    yield LlmResponse(content=types.Content(role="model", parts=[types.Part(text=item.text)]),
-                                      partial=True)
+                    yield final_response(item, show_thoughts)
+                elif stream and (item.text or (item.reasoning and show_thoughts)):
+                    parts = [types.Part(text=item.reasoning, thought=True)] if item.reasoning and show_thoughts else []
+                    parts += [types.Part(text=item.text)] if item.text else []
+                    yield LlmResponse(content=types.Content(role="model", parts=parts), partial=True)
         except ValueError as exc:  # refused: prompt too long, bad sampling values, bad history
             yield _error("INVALID_ARGUMENT", str(exc))
         except EngineDeadError as exc:
@@ -72,10 +74,11 @@ class EngineLlm(BaseLlm):
             yield _error("INTERNAL", str(exc))
 
 
-def final_response(result: ChatResult) -> LlmResponse:
-    """The whole turn: text and function calls, and usage."""
+def final_response(result: ChatResult, show_thoughts: bool = True) -> LlmResponse:
+    """The whole turn: thinking (a thought part), text and function calls, and usage."""
     reply = result.reply
-    parts = [types.Part(text=reply.text)] if reply.text else []
+    parts = [types.Part(text=reply.reasoning, thought=True)] if reply.reasoning and show_thoughts else []
+    parts += [types.Part(text=reply.text)] if reply.text else []
     parts += [types.Part(function_call=types.FunctionCall(id=c.id, name=c.name, args=c.arguments))
               for c in reply.tool_calls]
     usage = types.GenerateContentResponseUsageMetadata(
@@ -119,9 +122,9 @@ def contents_to_messages(llm_request: LlmRequest) -> list[dict]:
     pending_calls: dict[str, str] = {}  # function call id -> name, to check responses against
     for content in llm_request.contents or []:
         role = "assistant" if content.role == "model" else "user"
-        texts, responses = [], []
+        texts, calls, responses = [], [], []
         for part in content.parts or []:
-            if part.thought:
+            if part.thought:  # a reasoning model's thinking never goes back to it
                 continue
             if part.text:
                 texts.append(part.text)
@@ -129,16 +132,17 @@ def contents_to_messages(llm_request: LlmRequest) -> list[dict]:
                 fc = part.function_call
                 if fc.id:
                     pending_calls[fc.id] = fc.name
-                texts.append(tool_call_text(fc.name, dict(fc.args or {})))
+                calls.append(ToolCall(fc.name, dict(fc.args or {}), **({"id": fc.id} if fc.id else {})))
             elif part.function_response:
                 fr = part.function_response
                 if fr.id and pending_calls and pending_calls.get(fr.id, fr.name) != fr.name:
                     raise ValueError(f"function_response {fr.name!r} answers call id {fr.id!r}, "
                                      f"which was a call to {pending_calls[fr.id]!r}")
-                responses.append(tool_response_text(fr.name, fr.response))
-        if responses:
-            messages.append({"role": "tool", "content": "\n".join(responses)})
-        if texts:
+                responses.append(tool_message(fr.name, fr.id, fr.response))
+        messages.extend(responses)
+        if role == "assistant" and (texts or calls):
+            messages.append(assistant_message("\n".join(texts), calls))
+        elif texts:
             messages.append({"role": role, "content": "\n".join(texts)})
     if not messages or messages[-1]["role"] in ("system", "assistant"):
         messages.append({"role": "user", "content": "Continue."})
@@ -204,14 +208,31 @@ def with_schema_instruction(messages: list[dict], schema: dict) -> list[dict]:
     return messages
 
 
-def sampling_params(config: types.GenerateContentConfig | None) -> SamplingParams:
-    """GenerateContentConfig -> SamplingParams. Unset temperature means greedy decoding."""
+def thinking_options(config: types.GenerateContentConfig | None) -> tuple[dict | None, bool]:
+    """ADK's thinking_config -> (chat template kwargs, whether thoughts are returned): a
+    thinking_budget of 0 switches a reasoning model's thinking off (Qwen3's enable_thinking),
+    include_thoughts=False keeps its thinking out of the response. Unset: the template's
+    default, thoughts returned."""
+    thinking = config.thinking_config if config is not None else None
+    if thinking is None:
+        return None, True
+    kwargs = {"enable_thinking": False} if thinking.thinking_budget == 0 else (
+        {"enable_thinking": True} if thinking.thinking_budget else None)
+    return kwargs, thinking.include_thoughts is not False
+
+
+def sampling_params(config: types.GenerateContentConfig | None, defaults: dict | None = None) -> SamplingParams:
+    """GenerateContentConfig -> SamplingParams. A field left unset takes the model's
+    generation_config default (`defaults`), else greedy decoding and DEFAULT_MAX_TOKENS."""
     c = config or types.GenerateContentConfig()
+    d = defaults or {}
     return SamplingParams(
-        temperature=0.0 if c.temperature is None else c.temperature,
-        top_p=1.0 if c.top_p is None else c.top_p,
-        top_k=-1 if not c.top_k else int(c.top_k),
-        max_tokens=c.max_output_tokens or DEFAULT_MAX_TOKENS,
+        temperature=d.get("temperature", 0.0) if c.temperature is None else c.temperature,
+        top_p=d.get("top_p", 1.0) if c.top_p is None else c.top_p,
+        top_k=int(c.top_k) if c.top_k else d.get("top_k", -1),
+        min_p=d.get("min_p", 0.0),
+        repetition_penalty=d.get("repetition_penalty", 1.0),
+        max_tokens=c.max_output_tokens or d.get("max_tokens", DEFAULT_MAX_TOKENS),
         stop=list(c.stop_sequences or []),
         seed=c.seed,
         presence_penalty=c.presence_penalty or 0.0,

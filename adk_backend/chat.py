@@ -1,26 +1,76 @@
 """One chat request on the shared engine, as both providers and the OpenAI API run it:
 render the prompt (on the engine's input thread), constrain the reply to the grammar its
-ReplySpec asks for, stream the plain text, and parse each whole reply into text and tool
-calls at the end. With `n > 1` every sequence streams and parses on its own."""
+ReplySpec asks for, stream the thinking and the plain text apart, and parse each whole
+reply into reasoning, text and tool calls at the end. With `n > 1` every sequence streams
+and parses on its own.
+
+How a model writes tool calls and thinking (`ChatFormats`) is read once per engine from
+its chat template, unless `configure_engine(..., tool_call_parser=, reasoning_parser=)`
+names them.
+"""
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from dataclasses import dataclass
 
-from adk_backend.chat_format import ParsedReply, TextStreamFilter, messages_with_tools, parse_reply
+from adk_backend.chat_format import ParsedReply, TextStreamFilter, messages_with_tools
+from adk_backend.engines import chat_overrides
+from adk_backend.reasoning import ReasoningFormat, ReasoningStreamSplitter, reasoning_format, \
+    reasoning_format_from_template
 from adk_backend.reply_grammar import ReplySpec, reply_grammar
-from engine import SamplingParams
-from engine import Logprob
+from adk_backend.tool_formats import PROBE_CONVERSATION, PROBE_TOOL, ToolCallFormat, format_from_rendering, \
+    tool_call_format
+from engine import Logprob, SamplingParams
+
+
+@dataclass(frozen=True)
+class ChatFormats:
+    tools: ToolCallFormat
+    native_tools: bool                  # the template renders tools, calls and results itself
+    tool_role: bool                     # the template takes a 'tool' turn (Gemma 3's does not)
+    reasoning: ReasoningFormat | None   # a reasoning model's thinking tags
+
+
+_formats: "weakref.WeakKeyDictionary[object, ChatFormats]" = weakref.WeakKeyDictionary()
+
+
+async def chat_formats(engine) -> ChatFormats:
+    """The engine's ChatFormats, probed from its chat template on first use."""
+    found = _formats.get(engine)
+    if found is not None:
+        return found
+
+    async def renders(messages: list[dict], tools: list[dict] | None) -> str | None:
+        try:
+            return await engine.apply_chat_template(messages, tools)
+        except Exception:  # noqa: BLE001 - a template that refuses this conversation
+            return None
+    detected, native = format_from_rendering(await renders(PROBE_CONVERSATION, [PROBE_TOOL]))
+    # A tool turn right after the assistant's, as in a real round trip (Gemma 3's template
+    # insists on user/model turns and refuses it there).
+    tool_role = await renders([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"},
+                               {"role": "tool", "content": "r7f3a"}], None)
+    overrides = chat_overrides(engine)
+    tools = tool_call_format(overrides["tool_call_parser"]) if overrides.get("tool_call_parser") else detected
+    native = native and tools == detected  # a named parser the template does not render: we declare the tools
+    template = getattr(engine.tokenizer, "chat_template", None) if engine.tokenizer is not None else None
+    reasoning = (reasoning_format(overrides["reasoning_parser"]) if "reasoning_parser" in overrides
+                 else reasoning_format_from_template(template if isinstance(template, str) else None))
+    found = ChatFormats(tools, native, tool_role is not None and "r7f3a" in tool_role, reasoning)
+    _formats[engine] = found
+    return found
 
 
 @dataclass
 class ChatDelta:
-    """New output of one of the request's sequences: plain reply text as it streams
-    (tool-call blocks held back), and the tokens it came with."""
+    """New output of one of the request's sequences: thinking and plain reply text as they
+    stream (tool calls held back), and the tokens they came with."""
     index: int
     text: str
     token_ids: list[int]
     logprobs: list[dict[int, Logprob]] | None = None
+    reasoning: str = ""
 
 
 @dataclass
@@ -53,23 +103,36 @@ class ChatResult:
         return sum(c.num_output_tokens for c in self.choices)
 
 
-async def chat_stream(engine, messages: list[dict], spec: ReplySpec, params: SamplingParams):
+async def chat_stream(engine, messages: list[dict], spec: ReplySpec, params: SamplingParams,
+                      template_kwargs: dict | None = None):
     """Runs one chat request on an AsyncLLM. Yields ChatDeltas as the reply is generated,
-    then one ChatResult. Raises the engine's ValueError / EngineDeadError /
-    RequestFailedError."""
-    grammar = reply_grammar(spec)
+    then one ChatResult. `template_kwargs` reach the chat template (e.g. enable_thinking).
+    Raises the engine's ValueError / EngineDeadError / RequestFailedError."""
+    formats = await chat_formats(engine)
+    messages, tools = messages_with_tools(messages, spec.tools, formats.native_tools, formats.tool_role)
+    prompt = await engine.apply_chat_template(messages, tools, template_kwargs)
+    reasoning = formats.reasoning
+    if reasoning is not None and prompt.rstrip().endswith(reasoning.close):
+        reasoning = None  # thinking is off: the template closed an empty block
+    opened = reasoning is not None and reasoning.opened_by(prompt)
+    grammar = reply_grammar(spec, formats.tools, reasoning, opened)
     if grammar is not None:
         if params.structured_outputs is not None:
             raise ValueError("structured_outputs cannot be combined with tools or a response format; "
                              "use one of them")
         params = dataclasses.replace(params, structured_outputs=grammar)
-    messages, tools = messages_with_tools(messages, spec.tools, engine.chat_template_renders_tools)
-    prompt = await engine.apply_chat_template(messages, tools)
     callable_names = spec.callable_names
     n = params.n
-    filters = [TextStreamFilter() for _ in range(n)]
+    splitters = [ReasoningStreamSplitter(reasoning, opened) if reasoning else None for _ in range(n)]
+    filters = [TextStreamFilter(formats.tools.trigger) for _ in range(n)]
     texts, streamed, num_output, finish = [""] * n, [""] * n, [0] * n, ["stop"] * n
     last = None
+
+    def visible(i: int, text: str) -> str:
+        piece = filters[i].feed(text) if callable_names else text
+        streamed[i] += piece
+        return piece
+
     async for out in engine.generate(prompt, params):
         last = out
         for c in out.outputs:
@@ -77,13 +140,20 @@ async def chat_stream(engine, messages: list[dict], spec: ReplySpec, params: Sam
             texts[i] += c.text
             num_output[i] += len(c.token_ids)
             finish[i] = c.finish_reason or finish[i]
-            piece = filters[i].feed(c.text) if callable_names else c.text
-            streamed[i] += piece
-            if piece or c.logprobs:
-                yield ChatDelta(i, piece, c.token_ids, c.logprobs)
+            thought, text = splitters[i].feed(c.text) if splitters[i] else ("", c.text)
+            piece = visible(i, text)
+            if piece or thought or c.logprobs:
+                yield ChatDelta(i, piece, c.token_ids, c.logprobs, thought)
     choices = []
     for i in range(n):
-        reply = parse_reply(texts[i], callable_names)
+        if splitters[i]:
+            thought, text = splitters[i].finish()
+            piece = visible(i, text)
+            if piece or thought:
+                yield ChatDelta(i, piece, [], None, thought)
+        thinking, answer = reasoning.split(texts[i], opened) if reasoning else (None, texts[i])
+        reply = formats.tools.parse(answer, callable_names)
+        reply.reasoning = thinking
         if reply.text.startswith(streamed[i]) and len(reply.text) > len(streamed[i]):
             yield ChatDelta(i, reply.text[len(streamed[i]):], [])  # held back as a possible call, and not one
         choices.append(ChatChoice(i, reply, finish[i], num_output[i]))

@@ -1,21 +1,22 @@
 """Chat prompts with tools, and tool calls parsed back out of generated text.
 
-Both providers (native ADK and LiteLLM) reduce their requests to neutral chat messages
-({'role': 'system'|'user'|'assistant'|'tool', 'content': str}) plus JSON-schema tool
-declarations, and parse the model's reply with the same code. Where the model's chat
-template has no tool support (SmolLM2's has none) tools use the Hermes format:
-declarations in the system prompt, calls as <tool_call>{"name": ..., "arguments": ...}</tool_call>,
-results as <tool_response>...</tool_response> in a 'tool' message.
+Both providers (native ADK and LiteLLM) and the OpenAI API reduce their requests to
+transformers' chat messages - {'role': 'system'|'user'|'assistant'|'tool', 'content': str},
+an assistant's 'tool_calls' ([{'id', 'type': 'function', 'function': {'name', 'arguments':
+dict}}]) and a tool result's 'name' and 'tool_call_id' - plus JSON-schema tool declarations,
+and parse the model's reply with the same code. A chat template that renders tools (Qwen3's,
+Llama 3.1's) gets them as they are and shows them in the family's own format. Elsewhere
+(SmolLM2's, Gemma 3's templates) tools use the Hermes format: declarations in the system
+prompt, calls as <tool_call>{"name": ..., "arguments": ...}</tool_call> in the assistant's
+text, results as <tool_response>...</tool_response>.
 """
 from __future__ import annotations
 
 import json
-import re
-import uuid
-from dataclasses import dataclass, field
+
+from adk_backend.tool_formats import HERMES, ParsedReply, ToolCall, ToolCallFormat  # noqa: F401 (re-exported)
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
-_TOOL_CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
 HERMES_SYSTEM = (
     "You are a function calling AI model. You are provided with function signatures within <tools></tools> "
@@ -26,102 +27,90 @@ HERMES_SYSTEM = (
 )
 
 
-@dataclass
-class ToolCall:
-    name: str
-    arguments: dict
-    id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
-
-
-@dataclass
-class ParsedReply:
-    text: str                        # the reply with its tool-call blocks removed
-    tool_calls: list[ToolCall]
-
-
 def tool_call_text(name: str, arguments: dict) -> str:
-    return f"{TOOL_CALL_OPEN}\n{json.dumps({'name': name, 'arguments': arguments})}\n{TOOL_CALL_CLOSE}"
+    return HERMES.call_text(name, arguments)
 
 
 def tool_response_text(name: str, response) -> str:
     return f"<tool_response>\n{json.dumps({'name': name, 'content': response}, default=str)}\n</tool_response>"
 
 
-def messages_with_tools(messages: list[dict], tools: list[dict] | None,
-                        template_renders_tools: bool) -> tuple[list[dict], list[dict] | None]:
-    """The messages and tools to hand the chat template: the tools as they are where the
-    template renders them, else declared in a Hermes system block."""
+def assistant_message(text: str, calls: list[ToolCall]) -> dict:
+    """An assistant turn in transformers' chat format."""
+    message = {"role": "assistant", "content": text}
+    if calls:
+        message["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                                 for c in calls]
+    return message
+
+
+def tool_message(name: str, call_id: str | None, response) -> dict:
+    """A tool's result in transformers' chat format (content is JSON text unless a string)."""
+    content = response if isinstance(response, str) else json.dumps(response, default=str)
+    return {"role": "tool", "name": name, "tool_call_id": call_id, "content": content}
+
+
+def messages_with_tools(messages: list[dict], tools: list[dict] | None, native: bool,
+                        tool_role: bool = True) -> tuple[list[dict], list[dict] | None]:
+    """The messages and tools to hand the chat template. `native`: the template renders
+    tools, calls and results itself. Otherwise calls become Hermes text in the assistant's
+    turn, results <tool_response> blocks (in a 'tool' turn, or a 'user' one where the
+    template knows no tool role), and the tools are declared in a Hermes system block."""
     messages = [dict(m) for m in messages]
-    if not tools or template_renders_tools:
+    if native:
         return messages, tools or None
-    block = HERMES_SYSTEM.format(tools="\n".join(json.dumps(t) for t in tools))
-    if messages and messages[0]["role"] == "system":
-        messages[0]["content"] = messages[0]["content"] + "\n\n" + block
-    else:
-        messages.insert(0, {"role": "system", "content": block})
-    return messages, None
+    flat: list[dict] = []
+    for m in messages:
+        if m["role"] == "assistant" and m.get("tool_calls"):
+            calls = [HERMES.call_text(c["function"]["name"], c["function"]["arguments"]) for c in m["tool_calls"]]
+            m = {"role": "assistant", "content": "\n".join(([m["content"]] if m.get("content") else []) + calls)}
+        elif m["role"] == "tool":
+            m = {"role": "tool" if tool_role else "user",
+                 "content": tool_response_text(m.get("name") or "tool", _json_or_text(m.get("content")))}
+        if flat and m["role"] == flat[-1]["role"] and m["role"] in ("tool", "user"):
+            flat[-1] = {"role": m["role"], "content": flat[-1]["content"] + "\n" + m["content"]}
+        else:
+            flat.append(m)
+    if tools:
+        block = HERMES_SYSTEM.format(tools="\n".join(json.dumps(t) for t in tools))
+        if flat and flat[0]["role"] == "system":
+            flat[0]["content"] = flat[0]["content"] + "\n\n" + block
+        else:
+            flat.insert(0, {"role": "system", "content": block})
+    return flat, None
+
+
+def _json_or_text(content):
+    try:
+        return json.loads(content) if isinstance(content, str) else content
+    except ValueError:
+        return content
 
 
 def render_prompt(engine, messages: list[dict], tools: list[dict] | None) -> str:
     """The prompt text on an offline LLMEngine (AsyncLLM callers go through chat_stream)."""
-    messages, tools = messages_with_tools(messages, tools, engine.chat_template_renders_tools)
+    from adk_backend.tool_formats import PROBE_CONVERSATION, PROBE_TOOL, format_from_rendering
+    try:
+        probe = engine.apply_chat_template(PROBE_CONVERSATION, [PROBE_TOOL])
+    except Exception:  # noqa: BLE001 - a template that cannot render tools
+        probe = None
+    _, native = format_from_rendering(probe)
+    messages, tools = messages_with_tools(messages, tools, native)
     return engine.apply_chat_template(messages, tools)
 
 
-def parse_reply(text: str, callable_tools: set[str]) -> ParsedReply:
-    """Splits generated text into plain text and calls to `callable_tools`. A block that is
-    not a whole call to one of them (cut short by max_tokens or a stop string, or naming
-    another tool) stays in the text: a model's output is never an error."""
-    if not callable_tools or TOOL_CALL_OPEN not in text:
-        return ParsedReply(text=text, tool_calls=[])
-    calls: list[ToolCall] = []
-    kept: list[str] = []
-    last = 0
-    for m in _TOOL_CALL_RE.finditer(text):
-        call = _parse_call(m.group(1).strip(), callable_tools) if m.group(0).endswith(TOOL_CALL_CLOSE) else None
-        if call is None:
-            continue
-        kept.append(text[last:m.start()])
-        last = m.end()
-        calls.append(call)
-    kept.append(text[last:])
-    return ParsedReply(text="".join(kept).strip() if calls else text, tool_calls=calls)
-
-
-def _parse_call(body: str, callable_tools: set[str]) -> ToolCall | None:
-    try:
-        obj = _first_call_object(body)
-        name, args = obj["name"], obj.get("arguments", {})
-        if isinstance(args, str):
-            args = json.loads(args) if args.strip() else {}
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return None
-    if not isinstance(name, str) or not isinstance(args, dict) or name not in callable_tools:
-        return None
-    return ToolCall(name=name, arguments=args)
-
-
-_NAME_ARGS_RE = re.compile(r'^\{\s*"name"\s*:\s*"([^"]+)"\s*,\s*"arguments"\s*:\s*')
-
-
-def _first_call_object(body: str) -> dict:
-    """The call in a block: the whole body as JSON, or else - as a grammar would stop the
-    model there - the name and the first complete JSON value after "arguments"."""
-    try:
-        return json.loads(body)
-    except ValueError:
-        m = _NAME_ARGS_RE.match(body)
-        if m is None:
-            raise
-        args, _ = json.JSONDecoder().raw_decode(body, m.end())
-        return {"name": m.group(1), "arguments": args}
+def parse_reply(text: str, callable_tools: set[str], fmt: ToolCallFormat = HERMES) -> ParsedReply:
+    """Splits generated text into plain text and calls to `callable_tools` (see
+    ToolCallFormat.parse)."""
+    return fmt.parse(text, callable_tools)
 
 
 class TextStreamFilter:
     """Streams the plain text of a reply while it is generated, holding back anything that
-    is (or may become) a <tool_call> block."""
+    is (or may become) a tool call (from the format's trigger on)."""
 
-    def __init__(self) -> None:
+    def __init__(self, trigger: str = TOOL_CALL_OPEN) -> None:
+        self.trigger = trigger.strip()
         self.buffer = ""
         self.emitted = 0
         self.in_call = False
@@ -130,15 +119,15 @@ class TextStreamFilter:
         self.buffer += delta
         if self.in_call:
             return ""
-        start = self.buffer.find(TOOL_CALL_OPEN, self.emitted)
+        start = self.buffer.find(self.trigger, self.emitted)
         if start != -1:
             self.in_call = True
             out, self.emitted = self.buffer[self.emitted:start], start
             return out
-        # Keep back a tail that could still grow into "<tool_call>".
+        # Keep back a tail that could still grow into the trigger.
         safe = len(self.buffer)
-        for k in range(min(len(TOOL_CALL_OPEN) - 1, len(self.buffer)), 0, -1):
-            if TOOL_CALL_OPEN.startswith(self.buffer[-k:]):
+        for k in range(min(len(self.trigger) - 1, len(self.buffer)), 0, -1):
+            if self.trigger.startswith(self.buffer[-k:]):
                 safe = len(self.buffer) - k
                 break
         out, self.emitted = self.buffer[self.emitted:safe], max(self.emitted, safe)

@@ -33,8 +33,10 @@ class EngineLiteLLM(CustomLLM):
         try:
             spec = openai_reply_spec(optional_params)
             msgs = openai_to_messages(messages)
-            params = openai_sampling(optional_params)
-            async for item in chat_stream(engine_for(model_name(model)), msgs, spec, params):
+            engine = engine_for(model_name(model))
+            params = openai_sampling(optional_params, engine.sampling_defaults)
+            template_kwargs = optional_params.get("chat_template_kwargs")
+            async for item in chat_stream(engine, msgs, spec, params, template_kwargs):
                 yield item
         except ValueError as exc:
             raise CustomLLMError(status_code=400, message=str(exc)) from exc
@@ -54,6 +56,8 @@ class EngineLiteLLM(CustomLLM):
         reply = result.reply
         message = response.choices[0].message
         message.content = reply.text or None
+        if reply.reasoning is not None:
+            message.reasoning_content = reply.reasoning
         if reply.tool_calls:
             message.tool_calls = [ChatCompletionMessageToolCall(id=c["id"], type="function",
                                                                 function=Function(**c["function"]))

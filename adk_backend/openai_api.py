@@ -75,7 +75,7 @@ _COMMON_FIELDS = {"model", "stream", "stream_options", "temperature", "top_p", "
                   "seed", "stop", "presence_penalty", "frequency_penalty", "n", "user", "ignore_eos", "min_tokens",
                   "repetition_penalty", "structured_outputs", "response_format"}
 CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "tools", "tool_choice", "parallel_tool_calls",
-                                "logprobs", "top_logprobs"}
+                                "logprobs", "top_logprobs", "chat_template_kwargs"}
 COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "logprobs"}
 # Fields accepted only at a value that asks for nothing.
 _NO_OP_VALUES = {"logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}), "echo": (None, False),
@@ -168,7 +168,7 @@ def make_router(served: list[str], max_tokens_limit: int, max_concurrent_per_cli
                            param="model", code="model_not_found")
         return model_name(model)
 
-    def sampling(body: dict):
+    def sampling(body: dict, model: str):
         _check_params(body)
         if body.get("response_format") is not None and body.get("structured_outputs") is not None:
             raise APIError(400, "give response_format or structured_outputs, not both", param="structured_outputs")
@@ -176,7 +176,8 @@ def make_router(served: list[str], max_tokens_limit: int, max_concurrent_per_cli
         if limit is not None and limit > max_tokens_limit:
             raise APIError(400, f"max_tokens must be <= {max_tokens_limit}, got {limit}", param="max_tokens")
         try:
-            return dataclasses.replace(openai_sampling(body), n=1 if body.get("n") is None else body["n"])
+            params = openai_sampling(body, engine_for(model).sampling_defaults)
+            return dataclasses.replace(params, n=1 if body.get("n") is None else body["n"])
         except ValueError as exc:
             raise APIError(400, str(exc)) from exc
 
@@ -192,7 +193,8 @@ def make_router(served: list[str], max_tokens_limit: int, max_concurrent_per_cli
     async def parse(request: Request, fields: set[str]):
         body = await _body(request)
         _check_fields(body, fields)
-        return body, resolve(body), sampling(body)
+        model = resolve(body)
+        return body, model, sampling(body, model)
 
     async def _chat_completions(request: Request):
         body, model, params = await parse(request, CHAT_FIELDS)
@@ -206,9 +208,12 @@ def make_router(served: list[str], max_tokens_limit: int, max_concurrent_per_cli
             params = dataclasses.replace(params, logprobs=top_n)
         except ValueError as exc:
             raise APIError(400, str(exc), param="logprobs") from exc
+        template_kwargs = body.get("chat_template_kwargs")
+        if template_kwargs is not None and not isinstance(template_kwargs, dict):
+            raise APIError(400, "'chat_template_kwargs' must be an object", param="chat_template_kwargs")
         engine = engine_for(model)  # a dead engine refuses in generate(): 503 through _guarded
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        events = _guarded(chat_stream(engine, messages, spec, params))
+        events = _guarded(chat_stream(engine, messages, spec, params, template_kwargs))
 
         def logprobs(token_ids: list[int], entries) -> dict | None:
             return chat_logprobs(token_ids, entries, top_n) if top_n is not None else None
@@ -224,6 +229,8 @@ def make_router(served: list[str], max_tokens_limit: int, max_concurrent_per_cli
             choices = []
             for c in result.choices:
                 message = {"role": "assistant", "content": c.reply.text or None}
+                if c.reply.reasoning is not None:
+                    message["reasoning_content"] = c.reply.reasoning  # vLLM's field
                 if c.reply.tool_calls:
                     message["tool_calls"] = [{k: v for k, v in t.items() if k != "index"} for t in openai_tool_calls(c)]
                 choices.append({"index": c.index, "message": message, "logprobs": logprobs(*tokens[c.index]),
@@ -246,8 +253,11 @@ def make_router(served: list[str], max_tokens_limit: int, max_concurrent_per_cli
                 yield delta(i, {"role": "assistant", "content": ""})
             async for item in _prepend(first, events):
                 if not isinstance(item, ChatResult):
-                    yield delta(item.index, {"content": item.text},
-                                lp=logprobs(item.token_ids, item.logprobs) if item.logprobs else None)
+                    if item.reasoning:
+                        yield delta(item.index, {"reasoning_content": item.reasoning})
+                    if item.text or item.logprobs or not item.reasoning:
+                        yield delta(item.index, {"content": item.text},
+                                    lp=logprobs(item.token_ids, item.logprobs) if item.logprobs else None)
                     continue
                 for c in item.choices:
                     calls = openai_tool_calls(c)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from adk_backend.chat import ChatChoice, ChatResult
-from adk_backend.chat_format import tool_call_text, tool_response_text
+from adk_backend.chat_format import ToolCall, assistant_message, tool_message
 from adk_backend.reply_grammar import ReplySpec
 from engine import SamplingParams, StructuredOutputsParams
 from engine import Logprob
@@ -36,7 +36,7 @@ def openai_to_messages(messages: list) -> list[dict]:
             raise ValueError(f"each message needs a role of system, user, assistant or tool, got {m!r}"[:300])
         role = m["role"]
         if role == "assistant":
-            parts = [_text(m.get("content"))] if m.get("content") else []
+            calls = []
             for tc in m.get("tool_calls") or []:
                 fn = tc["function"]
                 args = fn.get("arguments") or "{}"
@@ -44,15 +44,16 @@ def openai_to_messages(messages: list) -> list[dict]:
                     args = json.loads(args) if isinstance(args, str) else args
                 except ValueError as exc:
                     raise ValueError(f"tool call {fn.get('name')!r} has arguments that are not JSON: {exc}") from exc
+                if not isinstance(args, dict):
+                    raise ValueError(f"tool call {fn.get('name')!r} has arguments that are not a JSON object")
                 call_names[tc.get("id")] = fn["name"]
-                parts.append(tool_call_text(fn["name"], args))
-            out.append({"role": "assistant", "content": "\n".join(parts)})
+                calls.append(ToolCall(fn["name"], args, **({"id": tc["id"]} if tc.get("id") else {})))
+            out.append(assistant_message(_text(m.get("content")) if m.get("content") else "", calls))
         elif role == "tool":
             call_id = m.get("tool_call_id")
             if call_names and call_id not in call_names:
                 raise ValueError(f"tool message answers tool_call_id {call_id!r}, which no assistant message made")
-            out.append({"role": "tool", "content": tool_response_text(call_names.get(call_id, m.get("name", "tool")),
-                                                                      _text(m.get("content")))})
+            out.append(tool_message(call_names.get(call_id, m.get("name", "tool")), call_id, _text(m.get("content"))))
         else:
             out.append({"role": "system" if role == "developer" else role, "content": _text(m.get("content"))})
     return out
@@ -116,12 +117,14 @@ def response_schema(response_format) -> dict | None:
     raise ValueError(f"response_format type must be 'text', 'json_object' or 'json_schema', got {kind!r}")
 
 
-def openai_sampling(optional_params: dict) -> SamplingParams:
-    p = optional_params
+def openai_sampling(optional_params: dict, defaults: dict | None = None) -> SamplingParams:
+    """SamplingParams from OpenAI-style fields; a field left unset takes the model's
+    generation_config default (`defaults`, as vLLM), else ours (greedy, 512 tokens)."""
+    p = {**(defaults or {}), **{k: v for k, v in optional_params.items() if v is not None}}
     stop = p.get("stop")
     return SamplingParams(
-        temperature=p.get("temperature", 0.0) if p.get("temperature") is not None else 0.0,
-        top_p=p.get("top_p") if p.get("top_p") is not None else 1.0,
+        temperature=p.get("temperature", 0.0),
+        top_p=p.get("top_p", 1.0),
         top_k=p.get("top_k") or -1,
         max_tokens=next((p[k] for k in ("max_completion_tokens", "max_tokens") if p.get(k) is not None), 512),
         stop=[stop] if isinstance(stop, str) else (stop or []),

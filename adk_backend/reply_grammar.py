@@ -5,15 +5,18 @@ Both providers and the OpenAI API reduce their knobs (OpenAI `tool_choice`,
 to a `ReplySpec`, and `reply_grammar` turns it into the engine's `structured_outputs`. The
 model decides what to say; the grammar guarantees the shape:
 
-- auto: free text; once the model opens `<tool_call>`, the call is constrained: a declared
-  tool's name, then arguments valid against that tool's schema, then `</tool_call>`.
+- auto: free text; once the model opens a call (`<tool_call>` in Hermes, `{"name": ` in
+  Llama 3's JSON format), the call is constrained: a declared tool's name, then arguments
+  valid against that tool's schema, then the format's end.
 - required: only calls (one, or several with parallel calls), each one constrained.
 - none: the tools stay in the prompt (the history may show their calls and results), but
   the reply cannot open a call.
 - with a response schema, the answer is JSON of that schema; in auto mode the reply is
   either calls or that JSON.
 
-Calls use the Hermes format of chat_format: `<tool_call>\\n{"name": N, "arguments": A}\\n</tool_call>`.
+Calls take the model family's format (tool_formats). A reasoning model thinks first: its
+`<think>...</think>` block is free text, and the shape above holds from its end on (so a
+call named while thinking is neither constrained nor parsed).
 """
 from __future__ import annotations
 
@@ -21,11 +24,11 @@ import json
 from dataclasses import dataclass
 from typing import Literal
 
-from adk_backend.chat_format import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from adk_backend.reasoning import ReasoningFormat
+from adk_backend.tool_formats import HERMES, ToolCallFormat
 from engine import StructuredOutputsParams
 
 ToolMode = Literal["auto", "required", "none"]
-_CALL_END = "}\n" + TOOL_CALL_CLOSE
 _MAX_WHITESPACE = 2  # between JSON tokens inside a call: enough for a newline, no runaway
 
 
@@ -58,32 +61,45 @@ class ReplySpec:
         return set(self.allowed or self.tool_names)
 
 
-def reply_grammar(spec: ReplySpec) -> StructuredOutputsParams | None:
-    """The structured_outputs that enforce `spec` (None: the reply is free text)."""
-    callable_tools = [t["function"] for t in spec.tools if t["function"]["name"] in spec.callable_names]
-    if not callable_tools:  # mode none, or no tools: the answer alone
-        if spec.response_schema is not None:
-            return StructuredOutputsParams(json=spec.response_schema)
-        if not spec.tools:
-            return None
-        no_call = {"type": "any_text", "excludes": [TOOL_CALL_OPEN]}
-        return StructuredOutputsParams(structural_tag={"type": "structural_tag", "format": no_call})
-    tags = [_call_tag(fn) for fn in callable_tools]
-    calls_only = {"type": "tags_with_separator", "tags": tags, "separator": "\n", "at_least_one": True,
-                  "stop_after_first": not spec.parallel}
-    if spec.mode == "required":
-        fmt = calls_only
-    elif spec.response_schema is not None:
-        fmt = {"type": "or", "elements": [calls_only, _json(spec.response_schema)]}
-    else:
-        fmt = {"type": "triggered_tags", "triggers": [TOOL_CALL_OPEN], "tags": tags,
-               "stop_after_first": not spec.parallel}
+def reply_grammar(spec: ReplySpec, calls: ToolCallFormat = HERMES, reasoning: ReasoningFormat | None = None,
+                  thinking_opened: bool = False) -> StructuredOutputsParams | None:
+    """The structured_outputs that enforce `spec` (None: the reply is free text). With a
+    `reasoning` format the reply may think first (`thinking_opened`: the prompt already
+    opened the block)."""
+    fmt = _reply_format(spec, calls)
+    if fmt is None:
+        return None
+    if fmt.get("type") == "json_schema" and reasoning is None:  # the answer alone: plain JSON mode
+        return StructuredOutputsParams(json=spec.response_schema)
+    if reasoning is not None:
+        think = {"type": "tag", "begin": "" if thinking_opened else reasoning.open, "content": {"type": "any_text"},
+                 "end": reasoning.close}
+        fmt = {"type": "sequence", "elements": [think, fmt]}
     return StructuredOutputsParams(structural_tag={"type": "structural_tag", "format": fmt})
 
 
-def _call_tag(fn: dict) -> dict:
-    begin = TOOL_CALL_OPEN + '\n{"name": ' + json.dumps(fn["name"]) + ', "arguments": '
-    return {"type": "tag", "begin": begin, "content": _json(_arguments_schema(fn)), "end": _CALL_END}
+def _reply_format(spec: ReplySpec, calls: ToolCallFormat) -> dict | None:
+    callable_tools = [t["function"] for t in spec.tools if t["function"]["name"] in spec.callable_names]
+    if not callable_tools:  # mode none, or no tools: the answer alone
+        if spec.response_schema is not None:
+            return _json(spec.response_schema)
+        if not spec.tools:
+            return None
+        return {"type": "any_text", "excludes": [calls.trigger.strip()]}
+    tags = [_call_tag(fn, calls) for fn in callable_tools]
+    calls_only = {"type": "tags_with_separator", "tags": tags, "separator": calls.separator, "at_least_one": True,
+                  "stop_after_first": not spec.parallel}
+    if spec.mode == "required":
+        return calls_only
+    if spec.response_schema is not None:
+        return {"type": "or", "elements": [calls_only, _json(spec.response_schema)]}
+    return {"type": "triggered_tags", "triggers": [calls.trigger.strip()], "tags": tags,
+            "stop_after_first": not spec.parallel}
+
+
+def _call_tag(fn: dict, calls: ToolCallFormat) -> dict:
+    return {"type": "tag", "begin": calls.call_prefix(fn["name"]), "content": _json(_arguments_schema(fn)),
+            "end": calls.call_suffix}
 
 
 def _json(schema: dict) -> dict:

@@ -11,7 +11,7 @@ from google.genai import types
 
 from adk_backend import configure_engine, engine_for
 from adk_backend.adk_model import contents_to_messages, tool_declarations
-from adk_backend.chat_format import TextStreamFilter, parse_reply
+from adk_backend.chat_format import TextStreamFilter, messages_with_tools, parse_reply
 
 MODEL = "engine/smollm2-tools"
 CALLS: list[tuple[str, dict]] = []
@@ -121,11 +121,18 @@ def test_contents_become_chat_messages_with_hermes_tool_blocks():
         types.FunctionDeclaration(name="get_capital", description="Capital of a country",
                                   parameters=types.Schema(type="OBJECT", properties={"country": types.Schema(
                                       type="STRING")}, required=["country"]))])]))
-    msgs = contents_to_messages(req)
+    msgs = contents_to_messages(req)  # transformers' chat format: structured calls and results
     assert [m["role"] for m in msgs] == ["system", "user", "assistant", "tool"]
-    assert msgs[2]["content"] == '<tool_call>\n{"name": "get_capital", "arguments": {"country": "France"}}\n</tool_call>'
-    assert '"content": {"capital": "Paris"}' in msgs[3]["content"]
+    assert msgs[2]["tool_calls"] == [{"id": "c1", "type": "function",
+                                      "function": {"name": "get_capital", "arguments": {"country": "France"}}}]
+    assert msgs[3] == {"role": "tool", "name": "get_capital", "tool_call_id": "c1", "content": '{"capital": "Paris"}'}
     tools = tool_declarations(req.config)
+    # For a template without tools (SmolLM2's), they become Hermes blocks and a system block.
+    flat, passed_tools = messages_with_tools(msgs, tools, native=False)
+    assert passed_tools is None and "<tools>" in flat[0]["content"] and flat[0]["content"].startswith("Be brief.")
+    assert flat[2] == {"role": "assistant", "content":
+                       '<tool_call>\n{"name": "get_capital", "arguments": {"country": "France"}}\n</tool_call>'}
+    assert flat[3]["role"] == "tool" and '"content": {"capital": "Paris"}' in flat[3]["content"]
     assert tools[0]["function"]["parameters"] == {"type": "object", "properties": {"country": {"type": "string"}},
                                                   "required": ["country"]}
 

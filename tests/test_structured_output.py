@@ -212,19 +212,27 @@ def test_tools_go_through_the_chat_template_when_it_renders_them_else_hermes():
     hermes = render_prompt(engine, msgs, [tool])
     assert HERMES_SYSTEM.split(".")[0] in hermes and '"name": "get_capital"' in hermes
     tools_aware = copy.deepcopy(engine.tokenizer)
-    tools_aware.chat_template = (
-        "{% if tools %}<tools>{% for t in tools %}{{ t.function.name }};{% endfor %}</tools>\n{% endif %}"
-        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     original = engine.inputs
-    engine.inputs = InputProcessor(tools_aware, original.model_config, original.max_model_len, original.grammars,
-                                   original.model_name)
-    try:
-        assert engine.chat_template_renders_tools
-        prompt = render_prompt(engine, msgs, [tool])
-    finally:
-        engine.inputs = original
+
+    def render_with(template: str) -> str:
+        tools_aware.chat_template = template
+        engine.inputs = InputProcessor(tools_aware, original.model_config, original.max_model_len, original.grammars,
+                                       original.model_name)
+        try:
+            assert engine.chat_template_renders_tools
+            return render_prompt(engine, msgs, [tool])
+        finally:
+            engine.inputs = original
+    declares = "{% if tools %}<tools>{% for t in tools %}{{ t.function.name }};{% endfor %}</tools>\n{% endif %}"
+    turns = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}CALLS<|im_end|>\n{% endfor %}" \
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    calls = "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function | tojson }}</tool_call>{% endfor %}"
+    # It shows tools and renders calls (in Hermes): tools, calls and results go through it.
+    prompt = render_with(declares + turns.replace("CALLS", calls))
     assert prompt.startswith("<tools>get_capital;</tools>") and HERMES_SYSTEM.split(".")[0] not in prompt
+    # It shows tools but cannot render a call: we declare them ourselves, in Hermes.
+    prompt = render_with(declares + turns.replace("CALLS", ""))
+    assert "<tools>get_capital;</tools>" not in prompt and HERMES_SYSTEM.split(".")[0] in prompt
 
 
 def test_a_length_bounded_json_string_never_takes_a_raw_control_character():
