@@ -49,7 +49,10 @@ def serve(args: argparse.Namespace) -> None:
     if args.trace_to_cloud:
         setup_cloud_trace()
     options = {k: v for k, v in (("kv_cache_memory", args.kv_cache_memory), ("dtype", args.dtype),
-                                 ("max_num_seqs", args.max_num_seqs)) if v}
+                                 ("max_num_seqs", args.max_num_seqs), ("tool_call_parser", args.tool_call_parser))
+               if v}
+    if args.reasoning_parser is not None:
+        options["reasoning_parser"] = None if args.reasoning_parser == "none" else args.reasoning_parser
     if options:
         configure_engine(args.model, **options)
     start = time.time()
@@ -113,6 +116,10 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache budget in bytes")
     s.add_argument("--dtype", default=None, help="model dtype (default bfloat16)")
     s.add_argument("--max-num-seqs", type=int, default=None, help="most requests in one batch")
+    s.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
+                   help="how the model writes tool calls (default: read from its chat template)")
+    s.add_argument("--reasoning-parser", default=None, choices=["qwen3", "deepseek_r1", "none"],
+                   help="how the model marks its thinking (default: read from its chat template)")
     s.add_argument("--max-concurrent-per-client", type=int, default=None,
                    help="requests in flight on /v1 per client address (429 beyond)")
     s.add_argument("--grace-period", type=int, default=10, help="seconds to drain in-flight requests on SIGTERM")

@@ -109,7 +109,7 @@ async def chat_stream(engine, messages: list[dict], spec: ReplySpec, params: Sam
     then one ChatResult. `template_kwargs` reach the chat template (e.g. enable_thinking).
     Raises the engine's ValueError / EngineDeadError / RequestFailedError."""
     formats = await chat_formats(engine)
-    messages, tools = messages_with_tools(messages, spec.tools, formats.native_tools, formats.tool_role)
+    messages, tools = messages_with_tools(messages, spec.tools, formats.native_tools, formats.tool_role, formats.tools)
     prompt = await engine.apply_chat_template(messages, tools, template_kwargs)
     reasoning = formats.reasoning
     if reasoning is not None and prompt.rstrip().endswith(reasoning.close):

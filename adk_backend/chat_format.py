@@ -27,6 +27,14 @@ HERMES_SYSTEM = (
 )
 
 
+LLAMA3_JSON_SYSTEM = (
+    "You have access to the following functions. To call one, respond with only a JSON object in the format "
+    "{{\"name\": function name, \"parameters\": dictionary of argument name and its value}}. Do not use variables."
+    "\n\n{tools}"
+)
+_DECLARATIONS = {"hermes": HERMES_SYSTEM, "llama3_json": LLAMA3_JSON_SYSTEM}
+
+
 def tool_call_text(name: str, arguments: dict) -> str:
     return HERMES.call_text(name, arguments)
 
@@ -51,19 +59,21 @@ def tool_message(name: str, call_id: str | None, response) -> dict:
 
 
 def messages_with_tools(messages: list[dict], tools: list[dict] | None, native: bool,
-                        tool_role: bool = True) -> tuple[list[dict], list[dict] | None]:
+                        tool_role: bool = True, fmt: ToolCallFormat = HERMES) -> tuple[list[dict], list[dict] | None]:
     """The messages and tools to hand the chat template. `native`: the template renders
-    tools, calls and results itself. Otherwise calls become Hermes text in the assistant's
+    tools, calls and results itself. Otherwise calls become text in `fmt` in the assistant's
     turn, results <tool_response> blocks (in a 'tool' turn, or a 'user' one where the
-    template knows no tool role), and the tools are declared in a Hermes system block."""
+    template knows no tool role), and the tools are declared in a system block saying how
+    to call them in `fmt`."""
     messages = [dict(m) for m in messages]
     if native:
         return messages, tools or None
     flat: list[dict] = []
     for m in messages:
         if m["role"] == "assistant" and m.get("tool_calls"):
-            calls = [HERMES.call_text(c["function"]["name"], c["function"]["arguments"]) for c in m["tool_calls"]]
-            m = {"role": "assistant", "content": "\n".join(([m["content"]] if m.get("content") else []) + calls)}
+            calls = fmt.separator.join(fmt.call_text(c["function"]["name"], c["function"]["arguments"])
+                                       for c in m["tool_calls"])
+            m = {"role": "assistant", "content": "\n".join([m["content"], calls] if m.get("content") else [calls])}
         elif m["role"] == "tool":
             m = {"role": "tool" if tool_role else "user",
                  "content": tool_response_text(m.get("name") or "tool", _json_or_text(m.get("content")))}
@@ -72,7 +82,7 @@ def messages_with_tools(messages: list[dict], tools: list[dict] | None, native: 
         else:
             flat.append(m)
     if tools:
-        block = HERMES_SYSTEM.format(tools="\n".join(json.dumps(t) for t in tools))
+        block = _DECLARATIONS[fmt.name].format(tools="\n".join(json.dumps(t) for t in tools))
         if flat and flat[0]["role"] == "system":
             flat[0]["content"] = flat[0]["content"] + "\n\n" + block
         else:

@@ -64,7 +64,7 @@ def conversation() -> list[dict]:
 
 async def prompt_of(engine, messages, tools, template_kwargs=None) -> str:
     formats = await chat_formats(engine)
-    messages, tools = messages_with_tools(messages, tools, formats.native_tools, formats.tool_role)
+    messages, tools = messages_with_tools(messages, tools, formats.native_tools, formats.tool_role, formats.tools)
     return await engine.apply_chat_template(messages, tools, template_kwargs)
 
 
@@ -276,3 +276,26 @@ def test_qwen3_thinking_shows_as_adk_thought_parts_and_never_goes_back(family_mo
     assert len(thought) == 1 and thought[0] and "<think>" not in thought[0]
     assert answer and answer[0].endswith(".")
     assert thought[0] not in prompts[-1] and answer[0] in prompts[-1]  # the history keeps the answer only
+
+
+def test_a_named_tool_call_parser_overrides_the_template(family_models):
+    """--tool-call-parser llama3_json on a model whose template renders no tools (Gemma 3's):
+    tools are declared, history calls written, the reply constrained and parsed in that format."""
+    configure_engine("gemma3-llama-json", model=str(engine_for(family_models["gemma3"]).config.model),
+                     dtype="float32", num_kv_blocks=128, max_model_len=2048, tool_call_parser="llama3_json")
+    engine = engine_for("gemma3-llama-json")
+    spec = ReplySpec(tools=[WEATHER], mode="required", parallel=False)
+
+    async def main():
+        formats = await chat_formats(engine)
+        prompt = await prompt_of(engine, conversation(), [WEATHER])
+        items = [i async for i in chat_stream(engine, conversation()[:2], spec,
+                                              SamplingParams(temperature=0, max_tokens=64))]
+        return formats, prompt, items[-1]
+    formats, prompt, result = asyncio.run(main())
+    assert formats.tools is LLAMA3_JSON and not formats.native_tools
+    assert '"parameters": dictionary of argument name' in prompt
+    assert '<start_of_turn>model\n{"name": "get_weather", "parameters": {"city": "Paris"}}<end_of_turn>' in prompt
+    assert [c.name for c in result.reply.tool_calls] == ["get_weather"]
+    with pytest.raises(ValueError, match="unknown tool call parser"):
+        configure_engine("bad-parser", model="dummy-tiny", tool_call_parser="pythonic")

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from engine import LLM, EngineConfig, LLMEngine, SamplingParams
 from helpers import assert_all_blocks_free, hf_greedy, run_staggered
-from tiny_models import GEMMA_WINDOW, save_tiny
+from tiny_models import GEMMA_WINDOW, save_tiny, write_gguf
 
 FAMILIES = ["qwen3", "gemma3", "llama3"]
 LENGTHS = [1, 5, 15, 16, 17, 33, 50, 70]
@@ -107,3 +107,21 @@ def test_sharded_checkpoint_loads_and_its_generation_config_sets_the_defaults(tm
     whole = LLM(model=str(family_path), dtype="float32", num_kv_blocks=64, max_model_len=1024)
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, PARAMS)] == \
         [o.outputs[0].token_ids for o in whole.generate(prompts, PARAMS)]
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_a_gguf_file_of_the_family_loads_and_gives_transformers_tokens(tmp_path, family, monkeypatch):
+    """LLM(model="x.gguf"): converted once through transformers, then served; its tokens are
+    transformers' own on the same file."""
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path / "cache"))
+    # transformers reads no head size from a Qwen3 GGUF: it takes Qwen3's own, 128.
+    hf_dir = save_tiny(family, tmp_path / "hf", vocab_size=49152, **({"head_dim": 128} if family == "qwen3" else {}))
+    path = write_gguf(family, hf_dir, tmp_path / f"tiny-{family}.gguf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    llm = LLM(model=str(path), dtype="float32", num_kv_blocks=64, max_model_len=1024)
+    assert llm.engine.model_config.architecture == ("gemma3" if family == "gemma3" else "llama")
+    prompts = [list(range(100, 140)), [7, 8, 9]]
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, PARAMS)]
+    assert got == [hf_greedy(hf, p, MAX_NEW, None) for p in prompts]
+    assert llm.tokenizer is not None  # converted from the file with the weights
+
