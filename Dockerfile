@@ -21,4 +21,4 @@ ARG MODEL=smollm2-135m-instruct
 ENV MODEL=${MODEL}
 EXPOSE 8080
 # Cloud Run sets $PORT; the documented entry point, bound to all interfaces inside the container.
-CMD ["sh", "-c", "exec python -m adk_backend serve --agents-dir agents --model \"$MODEL\" --host 0.0.0.0 --port \"$PORT\" --trace-to-cloud"]
+CMD ["sh", "-c", "exec python -m adk_backend serve --agents-dir agents --model \"$MODEL\" --host 0.0.0.0 --port \"$PORT\" --otel-to-cloud"]

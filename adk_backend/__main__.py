@@ -22,21 +22,6 @@ def _warm_up(engine) -> None:
     asyncio.run(once())
 
 
-def setup_cloud_trace(project: str | None = None) -> None:
-    """Exports spans through Cloud Trace on the global tracer provider (which ADK uses too)."""
-    from opentelemetry import trace
-    from opentelemetry.exporter.cloud_trace import CloudTraceSpanExporter
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
-    provider.add_span_processor(BatchSpanProcessor(
-        CloudTraceSpanExporter(project_id=project or os.environ.get("GOOGLE_CLOUD_PROJECT"))))
-
-
 def serve(args: argparse.Namespace) -> None:
     from adk_backend import configure_engine, engine_for
     from adk_backend.server import create_app
@@ -46,8 +31,6 @@ def serve(args: argparse.Namespace) -> None:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: reachable from other machines%s", args.host,
                     "" if args.api_key or os.environ.get("ENGINE_API_KEY") else " with NO API key")
-    if args.trace_to_cloud:
-        setup_cloud_trace()
     options = {k: v for k, v in (("kv_cache_memory", args.kv_cache_memory), ("dtype", args.dtype),
                                  ("max_num_seqs", args.max_num_seqs), ("tool_call_parser", args.tool_call_parser))
                if v}
@@ -61,7 +44,8 @@ def serve(args: argparse.Namespace) -> None:
     log.info("loaded %s in %.1f s; warming up", args.model, time.time() - start)
     _warm_up(engine)
     app = create_app(agents_dir=args.agents_dir, model=args.model, api_key=args.api_key,
-                     protect_adk_routes=args.protect_adk_routes, trace_to_cloud=False, host=args.host,
+                     protect_adk_routes=args.protect_adk_routes, trace_to_cloud=args.trace_to_cloud,
+                     otel_to_cloud=args.otel_to_cloud, host=args.host,
                      port=args.port, allow_origins=args.allow_origins,
                      max_concurrent_per_client=args.max_concurrent_per_client)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
@@ -109,7 +93,11 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--model", default="smollm2-135m-instruct")
     s.add_argument("--host", default="127.0.0.1", help="loopback by default; 0.0.0.0 in containers")
     s.add_argument("--port", type=int, default=int(os.environ.get("PORT", 8000)))
-    s.add_argument("--trace-to-cloud", action="store_true", help="export spans to Google Cloud Trace")
+    s.add_argument("--otel-to-cloud", action="store_true",
+                   help="export spans, metrics and logs to Google Cloud over OTLP (the Telemetry API), as "
+                        "adk web --otel_to_cloud; OTEL_EXPORTER_OTLP_* variables add any OTLP collector")
+    s.add_argument("--trace-to-cloud", action="store_true",
+                   help="export spans with the Cloud Trace exporter (older path; needs GOOGLE_CLOUD_PROJECT)")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (or ENGINE_API_KEY)")
     s.add_argument("--protect-adk-routes", action="store_true", help="require the API key on ADK's routes too")
     s.add_argument("--allow-origins", nargs="*", default=None, help="CORS origins (closed by default)")

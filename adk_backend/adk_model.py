@@ -23,7 +23,7 @@ from adk_backend.chat_format import ToolCall, assistant_message, tool_message
 from adk_backend.engines import PREFIX, engine_for
 from adk_backend.reply_grammar import ReplySpec
 from engine import SamplingParams
-from engine.async_llm import EngineDeadError, RequestFailedError
+from engine.errors import EngineDeadError, RequestFailedError
 
 DEFAULT_MAX_TOKENS = 512
 

@@ -20,7 +20,7 @@ from adk_backend.chat import ChatResult, chat_stream
 from adk_backend.engines import engine_for, model_name
 from adk_backend.openai_format import (finish_reason, openai_reply_spec, openai_sampling, openai_to_messages,
                                        openai_tool_calls, usage)
-from engine.async_llm import EngineDeadError, RequestFailedError
+from engine.errors import EngineDeadError, RequestFailedError
 
 PROVIDER = "engine"
 

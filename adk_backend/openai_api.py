@@ -19,7 +19,7 @@ from adk_backend.openai_format import (chat_logprobs, chat_top_logprobs, complet
                                        openai_reply_spec, openai_sampling, openai_to_messages, openai_tool_calls,
                                        response_schema, token_usage, usage)
 from engine import StructuredOutputsParams
-from engine.async_llm import EngineDeadError, RequestFailedError
+from engine.errors import EngineDeadError, RequestFailedError
 from engine.output_stream import merge
 
 

@@ -1,5 +1,11 @@
 """One FastAPI app: ADK's own (dev UI, /run_sse, sessions) plus the OpenAI-compatible API,
-/health and /metrics, all on the one shared engine of this process."""
+/health and /metrics, all on the one shared engine of this process.
+
+Telemetry is ADK's set-up, not a second one racing it: `otel_to_cloud` (OTLP to the Cloud
+Telemetry API), `trace_to_cloud` (Cloud Trace exporter) and the OTEL_EXPORTER_OTLP_*
+variables all go to `get_fast_api_app`, which installs the global providers the engine's
+spans and metrics use. Every HTTP request gets a server span (FastAPI instrumentation), so
+an engine span always has a parent: ADK's generate_content span, or the /v1 request's."""
 from __future__ import annotations
 
 import hmac
@@ -46,7 +52,8 @@ class BodyLimit:
 
 
 def create_app(agents_dir: str = "agents", model: str = "smollm2-135m-instruct", api_key: str | None = None,
-               protect_adk_routes: bool = False, trace_to_cloud: bool = False, host: str = "127.0.0.1",
+               protect_adk_routes: bool = False, trace_to_cloud: bool = False, otel_to_cloud: bool = False,
+               host: str = "127.0.0.1",
                port: int = 8000, allow_origins: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY,
                max_tokens_limit: int = 4096, web: bool = True,
                max_concurrent_per_client: int | None = None) -> FastAPI:
@@ -55,7 +62,9 @@ def create_app(agents_dir: str = "agents", model: str = "smollm2-135m-instruct",
     served = [model_name(model)]
     engine = engine_for(served[0])
     app = get_fast_api_app(agents_dir=str(Path(agents_dir).resolve()), web=web, host=host, port=port,
-                           trace_to_cloud=trace_to_cloud, allow_origins=allow_origins)
+                           trace_to_cloud=trace_to_cloud, otel_to_cloud=otel_to_cloud, allow_origins=allow_origins)
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+    FastAPIInstrumentor.instrument_app(app, excluded_urls="/health,/metrics,/dev-ui")
     metrics = EngineMetrics()
     metrics.attach(served[0], engine)
     app.state.engine_metrics = metrics

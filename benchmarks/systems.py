@@ -136,20 +136,27 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def served(model: str, *args: str, start_timeout: float = 300.0):
-    """`python -m adk_backend serve` as a subprocess on 127.0.0.1; yields (base url, pid)."""
+def served(model: str, *args: str, start_timeout: float = 300.0, env: dict | None = None,
+           launcher: list[str] | None = None):
+    """`python -m adk_backend serve` (or `launcher serve`, a script path) as a subprocess on
+    127.0.0.1, with `env` added to ours; yields (base url, pid). SIGTERM at the end."""
+    import tempfile
+
     import httpx
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "adk_backend", "serve", "--model", model, "--port", str(port),
-                             *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen([sys.executable, *(launcher or ["-m", "adk_backend"]), "serve", "--model", model,
+                             "--port", str(port), *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     try:
         deadline = time.time() + start_timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"the server exited during start-up (code {proc.returncode})")
+                log.seek(0)
+                raise RuntimeError(f"the server exited during start-up (code {proc.returncode}):\n"
+                                   f"{log.read()[-3000:]}")
             try:
                 if httpx.get(url + "/health", timeout=1).status_code == 200:
                     break
@@ -165,6 +172,7 @@ def served(model: str, *args: str, start_timeout: float = 300.0):
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log.close()
 
 
 async def _stream_completion(client, url: str, model: str, prompt: list[int], max_tokens: int):

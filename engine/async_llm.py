@@ -29,18 +29,11 @@ from engine import tracing
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine, StepOutput
 from engine.output_stream import RequestStream
-from engine.request import CompletionOutput, Request, RequestOutput
+from engine.errors import EngineDeadError, RequestFailedError  # noqa: F401 (re-exported)
+from engine.request import Request, RequestOutput, aborted_before_start
 from engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
-
-
-class EngineDeadError(RuntimeError):
-    """The step thread has died or was shut down; the engine accepts no more requests."""
-
-
-class RequestFailedError(RuntimeError):
-    """The step running this request raised; the engine itself keeps serving."""
 
 
 class AsyncLLM:
@@ -66,6 +59,7 @@ class AsyncLLM:
         # Called on the step thread with every step's StepOutput (metrics), and with an
         # aborted request's (no stats).
         self.step_listeners: list[Callable[[StepOutput], None]] = []
+        tracing.observe_engine(self, config.model, self.stats)
         self._thread = threading.Thread(target=self._run, name="engine-step-loop", daemon=True)
         self._thread.start()
 
@@ -132,7 +126,7 @@ class AsyncLLM:
             stream.span.end()
             self._release(client_id, engine_id)
             self._check_alive()
-            yield self._as_client(_aborted_before_start(req), stream)
+            yield self._as_client(aborted_before_start(req), stream)
             return
         finished = False
         try:
@@ -252,7 +246,7 @@ class AsyncLLM:
                 continue
             if not stream.first_token_seen and out.metrics.first_token_time is not None:
                 stream.first_token_seen = True
-                tracing.on_first_token(stream.span, out.metrics)
+                tracing.on_first_token(stream.span, out.metrics, self.config.model)
             if out.error is not None:
                 self._abort_now(out.request_id, quiet=True)  # its other sequences, if any
                 self._finish(out.request_id, RequestFailedError(f"request {stream.client_id} failed: {out.error}"))
@@ -285,7 +279,7 @@ class AsyncLLM:
             if stream is None:
                 return
             self._release(stream.client_id, engine_id)
-        tracing.end_request_span(stream.span, stream.seqs)
+        tracing.end_request_span(stream.span, stream.seqs, self.config.model)
         stream.put(self._as_client(item, stream) if isinstance(item, RequestOutput) else item)
 
     @staticmethod
@@ -309,10 +303,3 @@ class AsyncLLM:
         for stream in streams:
             stream.span.end()
             stream.put(error)
-
-
-def _aborted_before_start(req: Request) -> RequestOutput:
-    return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
-                         outputs=[CompletionOutput(index=i, text="", token_ids=[], finish_reason="abort")
-                                  for i in range(req.sampling_params.n)],
-                         finished=True, metrics=req.metrics)

@@ -140,3 +140,11 @@ class Request:
         cap = self.max_total_tokens - self.num_prompt_tokens
         mt = self.sampling_params.max_tokens
         return cap if mt is None else min(mt, cap)
+
+
+def aborted_before_start(req: Request) -> RequestOutput:
+    """The final output of a request stopped before the engine took it in."""
+    return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
+                         outputs=[CompletionOutput(index=i, text="", token_ids=[], finish_reason="abort")
+                                  for i in range(req.sampling_params.n)],
+                         finished=True, metrics=req.metrics)

@@ -171,3 +171,13 @@ def test_benchmarks_cli_help_exits_0_and_says_what_it_runs(args, shows):
     r = subprocess.run([sys.executable, "-m", "benchmarks", *args], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert shows in r.stdout
+
+
+def test_span_latency_scenario_reads_latency_per_concurrency_from_exported_spans(results_dir):
+    from benchmarks import span_latency
+    results = span_latency.run("dummy-tiny", [1, 3], rounds=1, max_tokens=8)
+    assert [results[c]["requests"] for c in (1, 3)] == [1, 3]  # one span per request
+    for r in results.values():
+        assert 0 <= r["queue_p50"] <= r["ttft_p50"] <= r["e2e_p50"] <= r["e2e_p90"]
+    span_latency.report("dummy-tiny", results, 8)
+    assert (results_dir / "span_latency.png").stat().st_size > 0 and (results_dir / "span_latency.md").is_file()

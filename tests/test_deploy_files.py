@@ -21,7 +21,7 @@ def test_dockerfile_runs_the_documented_serve_command_on_port_from_env():
     assert args[args.index("--host") + 1] == "0.0.0.0"
     assert args[args.index("--port") + 1] == "$PORT"
     assert args[args.index("--agents-dir") + 1] == "agents"
-    assert "--trace-to-cloud" in args
+    assert "--otel-to-cloud" in args  # OTLP to the Cloud Telemetry API, as adk web --otel_to_cloud
     assert "ENV" in text and "PORT=8080" in text
     for path in ("engine", "kernels", "adk_backend", "agents"):
         assert f"COPY {path} {path}" in text

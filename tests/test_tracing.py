@@ -4,8 +4,6 @@ A gRPC server on 127.0.0.1 plays Cloud Trace v2 (BatchWriteSpans); the real
 CloudTraceSpanExporter talks to it through an insecure channel.
 """
 import asyncio
-import threading
-from concurrent import futures
 
 import grpc
 import pytest
@@ -14,36 +12,14 @@ from google.adk.agents.run_config import RunConfig, StreamingMode
 from google.adk.runners import InMemoryRunner
 from google.cloud.trace_v2 import TraceServiceClient
 from google.cloud.trace_v2.services.trace_service.transports import TraceServiceGrpcTransport
-from google.cloud.trace_v2.types import BatchWriteSpansRequest
 from google.genai import types
-from google.protobuf import empty_pb2
 from opentelemetry import trace
 from opentelemetry.exporter.cloud_trace import CloudTraceSpanExporter
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from adk_backend import configure_engine
-
-METHOD = "/google.devtools.cloudtrace.v2.TraceService/BatchWriteSpans"
-
-
-class FakeCloudTrace:
-    def __init__(self) -> None:
-        self.spans = []
-        self.lock = threading.Lock()
-        handler = grpc.method_handlers_generic_handler("google.devtools.cloudtrace.v2.TraceService", {
-            "BatchWriteSpans": grpc.unary_unary_rpc_method_handler(
-                self.batch_write, request_deserializer=BatchWriteSpansRequest.deserialize,
-                response_serializer=empty_pb2.Empty.SerializeToString)})
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-        self.server.add_generic_rpc_handlers((handler,))
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
-        self.server.start()
-
-    def batch_write(self, request, context):
-        with self.lock:
-            self.spans.extend(request.spans)
-        return empty_pb2.Empty()
+from fake_google_cloud import FakeCloudTrace
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +39,7 @@ def cloud_trace():
     # would otherwise block on retries to a server that is gone.
     active = provider._active_span_processor
     active._span_processors = tuple(p for p in active._span_processors if p is not processor)
-    fake.server.stop(None)
+    fake.close()
 
 
 def attr(span, key):
