@@ -61,9 +61,12 @@ def test_stop_string_cuts_the_text_before_it(llm):
 
 
 def test_penalties_discourage_repeats(llm):
-    plain = tokens(llm, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
-    penalized = tokens(llm, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, repetition_penalty=5.0,
+    # Long enough that plain greedy decoding repeats itself (the sharp random model rarely
+    # does within a few dozen tokens).
+    plain = tokens(llm, SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+    penalized = tokens(llm, SamplingParams(temperature=0, max_tokens=200, ignore_eos=True, repetition_penalty=5.0,
                                            frequency_penalty=2.0, presence_penalty=2.0))
+    assert len(set(plain)) < len(plain)
     assert len(set(penalized)) > len(set(plain))
 
 
