@@ -45,7 +45,7 @@ def serve(args: argparse.Namespace) -> None:
     _warm_up(engine)
     app = create_app(agents_dir=args.agents_dir, model=args.model, api_key=args.api_key,
                      protect_adk_routes=args.protect_adk_routes, trace_to_cloud=args.trace_to_cloud,
-                     otel_to_cloud=args.otel_to_cloud, host=args.host,
+                     otel_to_cloud=args.otel_to_cloud, session_service_uri=args.session_service_uri, host=args.host,
                      port=args.port, allow_origins=args.allow_origins,
                      max_concurrent_per_client=args.max_concurrent_per_client)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache budget in bytes")
     s.add_argument("--dtype", default=None, help="model dtype (default bfloat16)")
     s.add_argument("--max-num-seqs", type=int, default=None, help="most requests in one batch")
+    s.add_argument("--session-service-uri", default=os.environ.get("SESSION_SERVICE_URI"),
+                   help="ADK session store: memory://, sqlite:///path, postgresql://user:pass@host/db, "
+                        "agentengine://... (default: in memory; or SESSION_SERVICE_URI)")
     s.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
                    help="how the model writes tool calls (default: read from its chat template)")
     s.add_argument("--reasoning-parser", default=None, choices=["qwen3", "deepseek_r1", "none"],

@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from adk_backend.engines import engine_for, model_name
 from adk_backend.metrics import EngineMetrics
 from adk_backend.openai_api import APIError, error_response, make_router
+from adk_backend.session_turns import SessionTurns
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_BODY = 4 << 20  # bytes
@@ -56,13 +57,20 @@ def create_app(agents_dir: str = "agents", model: str = "smollm2-135m-instruct",
                host: str = "127.0.0.1",
                port: int = 8000, allow_origins: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY,
                max_tokens_limit: int = 4096, web: bool = True,
-               max_concurrent_per_client: int | None = None) -> FastAPI:
+               max_concurrent_per_client: int | None = None, session_service_uri: str | None = None) -> FastAPI:
+    """`session_service_uri`: ADK's forms (`memory://`, `sqlite:///path`, `postgresql://...`,
+    `agentengine://...`); replicas given one PostgreSQL URI share sessions, one turn per
+    session at a time (session_turns)."""
     from google.adk.cli.fast_api import get_fast_api_app
 
+    if session_service_uri and session_service_uri.startswith(("postgresql://", "postgres://")):
+        # SQLAlchemy would pick the synchronous psycopg2 for a bare postgresql:// URL.
+        session_service_uri = "postgresql+asyncpg://" + session_service_uri.split("://", 1)[1]
     served = [model_name(model)]
     engine = engine_for(served[0])
     app = get_fast_api_app(agents_dir=str(Path(agents_dir).resolve()), web=web, host=host, port=port,
-                           trace_to_cloud=trace_to_cloud, otel_to_cloud=otel_to_cloud, allow_origins=allow_origins)
+                           trace_to_cloud=trace_to_cloud, otel_to_cloud=otel_to_cloud, allow_origins=allow_origins,
+                           session_service_uri=session_service_uri)
     from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
     FastAPIInstrumentor.instrument_app(app, excluded_urls="/health,/metrics,/dev-ui")
     metrics = EngineMetrics()
@@ -98,5 +106,6 @@ def create_app(agents_dir: str = "agents", model: str = "smollm2-135m-instruct",
                                           "authentication_error", code="invalid_api_key")
             return await call_next(request)
 
-    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(SessionTurns, session_service_uri=session_service_uri)
+    app.add_middleware(BodyLimit, limit=max_body_bytes)  # outermost: nothing reads an oversized body
     return app
