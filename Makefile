@@ -25,12 +25,21 @@ $(VENV)/.chromium: | $(STAMP)
 	  echo "Chromium not installed: the browser test will be skipped"
 	touch $@
 
+# The replica tests start their own PostgreSQL cluster with Debian's server binaries; installed
+# where we can (root + apt), else those tests skip and say why.
+$(VENV)/.postgresql: | $(STAMP)
+	command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } || \
+	  echo "PostgreSQL not installed: the replica tests will be skipped"
+	touch $@
+
 install: $(STAMP)
 
 run: $(STAMP)
 	$(PY) -m adk_backend serve --agents-dir agents --model smollm2-135m-instruct
 
-test: $(STAMP) $(VENV)/.chromium
+test: $(STAMP) $(VENV)/.chromium $(VENV)/.postgresql
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

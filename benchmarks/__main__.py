@@ -14,6 +14,7 @@ SCENARIOS = {
     "adk": ("benchmarks.adk_concurrency", "ADK sessions one by one vs asyncio.gather at 1-64"),
     "kernels": ("benchmarks.kernels", "Triton paged attention on a GPU"),
     "soak": ("benchmarks.soak", "reliability soak against the live server"),
+    "affinity": ("benchmarks.affinity", "two replicas: prefix-cache hits and TTFT, round robin vs session affinity"),
     "spans": ("benchmarks.span_latency", "e2e latency vs concurrency, read from the exported OTLP spans"),
 }
 

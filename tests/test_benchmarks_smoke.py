@@ -181,3 +181,12 @@ def test_span_latency_scenario_reads_latency_per_concurrency_from_exported_spans
         assert 0 <= r["queue_p50"] <= r["ttft_p50"] <= r["e2e_p50"] <= r["e2e_p90"]
     span_latency.report("dummy-tiny", results, 8)
     assert (results_dir / "span_latency.png").stat().st_size > 0 and (results_dir / "span_latency.md").is_file()
+
+
+def test_affinity_scenario_reports_hits_and_ttft_per_routing(results_dir):
+    from benchmarks import affinity
+    runs = [affinity.run_mode("dummy-tiny", a, sessions=2, turns=2, max_tokens=4) for a in (False, True)]
+    assert [r["routing"] for r in runs] == ["round robin", "session affinity"]
+    for r in runs:
+        assert r["calls"] == 4 and 0 < r["hit_rate"] < 1 and r["prefill_tokens_computed"] > 0
+        assert 0 < r["ttft_p50"] <= r["ttft_p90"]

@@ -60,5 +60,35 @@ def test_cloudbuild_builds_pushes_and_deploys_to_cloud_run_with_a_gpu():
     assert deploy[:3] == ["run", "deploy", "${_SERVICE}"]
     assert deploy[deploy.index("--image") + 1] == image
     assert deploy[deploy.index("--gpu") + 1] == "1" and "--gpu-type" in deploy
-    assert "MODEL=${_MODEL}" in deploy[deploy.index("--set-env-vars") + 1]
+    env = deploy[deploy.index("--set-env-vars") + 1]
+    assert "MODEL=${_MODEL}" in env and "MAX_NUM_SEQS=${_MAX_NUM_SEQS}" in env
     assert image in cfg["images"]
+
+
+def test_cloud_run_replicas_share_sessions_with_affinity_and_a_concurrency_matching_the_batch():
+    cfg = yaml.safe_load((ROOT / "cloudbuild.yaml").read_text())
+    deploy = next(s for s in cfg["steps"] if s["id"] == "deploy")["args"]
+    value = lambda flag: deploy[deploy.index(flag) + 1]  # noqa: E731
+    assert "--session-affinity" in deploy
+    # Cloud Run sends an instance as many requests as the engine batches (serve --max-num-seqs).
+    assert value("--concurrency") == "${_MAX_NUM_SEQS}" and "_MAX_NUM_SEQS" in cfg["substitutions"]
+    cmd = (ROOT / "Dockerfile").read_text()
+    assert '--max-num-seqs \\"$MAX_NUM_SEQS\\"' in cmd
+    assert int(cfg["substitutions"]["_MIN_INSTANCES"]) >= 1 and value("--min-instances") == "${_MIN_INSTANCES}"
+    assert value("--max-instances") == "${_MAX_INSTANCES}"
+    assert value("--gpu-type") == "${_GPU_TYPE}" and cfg["substitutions"]["_GPU_TYPE"].startswith("nvidia-")
+    # The session store's URI from Secret Manager (read by serve from SESSION_SERVICE_URI), over Cloud SQL.
+    assert value("--set-secrets") == "SESSION_SERVICE_URI=${_DB_SECRET}:latest"
+    assert value("--add-cloudsql-instances") == "${_CLOUDSQL_INSTANCE}"
+    from adk_backend.__main__ import main
+    import adk_backend.__main__ as cli
+    parsed, original = {}, cli.serve
+    cli.serve = lambda args: parsed.update(vars(args))
+    try:
+        import os
+        os.environ["SESSION_SERVICE_URI"] = "postgresql://u:p@/db?host=/cloudsql/p:r:i"
+        main(["serve"])
+    finally:
+        cli.serve = original
+        del os.environ["SESSION_SERVICE_URI"]
+    assert parsed["session_service_uri"] == "postgresql://u:p@/db?host=/cloudsql/p:r:i"
