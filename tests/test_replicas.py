@@ -91,16 +91,18 @@ def test_concurrent_turns_on_one_session_from_both_replicas_lose_nothing(replica
     sid = new_session(a)
     questions = [f"Question {i}." for i in range(6)]
 
-    async def one(client, url, q):
-        return await client.post(url + "/run", json={
-            "appName": "chat", "userId": "u", "sessionId": sid, "streaming": False,
+    async def one(client, url, q, sse):  # /run and /run_sse alike
+        return await client.post(url + ("/run_sse" if sse else "/run"), json={
+            "appName": "chat", "userId": "u", "sessionId": sid, "streaming": sse,
             "newMessage": {"role": "user", "parts": [{"text": q}]}})
 
     async def main():
         async with httpx.AsyncClient(timeout=300) as client:
-            return await asyncio.gather(*(one(client, a if i % 2 else b, q) for i, q in enumerate(questions)))
+            return await asyncio.gather(*(one(client, a if i % 2 else b, q, i % 3 == 0)
+                                          for i, q in enumerate(questions)))
     responses = asyncio.run(main())
     assert [r.status_code for r in responses] == [200] * len(questions), [r.text[:200] for r in responses]
+    assert not any('"error' in r.text for r in responses)  # no stream ended in an error event
     events = history(a, sid)
     assert len(events) == 2 * len(questions)
     # One turn at a time: every question is followed by its own answer, none interleaved.
