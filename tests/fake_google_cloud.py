@@ -6,7 +6,7 @@ real exporters, google-auth and the real protobuf run end to end on 127.0.0.1:
 - `FakeCloudTrace`: Cloud Trace v2's BatchWriteSpans over gRPC.
 - `service_account_file`: real service-account credentials (a fresh RSA key) whose token_uri
   is the receiver.
-- `install_transport_fakes`: run inside the served process (tests/serve_with_fakes.py), it
+- `install_transport_fakes`: run inside the served process (tests/with_fake_google.py), it
   re-points HTTP requests to Google hosts at the receiver and Cloud Trace's gRPC channel at
   the fake, at the transport: everything above the socket is the real code.
 """

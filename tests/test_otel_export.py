@@ -4,7 +4,10 @@ Cloud Telemetry API with google-auth credentials) and `--trace-to-cloud` (the Cl
 exporter). The real exporters, google-auth and protobuf run; only the far ends are local
 fakes (tests/fake_google_cloud.py). Values are checked, not only keys."""
 import json
+import os
 import re
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -13,7 +16,7 @@ import httpx
 import pytest
 
 from fake_google_cloud import FAKE_TOKEN, FakeCloudTrace, OtlpReceiver, service_account_file
-from benchmarks.systems import served
+from benchmarks.systems import free_port, served
 
 MODEL = "dummy-tiny"
 AGENT = '''from google.adk.agents import LlmAgent
@@ -113,7 +116,7 @@ def test_otel_to_cloud_exports_spans_and_genai_metrics_to_the_telemetry_api_with
            **FAST_EXPORT}
     try:
         with served(MODEL, "--agents-dir", str(agents_dir), "--otel-to-cloud", env=env,
-                    launcher=["tests/serve_with_fakes.py"]) as (url, _):
+                    launcher=["tests/with_fake_google.py", "adk_backend"]) as (url, _):
             for _ in range(3):
                 chat(url)
             wait_for(lambda: sum(1 for s in receiver.spans if s["name"] == "llm_request") >= 3)
@@ -148,7 +151,7 @@ def test_trace_to_cloud_exports_engine_spans_through_the_cloud_trace_exporter(ag
            **FAST_EXPORT}
     try:
         with served(MODEL, "--agents-dir", str(agents_dir), "--trace-to-cloud", env=env,
-                    launcher=["tests/serve_with_fakes.py"]) as (url, _):
+                    launcher=["tests/with_fake_google.py", "adk_backend"]) as (url, _):
             usage = chat(url)["usage"]
             spans = wait_for(lambda: [s for s in list(cloud_trace.spans) if s.display_name.value == "llm_request"
                                       and s.attributes.attribute_map["gen_ai.usage.output_tokens"].int_value
@@ -160,3 +163,37 @@ def test_trace_to_cloud_exports_engine_spans_through_the_cloud_trace_exporter(ag
     assert attrs["gen_ai.usage.input_tokens"].int_value == usage["prompt_tokens"]
     assert spans[0].name.startswith("projects/test-project/traces/")
     assert spans[0].parent_span_id  # under the /v1 request's HTTP span
+
+
+def test_adk_web_with_otel_to_cloud_exports_our_agents_engine_spans(agents_dir, tmp_path):
+    """ADK's own server (`adk web --otel_to_cloud`) with an agent on engine/ models: the
+    engine's spans go out through ADK's telemetry set-up, under ADK's spans."""
+    receiver = OtlpReceiver()
+    port = free_port()
+    env = {**os.environ, "FAKE_GOOGLE_URL": receiver.url, "GOOGLE_CLOUD_PROJECT": "test-project",
+           "NO_GCE_CHECK": "True", "PYTHONUNBUFFERED": "1", **FAST_EXPORT,
+           "GOOGLE_APPLICATION_CREDENTIALS": str(service_account_file(tmp_path / "sa.json", receiver.url + "/token"))}
+    root = Path(__file__).parent.parent
+    proc = subprocess.Popen([sys.executable, "tests/with_fake_google.py", "google.adk.cli", "web", "--port", str(port),
+                             "--otel_to_cloud", "--no-reload", str(agents_dir)], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def up():
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            try:
+                return httpx.get(url + "/list-apps", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+        wait_for(up, timeout=180)
+        adk_turn(url)
+        engine = wait_for(lambda: [s for s in list(receiver.spans) if s["name"] == "llm_request"], timeout=30)
+        spans = list(receiver.spans)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        receiver.close()
+    check_engine_span(engine[0])
+    chain = ancestors(engine[0], spans)
+    assert chain[0].startswith("generate_content") and "invoke_agent traced" in chain
+    assert all(h == f"Bearer {FAKE_TOKEN}" for h in receiver.auth_headers)
