@@ -4,6 +4,7 @@ through ADK (function call -> function response -> answer) and the OpenAI API on
 random checkpoint of that family, and Qwen3's thinking split out as reasoning_content and
 as ADK thought parts, never parsed for calls and never sent back to the model."""
 import asyncio
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -185,15 +186,13 @@ def test_adk_round_trip_in_each_familys_format(family_models, family):
 
 @pytest.fixture(scope="module")
 def family_servers(family_models):
-    servers = {}
-    with LiveServer(create_app(agents_dir="agents", model=family_models["qwen3"])) as qwen3, \
-            LiveServer(create_app(agents_dir="agents", model=family_models["llama3"])) as llama3:
-        servers["qwen3"], servers["llama3"] = qwen3, llama3
-        yield servers
+    with contextlib.ExitStack() as stack:
+        yield {family: stack.enter_context(LiveServer(create_app(agents_dir="agents", model=name)))
+               for family, name in family_models.items()}
 
 
-@pytest.mark.parametrize("family", ["qwen3", "llama3"])
-def test_openai_round_trip_with_the_familys_native_calls(family_models, family_servers, family):
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_openai_round_trip_with_the_familys_calls(family_models, family_servers, family):
     url, model = family_servers[family].url, family_models[family]
     messages = [{"role": "user", "content": "Weather in Lima?"}]
     body = {"model": model, "messages": messages, "tools": [WEATHER], "tool_choice": "required", "max_tokens": 64,
