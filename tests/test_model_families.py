@@ -61,10 +61,9 @@ def test_greedy_equals_transformers_under_preemption(family_dir, reference, mode
     assert_all_blocks_free(llm.engine)
 
 
+@pytest.mark.parametrize("family_dir", ["gemma3"], indirect=True)
 def test_gemma3_prompts_past_the_sliding_window_attend_within_it(family_dir, reference):
-    family, path = family_dir
-    if family != "gemma3":
-        pytest.skip("Gemma 3 only")
+    _, path = family_dir
     prompts, _ = reference
     assert max(LENGTHS) + MAX_NEW > 5 * GEMMA_WINDOW
     engine = LLMEngine(EngineConfig(model=str(path), dtype="float32", num_kv_blocks=64, block_size=16,
@@ -76,11 +75,10 @@ def test_gemma3_prompts_past_the_sliding_window_attend_within_it(family_dir, ref
     assert run_staggered(engine, [prompts[-1]], PARAMS, [0])["p0"] != reference[1][-1]
 
 
+@pytest.mark.parametrize("family_dir", ["gemma3"], indirect=True)
 def test_gemma3_on_the_triton_backend_gives_transformers_tokens(family_dir, reference):
     """The Triton kernels' sliding window inside the engine (the interpreter on CPU)."""
-    family, path = family_dir
-    if family != "gemma3":
-        pytest.skip("Gemma 3 only")
+    _, path = family_dir
     prompts, expected = reference
     engine = LLMEngine(EngineConfig(model=str(path), dtype="float32", num_kv_blocks=64, block_size=16,
                                     max_model_len=1024, max_num_batched_tokens=32, attention_backend="triton"))
