@@ -8,7 +8,7 @@ import sys
 SCENARIOS = {
     "readme": ("benchmarks.readme", "all of README's figures and plots, in one run (about 35 minutes)"),
     "throughput": ("benchmarks.throughput", "every system on mixed_chat_128: continuous, static, transformers, ..."),
-    "latency": ("benchmarks.latency", "latency vs Poisson rate or clients, continuous vs static; p99 TTFT rate search"),
+    "latency": ("benchmarks.latency", "sustained Poisson rates (or clients), continuous vs static; goodput at the SLO"),
     "agent": ("benchmarks.agent_prefix", "multi-turn agent workload, prefix caching on vs off"),
     "tools": ("benchmarks.tool_calling", "tool-call accuracy per tool_choice, constrained vs not; grammar cost"),
     "adk": ("benchmarks.adk_concurrency", "ADK sessions one by one vs asyncio.gather at 1-64"),

@@ -1,105 +1,134 @@
-"""Latency under load into AsyncLLM, continuous vs static batching: Poisson arrivals at
-rising rates (or a closed loop of N clients), and a search for the highest rate at which
-continuous batching keeps p99 time to first token under a bound.
+"""Latency under sustained load into AsyncLLM, continuous vs static batching: Poisson
+arrivals held at each rate for `--duration` seconds after a `--warmup` that is not counted
+(or a closed loop of N clients), and goodput: the highest sustained rate at which p99 time
+to first token stays under `--ttft-bound` and p99 inter-token latency under `--itl-bound`.
 
-    python -m benchmarks latency [--rates 1,2,4,8,16,32] [--requests 48] [--ttft-bound 1.0]
-    python -m benchmarks latency --concurrency 1,4,16,32
+    python -m benchmarks latency [--rates 1,2,3,4,6] [--duration 120] [--warmup 20]
+    python -m benchmarks latency --concurrency 1,4,16,32 --requests 48
 
-For each point: TTFT, inter-token latency, time per output token, end-to-end latency and
-queue time (mean, p50, p90, p99), batch size, KV usage, preemptions. Writes
-benchmarks/results/latency.{md,json,png}. Ctrl-C keeps what was measured.
+Every rate starts a fresh engine (an empty prefix cache) and every request is unique (its
+own id in the prompt), so nothing is served from a cache warmed by an earlier point; the
+hit rate is reported anyway. For each point: TTFT, inter-token latency, time per output
+token, end-to-end latency and queue time (mean, p50, p90, p99), batch size, KV usage,
+preemptions. Writes benchmarks/results/latency.{md,json,png}. Ctrl-C keeps what was
+measured.
 """
 from __future__ import annotations
 
 import argparse
+import math
 
 from benchmarks.report import keep_partial_results, markdown_table, plot_lines, write
 from benchmarks.systems import run_async_engine
 from benchmarks.workloads import load_workload, poisson_arrivals
 from engine import AsyncLLM, EngineConfig
 
-POLICIES = ("continuous", "static")
+def _requests(args, engine: AsyncLLM, n: int) -> tuple[list[str], list[int]]:
+    """n unique chat prompts cycling through the workload (each tagged with its own id)."""
+    items = load_workload(args.workload)
+    prompts, max_tokens = [], []
+    for i in range(n):
+        it = items[i % len(items)]
+        messages = [dict(m) for m in it.messages]
+        messages[-1]["content"] = f"[request {i}] " + messages[-1]["content"]
+        prompts.append(engine.engine.apply_chat_template(messages))
+        max_tokens.append(it.max_tokens)
+    return prompts, max_tokens
 
 
-def _point(engine: AsyncLLM, prompts, max_tokens, x: float, mode: str, seed: int) -> dict:
-    if mode == "rate":
-        run = run_async_engine(engine, prompts, max_tokens, f"rate {x:g}/s", poisson_arrivals(len(prompts), x, seed))
-    else:
-        run = run_async_engine(engine, prompts, max_tokens, f"{int(x)} clients", concurrency=int(x))
-    return {mode: x} | run.as_dict()
+def _point(args, policy: str, x: float) -> dict:
+    """One measured point on a fresh engine."""
+    engine = AsyncLLM(EngineConfig(model=args.model, scheduling_policy=policy, max_num_seqs=args.max_num_seqs))
+    try:
+        run_async_engine(engine, _requests(args, engine, 2)[0], [4, 4], "warm-up", progress=False)
+        if args.mode == "rate":  # sustained: rate x (warm-up + duration) arrivals; the warm-up is not counted
+            n = max(1, math.ceil(x * (args.warmup + args.duration)))
+            prompts, max_tokens = _requests(args, engine, n)
+            run = run_async_engine(engine, prompts, max_tokens, f"rate {x:g}/s", poisson_arrivals(n, x, args.seed),
+                                   measure_from=args.warmup)
+        else:
+            prompts, max_tokens = _requests(args, engine, args.requests)
+            run = run_async_engine(engine, prompts, max_tokens, f"{int(x)} clients", concurrency=int(x))
+    finally:
+        engine.shutdown()
+    return {args.mode: x} | run.as_dict()
 
 
-def highest_passing(points: list[dict], key: str, bound: float) -> tuple[float | None, float | None]:
-    """(highest measured rate whose p99 TTFT is under `bound`, lowest rate above it that is not)."""
-    ok = [p[key] for p in points if p["latency"]["ttft"]["p99"] < bound]
+def meets_slo(point: dict, ttft_bound: float, itl_bound: float) -> bool:
+    lat = point["latency"]
+    return lat["ttft"]["p99"] < ttft_bound and (lat.get("itl") or {"p99": 0.0})["p99"] < itl_bound
+
+
+def highest_passing(points: list[dict], key: str, ttft_bound: float,
+                    itl_bound: float = float("inf")) -> tuple[float | None, float | None]:
+    """(highest measured rate meeting the SLO, lowest rate above it that does not)."""
+    ok = [p[key] for p in points if meets_slo(p, ttft_bound, itl_bound)]
     best = max(ok, default=None)
-    above = [p[key] for p in points if p["latency"]["ttft"]["p99"] >= bound and (best is None or p[key] > best)]
+    above = [p[key] for p in points if not meets_slo(p, ttft_bound, itl_bound) and (best is None or p[key] > best)]
     return best, min(above, default=None)
 
 
 def measure(args, data: dict) -> None:
-    items = load_workload(args.workload, args.requests)
     xs = [float(x) for x in (args.rates if args.mode == "rate" else args.concurrency).split(",")]
-    for policy in POLICIES:
-        engine = AsyncLLM(EngineConfig(model=args.model, scheduling_policy=policy, max_num_seqs=args.max_num_seqs))
-        try:
-            prompts = [engine.engine.apply_chat_template(it.messages) for it in items]
-            max_tokens = [it.max_tokens for it in items]
-            run_async_engine(engine, prompts[:2], [4, 4], "warm-up", progress=False)
-            points = data["points"].setdefault(policy, [])
-            for x in xs:
-                points.append(_point(engine, prompts, max_tokens, x, args.mode, args.seed))
-            if args.mode != "rate":
-                continue
-            search = data["search"]
-            if policy == "continuous":  # bisect between the last passing and the first failing rate
-                lo, hi = highest_passing(points, "rate", args.ttft_bound)
-                for _ in range(args.search_steps if lo is not None and hi is not None else 0):
-                    mid = round((lo + hi) / 2, 2)
-                    points.append(_point(engine, prompts, max_tokens, mid, "rate", args.seed))
-                    lo, hi = highest_passing(points, "rate", args.ttft_bound)
-                search["rate"], search["all_passed"] = lo, hi is None
-            elif search.get("rate") is not None and search["rate"] not in xs:
-                points.append(_point(engine, prompts, max_tokens, search["rate"], "rate", args.seed))
-            points.sort(key=lambda p: p["rate"])
-        finally:
-            engine.shutdown()
+    for policy in args.policies.split(","):
+        points = data["points"].setdefault(policy, [])
+        for x in xs:
+            points.append(_point(args, policy, x))
+        if args.mode != "rate":
+            continue
+        search = data["search"]
+        if policy == "continuous":  # bisect between the last passing and the first failing rate
+            lo, hi = highest_passing(points, "rate", args.ttft_bound, args.itl_bound)
+            for _ in range(args.search_steps if lo is not None and hi is not None else 0):
+                points.append(_point(args, policy, round((lo + hi) / 2, 2)))
+                lo, hi = highest_passing(points, "rate", args.ttft_bound, args.itl_bound)
+            search["rate"], search["all_passed"] = lo, hi is None
+        elif search.get("rate") is not None and search["rate"] not in xs:
+            points.append(_point(args, policy, search["rate"]))
+        points.sort(key=lambda p: p["rate"])
 
 
 def report(args, data: dict, interrupted: bool = False) -> dict:
     key = args.mode
-    rows = [[policy, p[key], p["output_tokens_per_s"], p["latency"]["ttft"]["p50"], p["latency"]["ttft"]["p99"],
-             p["latency"]["itl"]["p50"], p["latency"]["itl"]["p99"], p["latency"]["e2e"]["p50"],
-             p["latency"]["e2e"]["p99"], p["latency"]["queue"]["p99"], p["engine"]["batch_size_mean"],
-             p["engine"]["kv_usage_peak"], p["engine"]["preemptions"]]
+    rows = [[policy, p[key], p["extra"].get("measured_requests", p["num_requests"]), p["output_tokens_per_s"],
+             p["latency"]["ttft"]["p50"], p["latency"]["ttft"]["p99"], p["latency"]["itl"]["p50"],
+             p["latency"]["itl"]["p99"], p["latency"]["e2e"]["p50"], p["latency"]["e2e"]["p99"],
+             p["latency"]["queue"]["p99"], p["engine"]["batch_size_mean"], p["engine"]["kv_usage_peak"],
+             p["engine"]["preemptions"], p["engine"]["prefix_cache_hit_rate"],
+             "yes" if meets_slo(p, args.ttft_bound, args.itl_bound) else "no"]
             for policy, points in data["points"].items() for p in points]
     xlabel = "requests/s" if key == "rate" else "clients"
-    table = markdown_table(["policy", xlabel, "output tokens/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99",
-                            "e2e p50", "e2e p99", "queue p99", "batch mean", "KV peak", "preemptions"], rows)
+    table = markdown_table(["policy", xlabel, "measured requests", "output tokens/s", "TTFT p50", "TTFT p99",
+                            "ITL p50", "ITL p99", "e2e p50", "e2e p99", "queue p99", "batch mean", "KV peak",
+                            "preemptions", "prefix hit rate", "meets SLO"], rows)
     search = data.get("search") or {}
     rate = search.get("rate")
     at = {policy: next((p for p in points if p.get("rate") == rate), None) for policy, points in data["points"].items()}
     c, s = at.get("continuous"), at.get("static")
     if rate is not None and c is not None:
-        line = (f"\n\nHighest rate measured with continuous batching's p99 TTFT under {args.ttft_bound:g} s: "
+        line = (f"\n\nGoodput (highest sustained rate with p99 TTFT < {args.ttft_bound:g} s and p99 ITL < "
+                f"{args.itl_bound * 1000:g} ms), continuous batching: "
                 f"**{rate:g} requests/s**{' (every rate passed: raise --rates)' if search.get('all_passed') else ''}"
-                f" (p99 TTFT {c['latency']['ttft']['p99']:.3g} s)")
+                f" (p99 TTFT {c['latency']['ttft']['p99']:.3g} s, p99 ITL {c['latency']['itl']['p99'] * 1000:.0f} ms,"
+                f" {c['output_tokens_per_s']:.0f} output tokens/s)")
         if s:
             ratio = s["latency"]["ttft"]["p99"] / c["latency"]["ttft"]["p99"]
             line += f"; static batching at that rate: p99 TTFT {s['latency']['ttft']['p99']:.3g} s, {ratio:.0f}x higher."
         table += line
     elif data["points"].get("continuous") and args.mode == "rate":
-        table += f"\n\nNo measured rate kept continuous batching's p99 TTFT under {args.ttft_bound:g} s: lower --rates."
+        table += "\n\nNo measured rate met the SLO with continuous batching: lower --rates."
     series = {}
     for policy, points in data["points"].items():
         xs = [p[key] for p in points]
         series[f"{policy} TTFT p99"] = (xs, [p["latency"]["ttft"]["p99"] for p in points])
         series[f"{policy} e2e p50"] = (xs, [p["latency"]["e2e"]["p50"] for p in points])
     if series:
+        load = f"{args.duration:g} s per rate" if key == "rate" else f"{args.requests} requests"
         plot_lines("latency", f"load ({xlabel})", "seconds", series, log_y=True,
-                   title=f"{args.workload} ({args.requests} requests), max_num_seqs={args.max_num_seqs}")
-    title = (f"Latency under {'Poisson' if key == 'rate' else 'closed-loop'} load ({args.model}, {args.requests} "
-             f"requests of {args.workload}, max_num_seqs={args.max_num_seqs}, seconds)")
+                   title=f"{args.workload} ({load}), max_num_seqs={args.max_num_seqs}")
+    what = (f"Poisson arrivals sustained {args.duration:g} s per rate after a {args.warmup:g} s warm-up not counted"
+            if key == "rate" else f"closed loop, {args.requests} requests")
+    title = f"Latency under load ({args.model}, {args.workload}, {what}, max_num_seqs={args.max_num_seqs}, seconds)"
     write("latency", title, table, data, interrupted)
     return data
 
@@ -108,11 +137,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--workload", default="mixed_chat_128")
-    ap.add_argument("--rates", default="1,2,4,8,16,32", help="Poisson request rates (requests/s)")
+    ap.add_argument("--rates", default="1,2,3,4,6", help="Poisson request rates (requests/s)")
+    ap.add_argument("--duration", type=float, default=120.0, help="seconds of arrivals measured at each rate")
+    ap.add_argument("--warmup", type=float, default=20.0, help="seconds of arrivals before them, not counted")
     ap.add_argument("--concurrency", default=None, help="closed loop instead: numbers of clients, e.g. 1,4,16")
-    ap.add_argument("--requests", type=int, default=48)
+    ap.add_argument("--requests", type=int, default=48, help="closed loop: requests per point")
+    ap.add_argument("--policies", default="continuous,static")
     ap.add_argument("--max-num-seqs", type=int, default=32)
-    ap.add_argument("--ttft-bound", type=float, default=1.0, help="p99 TTFT bound (s) for the rate search")
+    ap.add_argument("--ttft-bound", type=float, default=1.0, help="SLO: p99 TTFT bound (s)")
+    ap.add_argument("--itl-bound", type=float, default=0.2, help="SLO: p99 inter-token latency bound (s)")
     ap.add_argument("--search-steps", type=int, default=2, help="bisection steps between measured rates")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)

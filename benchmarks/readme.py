@@ -30,9 +30,7 @@ TOOLS_BEGIN, TOOLS_END = "<!-- tools:begin -->", "<!-- tools:end -->"
 # (module, arguments, command shown in README, plots)
 SCENARIOS = [
     (throughput, [], "python -m benchmarks throughput", ["throughput", "batch_size"]),
-    (latency, ["--rates", "1,2,4,8,16,32", "--requests", "48"],
-     "python -m benchmarks latency --rates 1,2,4,8,16,32 --requests 48",
-     ["latency"]),
+    (latency, ["--rates", "1,2,3,4,6"], "python -m benchmarks latency --rates 1,2,3,4,6", ["latency"]),
     (agent_prefix, ["--sessions", "8", "--turns", "4"], "python -m benchmarks agent --sessions 8 --turns 4", []),
     (adk_concurrency, [], "python -m benchmarks adk", []),
 ]

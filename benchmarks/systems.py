@@ -113,19 +113,22 @@ async def _run_async(engine: AsyncLLM, prompts, max_tokens, arrivals, concurrenc
 
 def run_async_engine(engine: AsyncLLM, prompts: list[list[int]] | list[str], max_tokens: list[int], system: str,
                      arrivals: list[float] | None = None, concurrency: int | None = None,
-                     progress: bool = True) -> RunResult:
+                     progress: bool = True, measure_from: float = 0.0) -> RunResult:
     """Online: every request is its own `AsyncLLM.generate` stream, all at once; with
     `arrivals` (offsets in seconds) each at its own time (Poisson load); with `concurrency`
-    a closed loop of that many clients, each sending its next request when one finishes."""
+    a closed loop of that many clients, each sending its next request when one finishes.
+    `measure_from`: latency figures count only requests arriving from that offset on (the
+    warm-up before it still loads the engine)."""
     mark = engine_mark(engine.engine)
     seconds, results = asyncio.run(_run_async(engine, prompts, max_tokens, arrivals, concurrency, progress))
     produced = [len(times) for _, times in results]
     _check_exact(produced, max_tokens)
     prompt_tokens = sum(len(last.prompt_token_ids) for last, _ in results)
+    counted = [i for i in range(len(results)) if arrivals is None or arrivals[i] >= measure_from]
     return RunResult(system, len(prompts), sum(produced), prompt_tokens, seconds,
-                     latency=request_latencies([last.metrics for last, _ in results], produced,
-                                               [times for _, times in results]),
-                     engine=engine_figures(engine.engine, mark))
+                     latency=request_latencies([results[i][0].metrics for i in counted], [produced[i] for i in counted],
+                                               [results[i][1] for i in counted]),
+                     engine=engine_figures(engine.engine, mark), extra={"measured_requests": len(counted)})
 
 
 # -- through the HTTP server -------------------------------------------------------------

@@ -2,6 +2,7 @@
 and the comparisons point the right way (in work done, not wall time: timings are for the
 benchmarks themselves)."""
 import json
+import math
 
 import pytest
 
@@ -83,25 +84,32 @@ def test_ctrl_c_keeps_what_was_measured(results_dir, monkeypatch):
     assert "interrupted" in (results_dir / "throughput.md").read_text()
 
 
-def test_latency_scenario_finds_the_highest_rate_under_the_ttft_bound(results_dir):
-    data = latency.main(["--model", "dummy-tiny", "--requests", "6", "--rates", "20,200", "--search-steps", "1",
-                         "--ttft-bound", "30"])
+def test_latency_scenario_sustains_each_rate_and_reports_goodput(results_dir):
+    data = latency.main(["--model", "dummy-tiny", "--rates", "20,100", "--duration", "0.3", "--warmup", "0.1",
+                         "--search-steps", "1", "--ttft-bound", "30", "--itl-bound", "30"])
     for policy in ("continuous", "static"):
         for point in data["points"][policy]:
             _check_summaries(point["latency"])
             assert point["engine"]["batch_size_peak"] >= 1
-    assert data["search"] == {"rate": 200.0, "all_passed": True}
-    assert "Highest rate" in (results_dir / "latency.md").read_text()
+            # rate x (warm-up + duration) arrivals; those in the warm-up are not counted
+            assert point["num_requests"] == math.ceil(point["rate"] * 0.4)
+            assert 0 < point["extra"]["measured_requests"] < point["num_requests"]
+            assert point["engine"]["prefix_cache_hit_rate"] < 0.9  # unique prompts on a fresh engine
+    assert data["search"] == {"rate": 100.0, "all_passed": True}
+    assert "Goodput" in (results_dir / "latency.md").read_text()
     assert (results_dir / "latency.png").stat().st_size > 0
 
 
-def test_rate_search_picks_the_last_rate_under_the_bound():
-    def point(rate, p99):
-        return {"rate": rate, "latency": {"ttft": {"p99": p99}}}
+def test_rate_search_picks_the_last_rate_meeting_both_bounds():
+    def point(rate, ttft, itl=0.01):
+        return {"rate": rate, "latency": {"ttft": {"p99": ttft}, "itl": {"p99": itl}}}
     points = [point(1, 0.1), point(2, 0.2), point(4, 3.0), point(8, 9.0)]
     assert latency.highest_passing(points, "rate", 1.0) == (2, 4)
     assert latency.highest_passing(points, "rate", 10.0) == (8, None)
     assert latency.highest_passing(points, "rate", 0.05) == (None, 1)
+    points = [point(1, 0.1), point(2, 0.2, itl=0.5), point(4, 0.3)]  # the ITL bound counts too
+    assert latency.highest_passing(points, "rate", 1.0, 0.2) == (4, None)
+    assert latency.highest_passing(points[:2], "rate", 1.0, 0.2) == (1, 2)
 
 
 def test_closed_loop_keeps_at_most_n_requests_in_flight(results_dir):
