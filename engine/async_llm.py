@@ -59,7 +59,7 @@ class AsyncLLM:
         # Called on the step thread with every step's StepOutput (metrics), and with an
         # aborted request's (no stats).
         self.step_listeners: list[Callable[[StepOutput], None]] = []
-        tracing.observe_engine(self, config.model, self.stats)
+        tracing.observe_engine(self, config.model)
         self._thread = threading.Thread(target=self._run, name="engine-step-loop", daemon=True)
         self._thread.start()
 

@@ -39,18 +39,19 @@ _duration = _meter.create_histogram("gen_ai.server.request.duration", unit="s",
                                     explicit_bucket_boundaries_advisory=_LATENCY_BUCKETS)
 
 
-_engines: "weakref.WeakKeyDictionary[object, tuple[str, Callable[[], dict]]]" = weakref.WeakKeyDictionary()
+# Live engines (held weakly: a shut-down engine is collected with its KV cache) -> model.
+_engines: "weakref.WeakKeyDictionary[object, str]" = weakref.WeakKeyDictionary()
 
 
-def observe_engine(engine: object, model: str, stats: Callable[[], dict]) -> None:
-    """Reports `stats()` of a live engine through the gauges below (until it is collected)."""
-    _engines[engine] = (model, stats)
+def observe_engine(engine, model: str) -> None:
+    """Reports `engine.stats()` through the gauges below until the engine is collected."""
+    _engines[engine] = model
 
 
 def _gauge(stat: Callable[[dict], float]):
     def callback(options: CallbackOptions):
-        for model, stats in list(_engines.values()):
-            yield Observation(stat(stats()), {"gen_ai.request.model": model})
+        for engine, model in list(_engines.items()):
+            yield Observation(stat(engine.stats()), {"gen_ai.request.model": model})
     return [callback]
 
 

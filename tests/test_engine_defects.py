@@ -149,3 +149,21 @@ def test_an_aborted_chat_reports_finish_reason_abort_not_stop():
     from adk_backend.openai_format import finish_reason
     result = ChatChoice(0, ParsedReply(text="partial", tool_calls=[]), "abort", 2)
     assert finish_reason(result) == "abort"
+
+
+def test_a_shut_down_async_engine_is_collected_with_its_kv_cache():
+    """Nothing process-wide (metrics gauges, tracing) keeps a shut-down engine alive: a
+    benchmark that starts an engine per point must not pile up KV caches."""
+    import gc
+    import weakref
+    engine = AsyncLLM(EngineConfig(model="dummy-tiny", dtype="float32", num_kv_blocks=64, max_model_len=256))
+
+    async def one():
+        async for _ in engine.generate([1, 2, 3], SamplingParams(max_tokens=2)):
+            pass
+    asyncio.run(one())
+    engine.shutdown()
+    ref = weakref.ref(engine)
+    del engine
+    gc.collect()
+    assert ref() is None
