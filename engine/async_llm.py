@@ -69,11 +69,6 @@ class AsyncLLM:
         return self.engine.tokenizer
 
     @property
-    def chat_template_renders_tools(self) -> bool:
-        """Whether the model's chat template shows the tools it is given."""
-        return self.engine.chat_template_renders_tools
-
-    @property
     def sampling_defaults(self) -> dict:
         """SamplingParams fields the checkpoint's generation_config.json sets; they apply
         where a request leaves the field unset."""

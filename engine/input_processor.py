@@ -17,10 +17,6 @@ from engine.structured_output import GrammarCompiler
 
 PromptType = str | list[int]
 
-_PROBE_TOOL = {"type": "function", "function": {"name": "probe_tool_7f3a", "description": "",
-                                                "parameters": {"type": "object", "properties": {}}}}
-
-
 class InputProcessor:
     def __init__(self, tokenizer, model_config: ModelConfig, max_model_len: int,
                  grammars: GrammarCompiler, model_name: str, sampling_defaults: dict | None = None) -> None:
@@ -31,7 +27,6 @@ class InputProcessor:
         self.grammars = grammars
         self.model_name = model_name
         self._ids = itertools.count()
-        self.template_renders_tools = self._probe_tools()
 
     def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -68,16 +63,6 @@ class InputProcessor:
     def default_sampling_params(self) -> SamplingParams:
         """SamplingParams with the checkpoint's generation_config defaults (as vLLM)."""
         return SamplingParams(**self.sampling_defaults)
-
-    def _probe_tools(self) -> bool:
-        """Whether the chat template shows the tools it is given (SmolLM2's ignores them)."""
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            return False
-        try:
-            text = self.apply_chat_template([{"role": "user", "content": "hi"}], tools=[_PROBE_TOOL])
-        except Exception:  # a template that fails on tools cannot render them
-            return False
-        return "probe_tool_7f3a" in text
 
     def make_request(self, prompt: PromptType, params: SamplingParams | None = None,
                      request_id: str | None = None, priority: int = 0,

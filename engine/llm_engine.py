@@ -111,10 +111,6 @@ class LLMEngine:
     def default_sampling_params(self) -> SamplingParams:
         return self.inputs.default_sampling_params()
 
-    @property
-    def chat_template_renders_tools(self) -> bool:
-        return self.inputs.template_renders_tools
-
     def make_request(self, prompt: PromptType, params: SamplingParams | None = None,
                      request_id: str | None = None, priority: int = 0,
                      arrival_time: float | None = None, grammar=None) -> Request:
