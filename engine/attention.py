@@ -100,16 +100,15 @@ def _torch_prefills(out, q, k, v, k_cache, v_cache, meta: AttentionMetadata, sca
     for p in meta.prefills:
         rows = slice(p.start, p.start + p.num_tokens)
         qp = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
-        fresh = p.context_len == p.num_tokens
-        if fresh and window is None:  # no earlier context: plain causal attention on fresh K/V
+        fresh = p.context_len == p.num_tokens  # no earlier context: this step's K/V are all of it
+        if fresh:
             kp, vp = k[rows], v[rows]
+        else:
+            kp = k_cache.index_select(0, p.block_table).flatten(0, 1)[:p.context_len]
+            vp = v_cache.index_select(0, p.block_table).flatten(0, 1)[:p.context_len]
+        if fresh and window is None:  # plain causal attention
             mask, causal = None, True
         else:
-            if fresh:
-                kp, vp = k[rows], v[rows]
-            else:
-                kp = k_cache.index_select(0, p.block_table).flatten(0, 1)[:p.context_len]
-                vp = v_cache.index_select(0, p.block_table).flatten(0, 1)[:p.context_len]
             q_pos = torch.arange(p.context_len - p.num_tokens, p.context_len, device=q.device)[:, None]
             kv_pos = torch.arange(p.context_len, device=q.device)[None, :]
             mask = kv_pos <= q_pos
