@@ -115,6 +115,15 @@ def parse_reply(text: str, callable_tools: set[str], fmt: ToolCallFormat = HERME
     return fmt.parse(text, callable_tools)
 
 
+def held_tail(text: str, tag: str) -> int:
+    """How many characters at the end of `text` could still grow into `tag` (a streamer
+    holds them back until the next delta decides)."""
+    for k in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-k:]):
+            return k
+    return 0
+
+
 class TextStreamFilter:
     """Streams the plain text of a reply while it is generated, holding back anything that
     is (or may become) a tool call (from the format's trigger on)."""
@@ -134,11 +143,6 @@ class TextStreamFilter:
             self.in_call = True
             out, self.emitted = self.buffer[self.emitted:start], start
             return out
-        # Keep back a tail that could still grow into the trigger.
-        safe = len(self.buffer)
-        for k in range(min(len(self.trigger) - 1, len(self.buffer)), 0, -1):
-            if self.trigger.startswith(self.buffer[-k:]):
-                safe = len(self.buffer) - k
-                break
+        safe = len(self.buffer) - held_tail(self.buffer, self.trigger)
         out, self.emitted = self.buffer[self.emitted:safe], max(self.emitted, safe)
         return out

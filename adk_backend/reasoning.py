@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from adk_backend.chat_format import held_tail
+
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
@@ -82,7 +84,7 @@ class ReasoningStreamSplitter:
                     self.buffer, self.state = self.buffer[i + len(self.fmt.close):], "answer"
                     self.strip_lead = True
                     continue
-                keep = _partial_tail(self.buffer, self.fmt.close)
+                keep = held_tail(self.buffer, self.fmt.close)
                 thought += self.buffer[:len(self.buffer) - keep]
                 self.buffer = self.buffer[len(self.buffer) - keep:]
                 return thought, answer
@@ -101,9 +103,3 @@ class ReasoningStreamSplitter:
             return rest, ""
         return "", rest
 
-
-def _partial_tail(text: str, tag: str) -> int:
-    for k in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-k:]):
-            return k
-    return 0
