@@ -13,13 +13,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import logging
 import time
 
 from google.adk.errors import StaleSessionError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-log = logging.getLogger(__name__)
 TURN_PATHS = ("/run", "/run_sse")
 
 
@@ -57,11 +55,13 @@ class _PostgresLocks:
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn.replace("postgresql+asyncpg://", "postgresql://", 1)
         self.pool = None
+        self._pool_lock = asyncio.Lock()  # the first turns arrive together: one pool, not one each
 
     async def acquire(self, key: int, timeout: float):
         import asyncpg
-        if self.pool is None:
-            self.pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=16)
+        async with self._pool_lock:
+            if self.pool is None:
+                self.pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=16)
         conn = await self.pool.acquire()
         deadline, pause = time.monotonic() + timeout, 0.01
         try:
