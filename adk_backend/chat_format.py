@@ -129,7 +129,7 @@ class TextStreamFilter:
     is (or may become) a tool call (from the format's trigger on)."""
 
     def __init__(self, trigger: str = TOOL_CALL_OPEN) -> None:
-        self.trigger = trigger.strip()
+        self.trigger = trigger
         self.buffer = ""
         self.emitted = 0
         self.in_call = False

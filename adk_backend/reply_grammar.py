@@ -5,7 +5,7 @@ Both providers and the OpenAI API reduce their knobs (OpenAI `tool_choice`,
 to a `ReplySpec`, and `reply_grammar` turns it into the engine's `structured_outputs`. The
 model decides what to say; the grammar guarantees the shape:
 
-- auto: free text; once the model opens a call (`<tool_call>` in Hermes, `{"name": ` in
+- auto: free text; once the model opens a call (`<tool_call>` in Hermes, `{"name":` in
   Llama 3's JSON format), the call is constrained: a declared tool's name, then arguments
   valid against that tool's schema, then the format's end.
 - required: only calls (one, or several with parallel calls), each one constrained.
@@ -85,7 +85,7 @@ def _reply_format(spec: ReplySpec, calls: ToolCallFormat) -> dict | None:
             return _json(spec.response_schema)
         if not spec.tools:
             return None
-        return {"type": "any_text", "excludes": [calls.trigger.strip()]}
+        return {"type": "any_text", "excludes": [calls.trigger]}
     tags = [_call_tag(fn, calls) for fn in callable_tools]
     calls_only = {"type": "tags_with_separator", "tags": tags, "separator": calls.separator, "at_least_one": True,
                   "stop_after_first": not spec.parallel}
@@ -93,7 +93,7 @@ def _reply_format(spec: ReplySpec, calls: ToolCallFormat) -> dict | None:
         return calls_only
     if spec.response_schema is not None:
         return {"type": "or", "elements": [calls_only, _json(spec.response_schema)]}
-    return {"type": "triggered_tags", "triggers": [calls.trigger.strip()], "tags": tags,
+    return {"type": "triggered_tags", "triggers": [calls.trigger], "tags": tags,
             "stop_after_first": not spec.parallel}
 
 

@@ -41,6 +41,7 @@ class ToolCallFormat:
     begin: str         # before the call's JSON object
     end: str           # after it
     separator: str     # between calls
+    marker: str = ""   # a token the model may write before its calls, dropped from the text
 
     def call_prefix(self, tool: str) -> str:
         """Everything of a call to `tool` before its arguments' JSON."""
@@ -57,12 +58,12 @@ class ToolCallFormat:
         """Splits generated text into plain text and calls to `callable_tools`. A call that is
         not whole (cut short by max_tokens or a stop string, or naming another tool) stays
         in the text: a model's output is never an error."""
-        if not callable_tools or self.trigger.strip() not in text:
+        if not callable_tools or self.trigger not in text:
             return ParsedReply(text=text, tool_calls=[])
         calls: list[ToolCall] = []
         kept: list[str] = []
         last = pos = 0
-        while (start := text.find(self.trigger.strip(), pos)) != -1:
+        while (start := text.find(self.trigger, pos)) != -1:
             found = self._call_at(text, start, callable_tools)
             if found is None:
                 pos = start + 1
@@ -74,8 +75,8 @@ class ToolCallFormat:
         if not calls:
             return ParsedReply(text=text, tool_calls=[])
         kept.append(text[last:])
-        remainder = "".join(kept).replace("<|python_tag|>", "") if self.name == "llama3_json" else "".join(kept)
-        return ParsedReply(text=remainder.strip(), tool_calls=calls)
+        remainder = "".join(kept)
+        return ParsedReply(text=remainder.replace(self.marker, "").strip(), tool_calls=calls)
 
     def _call_at(self, text: str, start: int, callable_tools: set[str]) -> tuple[ToolCall, int] | None:
         """The call beginning at `start` and where it ends, or None."""
@@ -135,8 +136,8 @@ def _tool_call(obj, callable_tools: set[str]) -> ToolCall | None:
 
 HERMES = ToolCallFormat("hermes", trigger="<tool_call>", args_key="arguments", begin="<tool_call>\n",
                         end="\n</tool_call>", separator="\n")
-LLAMA3_JSON = ToolCallFormat("llama3_json", trigger='{"name": ', args_key="parameters", begin="", end="",
-                             separator="; ")
+LLAMA3_JSON = ToolCallFormat("llama3_json", trigger='{"name":', args_key="parameters", begin="", end="",
+                             separator="; ", marker="<|python_tag|>")
 TOOL_CALL_FORMATS = {f.name: f for f in (HERMES, LLAMA3_JSON)}
 
 PROBE_TOOL = {"type": "function", "function": {"name": "probe_tool_7f3a", "description": "",
