@@ -264,6 +264,7 @@ class AsyncLLM:
         out = self.engine.abort(engine_id)
         if out is None or quiet:
             return
+        self._stats = self.engine.stats()  # no step may follow: listeners read stats without the request
         self._notify(StepOutput([out], seqs, [], None))
         self._finish(engine_id, out)
 

@@ -167,3 +167,26 @@ def test_a_shut_down_async_engine_is_collected_with_its_kv_cache():
     del engine
     gc.collect()
     assert ref() is None
+
+
+def test_gauges_drop_to_zero_when_the_last_running_request_is_aborted():
+    """An abort with nothing else running is followed by no step: the metrics listener must
+    still see the engine without that request (found by the soak: running_at_end == 1)."""
+    from prometheus_client import generate_latest
+
+    from adk_backend.metrics import EngineMetrics
+    engine = AsyncLLM(EngineConfig(model="dummy-tiny", dtype="float32", num_kv_blocks=256, max_model_len=2048))
+    metrics = EngineMetrics()
+    metrics.attach("m", engine)
+
+    async def main():
+        async for _ in engine.generate([1, 2, 3], SamplingParams(max_tokens=1500, ignore_eos=True), request_id="r"):
+            engine.abort("r")  # after its first output: it is running
+    try:
+        asyncio.run(main())
+        time.sleep(0.2)
+        text = generate_latest(metrics.registry).decode()
+    finally:
+        engine.shutdown()
+    assert 'vllm:num_requests_running{model_name="m"} 0.0' in text
+    assert 'vllm:kv_cache_usage_perc{model_name="m"} 0.0' in text
