@@ -76,6 +76,10 @@ class EngineConfig:
     swap_space: int = 1 << 30                 # bytes of CPU memory for swapped-out blocks
     scheduling_policy: Literal["continuous", "static"] = "continuous"
     attention_backend: Literal["cpu", "torch", "triton"] | None = None  # default: triton on CUDA, cpu on CPU
+    # None: a GGUF's own quantized blocks run natively, other checkpoints in `dtype`; "gguf":
+    # the same, required; "int8": weight-only per-channel int8 of a dense checkpoint;
+    # "none": every weight dense in `dtype` (a GGUF dequantized).
+    quantization: Literal["gguf", "int8", "none"] | None = None
     num_threads: int | None = None            # CPU threads for torch (default: all cores)
     grammar_compile_timeout: float = 10.0     # seconds a structured-output grammar may take to compile
     stalled_stream_timeout: float = 60.0      # AsyncLLM aborts a request whose reader stops reading this long
@@ -96,6 +100,8 @@ class EngineConfig:
         _check(self.preemption_mode in ("swap", "recompute"), "preemption_mode", self.preemption_mode, "'swap' or 'recompute'")
         _check(self.stalled_stream_timeout > 0, "stalled_stream_timeout", self.stalled_stream_timeout, "> 0")
         _check(self.grammar_compile_timeout > 0, "grammar_compile_timeout", self.grammar_compile_timeout, "> 0")
+        _check(self.quantization in (None, "gguf", "int8", "none"), "quantization", self.quantization,
+               "None, 'gguf', 'int8' or 'none'")
         _check(self.swap_space >= 0, "swap_space", self.swap_space, ">= 0")
         _check(self.scheduling_policy in ("continuous", "static"), "scheduling_policy", self.scheduling_policy, "'continuous' or 'static'")
         if not self.enable_chunked_prefill and self.max_model_len is not None:

@@ -65,6 +65,7 @@ class LLMEngine:
         loaded = load_model(config)
         self.model_config = loaded.model_config
         self.tokenizer = loaded.tokenizer
+        self.weights = {"linear_kernel": loaded.linear_kernel, "bytes_by_format": loaded.model.weight_formats()}
         self.max_model_len = max_positions(config, self.model_config)
         if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"EngineConfig.max_num_batched_tokens ({config.max_num_batched_tokens}) must be >= "
@@ -284,4 +285,5 @@ class LLMEngine:
             "generation_tokens_total": self.num_generated_tokens,
             "grammar_cache_hits": self.grammars.cache_hits,
             "grammar_cache_misses": self.grammars.cache_misses,
+            "weights": self.weights,
         }

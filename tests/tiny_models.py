@@ -56,10 +56,13 @@ def save_tiny(family: str, path: Path, vocab_size: int = 512, generation: dict |
     return path
 
 
-def write_gguf(family: str, hf_dir: Path, out: Path) -> Path:
-    """The checkpoint in `hf_dir` as an F32 GGUF file, written the way llama.cpp's converter
+def write_gguf(family: str, hf_dir: Path, out: Path, quantize: dict[str, str] | None = None) -> Path:
+    """The checkpoint in `hf_dir` as a GGUF file, written the way llama.cpp's converter
     lays it out (tensor names from gguf's map, Gemma's norms stored as 1 + w), with the
-    default model's tokenizer (from its own GGUF) so that transformers can read it back."""
+    default model's tokenizer (from its own GGUF) so that transformers can read it back.
+    Tensors are F32 except those whose GGUF name contains a key of `quantize`, stored in
+    that type ("Q4_0", "Q4_1", "Q8_0": gguf's own quantizers). No q/k permutation: use a
+    family other than llama3 for quantized files."""
     import importlib.util
     import json
 
@@ -103,7 +106,12 @@ def write_gguf(family: str, hf_dir: Path, out: Path) -> Path:
         data = tensor.float().numpy()
         if family == "gemma3" and name.endswith("norm.weight"):
             data = data + 1
-        w.add_tensor(gguf_name + ".weight", np.ascontiguousarray(data, dtype=np.float32))
+        kind = next((t for key, t in (quantize or {}).items() if key in gguf_name), None)
+        if kind is None:
+            w.add_tensor(gguf_name + ".weight", np.ascontiguousarray(data, dtype=np.float32))
+        else:
+            qtype = gguf.GGMLQuantizationType[kind]
+            w.add_tensor(gguf_name + ".weight", gguf.quants.quantize(data, qtype), raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

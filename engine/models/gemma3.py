@@ -44,8 +44,8 @@ class Gemma3DecoderLayer(nn.Module):
                      "post_feedforward_layernorm"):
             getattr(self, name).weight.copy_(get(prefix + name + ".weight"))
         self.self_attn.load(get, prefix + "self_attn.")
-        self.gate_up_proj.weight.copy_(torch.cat([get(prefix + "mlp.gate_proj.weight"), get(prefix + "mlp.up_proj.weight")]))
-        self.down_proj.weight.copy_(get(prefix + "mlp.down_proj.weight"))
+        self.gate_up_proj.load([get(prefix + "mlp.gate_proj.weight"), get(prefix + "mlp.up_proj.weight")])
+        self.down_proj.load([get(prefix + "mlp.down_proj.weight")])
 
 
 class Gemma3ForCausalLM(CausalLM):

@@ -9,31 +9,62 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.quant import QuantizedWeight
+
 
 class Linear(nn.Module):
     """y = x W^T (+ b). On CPU in bf16/fp16 the weight is prepacked for oneDNN once at load,
     which makes the small-batch (decode) matmuls about 1.7x faster than F.linear. With the
     C++ kernels on an AVX512-BF16 CPU, decode-sized batches (up to GEMV_MAX_ROWS rows) go
-    through our own weight-streaming kernel instead (`use_gemv`)."""
+    through our own weight-streaming kernel instead (`use_gemv`).
+
+    A quantized weight (`qweight`, kernels/quant.py: a GGUF's own blocks or int8) replaces
+    the dense one and runs on `quant_kernels`; `weight` is then empty."""
 
     GEMV_MAX_ROWS = 64  # measured: faster than oneDNN up to about 64 rows, slower beyond
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
+        self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self._packed: torch.Tensor | None = None
         self._gemv = None  # (kernel, weight in the kernel's layout)
+        self.qweight: QuantizedWeight | None = None
+        self.quant_kernels = None  # kernels.quant.QuantizedLinearKernels, set with qweight
+
+    def load(self, parts: list) -> None:
+        """The weight from one or more row blocks (fused q/k/v, gate/up): dense tensors, or
+        QuantizedWeights, which stay quantized when every part is one."""
+        if all(isinstance(p, QuantizedWeight) for p in parts):
+            self.set_quantized(parts[0] if len(parts) == 1 else QuantizedWeight.cat(parts))
+            return
+        dense = [p.dequantize() if isinstance(p, QuantizedWeight) else p for p in parts]
+        self.weight.copy_(torch.cat(dense) if len(dense) > 1 else dense[0])
+
+    def set_quantized(self, qweight: QuantizedWeight) -> None:
+        assert (qweight.out_features, qweight.in_features) == (self.out_features, self.in_features), "weight shape"
+        self.qweight = qweight
+        self.weight = nn.Parameter(torch.empty(0, self.in_features, device=self.weight.device), requires_grad=False)
+
+    def dequantize(self, dtype: torch.dtype) -> None:
+        """Back to a dense weight (devices without the quantized kernels)."""
+        assert self.qweight is not None
+        self.weight = nn.Parameter(self.qweight.dequantize(dtype).to(self.weight.device), requires_grad=False)
+        self.qweight = None
 
     def prepack(self) -> None:
         w = self.weight
-        if w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16) and torch.backends.mkldnn.is_available():
+        if (self.qweight is None and w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16)
+                and torch.backends.mkldnn.is_available()):
             self._packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
 
     def use_gemv(self, kernel, packed_weight: torch.Tensor) -> None:
         self._gemv = (kernel, packed_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qweight is not None:
+            return self.quant_kernels(x, self.qweight, self.bias)
         if self._gemv is not None and x.shape[0] <= self.GEMV_MAX_ROWS:
             kernel, packed = self._gemv
             return kernel(x, packed, self.bias)
@@ -172,10 +203,10 @@ class SelfAttention(nn.Module):
 
     def load(self, get, prefix: str) -> None:
         """From transformers' names under `prefix` (e.g. 'model.layers.3.self_attn.')."""
-        self.qkv_proj.weight.copy_(torch.cat([get(prefix + f"{n}_proj.weight") for n in "qkv"]))
+        self.qkv_proj.load([get(prefix + f"{n}_proj.weight") for n in "qkv"])
         if self.qkv_proj.bias is not None:
             self.qkv_proj.bias.copy_(torch.cat([get(prefix + f"{n}_proj.bias") for n in "qkv"]))
-        self.o_proj.weight.copy_(get(prefix + "o_proj.weight"))
+        self.o_proj.load([get(prefix + "o_proj.weight")])
         if self.q_norm is not None:
             self.q_norm.weight.copy_(get(prefix + "q_norm.weight"))
             self.k_norm.weight.copy_(get(prefix + "k_norm.weight"))

@@ -16,6 +16,7 @@ from torch import nn
 from engine.attention import AttentionMetadata
 from engine.config import ModelConfig
 from engine.models.layers import Linear, RMSNorm, RotaryEmbedding, SelfAttention
+from kernels.quant import QuantizedWeight, quantize_int8
 
 
 class DecoderLayer(nn.Module):
@@ -64,8 +65,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm.weight.copy_(get(prefix + "input_layernorm.weight"))
         self.post_attention_layernorm.weight.copy_(get(prefix + "post_attention_layernorm.weight"))
         self.self_attn.load(get, prefix + "self_attn.")
-        self.gate_up_proj.weight.copy_(torch.cat([get(prefix + "mlp.gate_proj.weight"), get(prefix + "mlp.up_proj.weight")]))
-        self.down_proj.weight.copy_(get(prefix + "mlp.down_proj.weight"))
+        self.gate_up_proj.load([get(prefix + "mlp.gate_proj.weight"), get(prefix + "mlp.up_proj.weight")])
+        self.down_proj.load([get(prefix + "mlp.down_proj.weight")])
 
 
 class CausalLM(nn.Module):
@@ -82,10 +83,44 @@ class CausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
+    def linears(self) -> list[Linear]:
+        """Every linear layer, in the order a step runs them (the LM head last)."""
+        return [m for m in [*self.layers.modules(), self.lm_head] if isinstance(m, Linear)]
+
     def prepack(self) -> None:
-        for m in self.modules():
-            if isinstance(m, Linear):
-                m.prepack()
+        for m in self.linears():
+            m.prepack()
+
+    def quantize_int8(self) -> None:
+        """Weight-only per-channel int8 for every dense linear, the LM head included (the
+        embedding lookup keeps its own dense copy)."""
+        for m in self.linears():
+            if m.qweight is None:
+                m.set_quantized(quantize_int8(m.weight))
+
+    def place_quantized(self, kernels) -> str | None:
+        """Quantized linears run on `kernels` (QuantizedLinearKernels), or are dequantized to
+        the model dtype when there are none (GPU). Returns the kernel's name, None if no
+        linear is quantized."""
+        quantized = [m for m in self.linears() if m.qweight is not None]
+        if not quantized:
+            return None
+        if kernels is None:
+            for m in quantized:
+                m.dequantize(self.embed_tokens.weight.dtype)
+            return "dequantized"
+        for m in quantized:
+            m.quant_kernels = kernels
+        return kernels.name()
+
+    def weight_formats(self) -> dict[str, int]:
+        """Bytes of linear weights per format ("bfloat16", "q4_1", "int8", ...)."""
+        out: dict[str, int] = {}
+        for m in self.linears():
+            fmt = m.qweight.format if m.qweight is not None else str(m.weight.dtype).removeprefix("torch.")
+            nbytes = m.qweight.nbytes if m.qweight is not None else m.weight.numel() * m.weight.element_size()
+            out[fmt] = out.get(fmt, 0) + nbytes
+        return out
 
     def use_cpu_kernels(self, ops) -> None:
         if self.embed_tokens.weight.dtype == torch.bfloat16 and ops.has_bf16_gemv():
@@ -94,8 +129,7 @@ class CausalLM(nn.Module):
     def _pack_for_gemv(self, ops) -> None:
         """Copy every supported linear's weight, in the gemv kernel's layout, into one buffer
         on huge pages, in the order a step reads them."""
-        linears = [m for m in [*self.layers.modules(), self.lm_head]
-                   if isinstance(m, Linear) and ops.gemv_supported(*m.weight.shape)]
+        linears = [m for m in self.linears() if m.qweight is None and ops.gemv_supported(*m.weight.shape)]
         arena = torch.empty(sum(m.weight.numel() for m in linears), dtype=torch.bfloat16)
         ops.advise_huge_pages(arena)
         offset = 0
@@ -118,10 +152,13 @@ class CausalLM(nn.Module):
         with torch.no_grad():
             self.embed_tokens.weight.copy_(get("model.embed_tokens.weight"))
             self.norm.weight.copy_(get("model.norm.weight"))
-            if self.cfg.tie_word_embeddings:
-                weights.pop("lm_head.weight", None)
-            else:
-                self.lm_head.weight.copy_(get("lm_head.weight"))
+            lm_head = weights.pop("lm_head.weight", None)
+            if isinstance(lm_head, QuantizedWeight):  # a GGUF's own (for a tied head: token_embd's blocks)
+                self.lm_head.load([lm_head])
+            elif not self.cfg.tie_word_embeddings:
+                if lm_head is None:
+                    raise ValueError("checkpoint has no lm_head.weight and does not tie embeddings")
+                self.lm_head.load([lm_head])
             for i, layer in enumerate(self.layers):
                 layer.load(get, f"model.layers.{i}.")
         leftover = [k for k in weights if not k.endswith("rotary_emb.inv_freq")]

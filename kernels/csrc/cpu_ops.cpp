@@ -507,7 +507,14 @@ void apply_token_bitmask(at::Tensor& logits, const at::Tensor& bitmask, const at
   apply_token_bitmask_impl(logits, bitmask, rows_c);
 }
 
+// quant_ops.cpp
+bool has_quant_kernels();
+at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& mins,
+                        int64_t bits, int64_t block, const c10::optional<at::Tensor>& bias);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("has_quant_kernels", &has_quant_kernels);
+  m.def("quant_linear", &quant_linear);
   m.def("apply_token_bitmask", &apply_token_bitmask);
   m.def("rms_norm", &rms_norm);
   m.def("fused_add_rms_norm", &fused_add_rms_norm);
