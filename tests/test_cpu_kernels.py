@@ -147,3 +147,21 @@ def test_token_bitmask_kernel_matches_reference(vocab):
     assert torch.isneginf(ours[2]).all()
     allowed0 = [j for j in range(vocab) if (int(bitmask[0, j // 32]) >> (j % 32)) & 1]
     assert torch.isfinite(ours[0]).nonzero().flatten().tolist() == allowed0
+
+
+@gemv
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_fused_decode_layer_gives_the_per_op_path_tokens(quantization):
+    """The one-call C++ decoder layer runs the same kernels in the same order as the per-op
+    path: the same tokens, bit for bit (bf16 GEMV weights, and int8 weights)."""
+    from engine import LLM, SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    prompts = [list(range(100, 140)), [7, 8, 9], list(range(300, 317))]
+    fused = LLM(model="dummy-tiny", dtype="bfloat16", quantization=quantization, num_kv_blocks=64, max_model_len=512)
+    layers = fused.engine.runner.model.layers
+    assert all(layer.decode_layer is not None for layer in layers)
+    got = [o.outputs[0].token_ids for o in fused.generate(prompts, params)]
+    for layer in layers:
+        layer.decode_layer = None
+    assert [o.outputs[0].token_ids for o in fused.generate(prompts, params)] == got

@@ -27,8 +27,10 @@ def hf_smollm(real_model_dir):
 
 @pytest.mark.parametrize("chunked_budget", [2048, 16], ids=["whole-prompts", "chunked-prefill-16"])
 def test_smollm2_greedy_equals_transformers_in_mixed_batch(real_model_dir, hf_smollm, chunked_budget):
+    # quantization="none": the GGUF dequantized, the weights transformers runs (the native
+    # blocks' int8 activations are held to fp32 in test_served_config_accuracy instead)
     engine = LLMEngine(EngineConfig(model="smollm2-135m-instruct", dtype="float32", num_kv_blocks=512,
-                                    max_num_batched_tokens=chunked_budget))
+                                    max_num_batched_tokens=chunked_budget, quantization="none"))
     prompts = [engine.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS]
     max_new = 24
     params = SamplingParams(temperature=0, max_tokens=max_new)

@@ -62,6 +62,18 @@ class Linear(nn.Module):
     def use_gemv(self, kernel, packed_weight: torch.Tensor) -> None:
         self._gemv = (kernel, packed_weight)
 
+    def cpp_weights(self, ops):
+        """This layer for the C++ fused decode path (ops.LinearWeights), or None when it runs
+        on neither C++ kernel."""
+        bias = None if self.bias is None else self.bias.data
+        if self.qweight is not None and getattr(self.quant_kernels, "ops", None) is not None:
+            w = self.qweight
+            return ops.LinearWeights(w.codes, w.scales, w.mins, w.bits, w.block, bias)
+        if self.qweight is None and self._gemv is not None:
+            none = torch.empty(0)
+            return ops.LinearWeights(self._gemv[1], none, none, 16, 0, bias)
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.qweight is not None:
             return self.quant_kernels(x, self.qweight, self.bias)

@@ -29,12 +29,27 @@ class DecoderLayer(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
         self.intermediate_size = cfg.intermediate_size
         self.cpu_ops = None  # kernels.cpu module when the fused CPU path is on
+        self.decode_layer = None  # ops.DecodeLayer: the whole layer in one C++ call, decode-only steps
+
+    def build_decode_layer(self, ops) -> None:
+        """The C++ decode path, where every linear runs on a C++ kernel and the attention has
+        no per-head norms (Qwen3 keeps the per-op path)."""
+        attn = self.self_attn
+        linears = [m.cpp_weights(ops) for m in (attn.qkv_proj, attn.o_proj, self.gate_up_proj, self.down_proj)]
+        if attn.q_norm is not None or attn.window is not None or any(w is None for w in linears):
+            return
+        self.decode_layer = ops.DecodeLayer(self.input_layernorm.weight.data, self.post_attention_layernorm.weight.data,
+                                            self.input_layernorm.eps, *linears, attn.num_heads, attn.num_kv_heads,
+                                            attn.head_dim, attn.scale)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                 attention) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (this layer's MLP output, the residual stream before it): the next
         layer's norm adds them, so one add serves both."""
+        if self.decode_layer is not None and not meta.prefills and h.shape[0] <= Linear.GEMV_MAX_ROWS:
+            return self.decode_layer.run(h, residual, cos, sin, k_cache, v_cache, meta.slot_mapping,
+                                         meta.decode_block_tables, meta.decode_seq_lens)
         if self.cpu_ops is not None:
             return self._forward_fused(h, residual, cos, sin, k_cache, v_cache, meta, attention)
         if residual is None:
@@ -186,7 +201,9 @@ class LlamaForCausalLM(CausalLM):
     def use_cpu_kernels(self, ops) -> None:
         for layer in self.layers:
             layer.cpu_ops = ops
-        super().use_cpu_kernels(ops)
+        super().use_cpu_kernels(ops)  # packs the bf16 GEMV weights first
+        for layer in self.layers:
+            layer.build_decode_layer(ops)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,

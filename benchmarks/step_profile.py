@@ -1,0 +1,109 @@
+"""Where a decode step's time goes, at batch sizes 1, 16 and 64 (SmolLM2 by default), on
+both decode paths: "per-op" (each kernel called from Python) and "fused" (each decoder
+layer one C++ call, `ops.DecodeLayer`). The step from `LLMEngine.step` is split into
+building the batch (prepare), the decoder layers (per-op: of which linears and
+attention; the rest is norms, RoPE + KV write, activations and the Python between them),
+the LM head, and sampling plus bookkeeping. Every request decodes exactly --tokens
+tokens; the prefill steps are not counted.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import time
+
+from benchmarks.report import markdown_table, write
+from engine import LLM, SamplingParams
+from engine.models.layers import Linear
+
+
+class StepTimer:
+    """Wraps the step's parts with perf_counter; totals per part, in seconds."""
+
+    def __init__(self, llm: LLM) -> None:
+        self.totals: dict[str, float] = collections.defaultdict(float)
+        self.active = False
+        engine = llm.engine
+        runner, model = engine.runner, engine.runner.model
+        self._wrap(engine, "step", "step")
+        self._wrap(runner, "prepare", "prepare")
+        self._wrap(runner, "sampler", "sample")
+        self._wrap(model, "compute_logits", "lm_head")
+        self._wrap(runner.attention, "attend", "attention")
+        for m in model.linears():
+            if m is not model.lm_head:
+                self._wrap(m, "forward", "linears")
+        for layer in model.layers:
+            self._wrap(layer, "forward", "layers")
+        self._wrap(model, "forward", "forward")
+
+    def _wrap(self, obj, name: str, part: str) -> None:
+        inner = getattr(obj, name)
+
+        def timed(*args, **kwargs):
+            if not self.active:
+                return inner(*args, **kwargs)
+            start = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.totals[part] += time.perf_counter() - start
+        setattr(obj, name, timed)
+
+
+def profile(llm: LLM, batch: int, tokens: int, fused: bool) -> dict:
+    layers = llm.engine.runner.model.layers
+    decode_layers = [layer.decode_layer for layer in layers]
+    if not fused:
+        for layer in layers:
+            layer.decode_layer = None
+    timer = StepTimer(llm)
+    prompts = [[1] + list(range(200 + i, 232 + i)) for i in range(batch)]
+    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    llm.generate(prompts, params, use_tqdm=False)  # warm-up (and the same prompts are then cached)
+    engine = llm.engine
+    # prefill alone first, then time only decode steps
+    for p in prompts:
+        engine.add_request(p, SamplingParams(temperature=0, max_tokens=tokens + 1, ignore_eos=True))
+    while any(seqs[0].num_computed_tokens < seqs[0].num_prompt_tokens for seqs in engine.requests.values()):
+        engine.step()
+    timer.active = True
+    steps = 0
+    while engine.has_unfinished() and steps < tokens:
+        engine.step()
+        steps += 1
+    timer.active = False
+    while engine.has_unfinished():
+        engine.step()
+    for layer, decode_layer in zip(layers, decode_layers):
+        del layer.forward  # the timer's wrapper
+        layer.decode_layer = decode_layer
+    t = collections.defaultdict(float, {k: v / steps * 1e3 for k, v in timer.totals.items()})
+    return {"path": "fused" if fused and decode_layers[0] is not None else "per-op", "batch": batch, "steps": steps,
+            "step_ms": t["step"], "prepare": t["prepare"], "layers": t["layers"], "of_which_linears": t["linears"],
+            "of_which_attention": t["attention"], "embed_and_final_norm": t["forward"] - t["layers"],
+            "lm_head": t["lm_head"], "sample_and_bookkeeping": t["step"] - t["prepare"] - t["forward"] - t["lm_head"],
+            "tokens_per_s": batch / t["step"] * 1e3}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks step", description=__doc__)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--quantization", default=None, help="EngineConfig.quantization (default: the model's own)")
+    ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--tokens", type=int, default=64)
+    args = ap.parse_args(argv)
+    llm = LLM(args.model, quantization=args.quantization, max_num_seqs=256)
+    weights = llm.engine.stats()["weights"]
+    rows = [profile(llm, int(b), args.tokens, fused) for b in args.batches.split(",") for fused in (False, True)]
+    keys = ["step_ms", "prepare", "layers", "of_which_linears", "of_which_attention", "embed_and_final_norm",
+            "lm_head", "sample_and_bookkeeping", "tokens_per_s"]
+    table = markdown_table(["path", "batch", *keys], [[r["path"], r["batch"], *(r[k] for k in keys)] for r in rows])
+    kernels = f"linears: {'+'.join(weights['bytes_by_format'])} on {weights['linear_kernel']}"
+    write("step_profile", f"Decode step breakdown, ms per step ({args.model}, {kernels})", table,
+          {"rows": rows, "weights": weights})
+    return rows
+
+
+if __name__ == "__main__":
+    main()
