@@ -28,8 +28,8 @@ RUNNERS = Path(__file__).parent / "peer_runners"
 
 def measure_engine(args, label: str, options: dict, prompts, max_tokens) -> dict:
     llm = LLM(args.model, **options)
-    kernel = llm.engine.stats()["weights"]["linear_kernel"]
-    formats = "+".join(llm.engine.stats()["weights"]["bytes_by_format"])
+    weights = llm.engine.stats()["weights"]
+    formats, kernels = "+".join(weights["bytes_by_format"]), ", ".join(weights["linear_kernels"])
     llm.generate(prompts[:2], None, use_tqdm=False)  # warm-up
     rates = []
     for _ in range(args.repeats):
@@ -39,7 +39,7 @@ def measure_engine(args, label: str, options: dict, prompts, max_tokens) -> dict
     mixed = run_engine(llm, prompts, max_tokens, f"{label}, mixed offline")
     del llm
     gc.collect()
-    return {"system": label, "kernels": f"{formats} linears on {kernel}",
+    return {"system": label, "kernels": f"{formats} linears on {kernels}; {weights['decode_path']} decode layers",
             "one_stream_tok_s": statistics.median(rates), "one_stream_runs": rates,
             "mixed_output_tok_s": mixed.output_tokens_per_s, "mixed_seconds": mixed.seconds,
             "mixed_note": "continuous batching, all requests at once"}
@@ -48,7 +48,7 @@ def measure_engine(args, label: str, options: dict, prompts, max_tokens) -> dict
 def measure_peer(name: str, python: str | None, model: str, job: dict) -> dict:
     if not python or not Path(python).exists():
         return {"system": name, "missing": f"not installed (give --{name}-python or PEER_{name.upper().replace('-', '_')}_PYTHON)"}
-    runner = RUNNERS / f"{name.replace('-', '_')}.py"
+    runner = RUNNERS / f"run_{name.replace('-', '_')}.py"  # not llama_cpp.py: it would shadow the package
     print(f"running {name} in {python} ...", flush=True)
     proc = subprocess.run([python, str(runner)], input=json.dumps(job | {"model": model}), capture_output=True,
                           text=True)

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     keys = ["step_ms", "prepare", "layers", "of_which_linears", "of_which_attention", "embed_and_final_norm",
             "lm_head", "sample_and_bookkeeping", "tokens_per_s"]
     table = markdown_table(["path", "batch", *keys], [[r["path"], r["batch"], *(r[k] for k in keys)] for r in rows])
-    kernels = f"linears: {'+'.join(weights['bytes_by_format'])} on {weights['linear_kernel']}"
+    kernels = f"linears: {'+'.join(weights['bytes_by_format'])} on {', '.join(weights['linear_kernels'])}"
     write("step_profile", f"Decode step breakdown, ms per step ({args.model}, {kernels})", table,
           {"rows": rows, "weights": weights})
     return rows

@@ -65,7 +65,6 @@ class LLMEngine:
         loaded = load_model(config)
         self.model_config = loaded.model_config
         self.tokenizer = loaded.tokenizer
-        self.weights = {"linear_kernel": loaded.linear_kernel, "bytes_by_format": loaded.model.weight_formats()}
         self.max_model_len = max_positions(config, self.model_config)
         if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"EngineConfig.max_num_batched_tokens ({config.max_num_batched_tokens}) must be >= "
@@ -265,6 +264,14 @@ class LLMEngine:
         return out
 
     # -- stats ----------------------------------------------------------------------------
+    def weights(self) -> dict:
+        """How the weights are held and run: bytes per format, the linear kernels, and whether
+        decode steps take the one-call C++ layer (`fused`) or the per-op path."""
+        model = self.runner.model
+        fused = all(getattr(layer, "decode_layer", None) is not None for layer in model.layers)
+        return {"bytes_by_format": model.weight_formats(), "linear_kernels": model.linear_kernels(),
+                "decode_path": "fused" if fused else "per-op"}
+
     def stats(self) -> dict:
         sched = self.scheduler
         history = [s.batch_size for s in itertools.islice(reversed(self.step_history), 256)][::-1]
@@ -285,5 +292,5 @@ class LLMEngine:
             "generation_tokens_total": self.num_generated_tokens,
             "grammar_cache_hits": self.grammars.cache_hits,
             "grammar_cache_misses": self.grammars.cache_misses,
-            "weights": self.weights,
+            "weights": self.weights(),
         }

@@ -71,7 +71,6 @@ class LoadedModel:
     model_config: ModelConfig
     tokenizer: object | None  # a transformers tokenizer
     sampling_defaults: dict   # SamplingParams fields from generation_config.json
-    linear_kernel: str = "dense"  # what runs the linears: "dense", "avx512_vnni", "torch_dequantize", "dequantized"
 
 
 def known_models() -> list[str]:
@@ -271,11 +270,10 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
         model.load_hf_state_dict(weights)
     if cfg.quantization == "int8":
         model.quantize_int8()
-    linear_kernel = model.place_quantized(_quant_kernels(device))
+    model.place_quantized(_quant_kernels(device))
     model.eval()
     model.prepack()
-    return LoadedModel(model=model, model_config=mcfg, tokenizer=tokenizer, sampling_defaults=sampling_defaults(gen),
-                       linear_kernel=linear_kernel or "dense")
+    return LoadedModel(model=model, model_config=mcfg, tokenizer=tokenizer, sampling_defaults=sampling_defaults(gen))
 
 
 def _quant_kernels(device: torch.device) -> QuantizedLinearKernels | None:

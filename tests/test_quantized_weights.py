@@ -118,7 +118,8 @@ def test_a_quantized_gguf_serves_the_kernels_tokens(tmp_path, monkeypatch, ops):
                                 "ffn_gate": "Q4_1", "ffn_up": "Q4_1", "ffn_down": "Q4_0"})
     llm = LLM(model=str(path), dtype="float32", num_kv_blocks=64, max_model_len=512)
     weights = llm.engine.stats()["weights"]
-    assert weights["linear_kernel"] == "avx512_vnni"
+    assert weights["linear_kernels"] == ["avx512_vnni", "torch"]  # torch: the float32 lm_head (F32 in the file)
+    assert weights["decode_path"] == "per-op"  # Qwen3's q/k norms are not in the fused layer
     assert set(weights["bytes_by_format"]) == {"q4_0+q4_1+q8_0", "q8_0", "q4_1", "q4_0", "float32"}  # float32: lm_head
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     prompts = [list(range(100, 140)), [7, 8, 9]]

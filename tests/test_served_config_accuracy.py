@@ -87,11 +87,12 @@ def test_each_served_weight_format_agrees_with_transformers_fp32(served_engine, 
     path, engine = served_engine
     _, min_agreement, max_kl, max_layer_error = GUARANTEES[path]
     linear = engine.runner.model.layers[0].self_attn.qkv_proj
-    kernel = engine.stats()["weights"]["linear_kernel"]
+    weights = engine.stats()["weights"]
+    assert weights["decode_path"] == "fused", weights
     if path == "bf16":
         assert linear._gemv is not None and linear.qweight is None, "the bf16 GEMV is not in use"
     else:
-        assert linear.qweight is not None and kernel == "avx512_vnni", kernel
+        assert linear.qweight is not None and weights["linear_kernels"] == ["avx512_vnni"], weights
         assert linear.qweight.format == ("q4_1" if path == "gguf" else "int8")
     ids = engine.tokenizer.encode(TEXT, add_special_tokens=False)
     assert len(ids) >= 250

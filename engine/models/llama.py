@@ -113,20 +113,29 @@ class CausalLM(nn.Module):
             if m.qweight is None:
                 m.set_quantized(quantize_int8(m.weight))
 
-    def place_quantized(self, kernels) -> str | None:
+    def place_quantized(self, kernels) -> None:
         """Quantized linears run on `kernels` (QuantizedLinearKernels), or are dequantized to
-        the model dtype when there are none (GPU). Returns the kernel's name, None if no
-        linear is quantized."""
-        quantized = [m for m in self.linears() if m.qweight is not None]
-        if not quantized:
-            return None
-        if kernels is None:
-            for m in quantized:
+        the model dtype when there are none (GPU)."""
+        for m in self.linears():
+            if m.qweight is None:
+                continue
+            if kernels is None:
                 m.dequantize(self.embed_tokens.weight.dtype)
-            return "dequantized"
-        for m in quantized:
-            m.quant_kernels = kernels
-        return kernels.name()
+            else:
+                m.quant_kernels = kernels
+
+    def linear_kernels(self) -> list[str]:
+        """What runs the linears: "avx512_vnni" (quantized), "avx512_bf16_gemv" (decode) and
+        "onednn" (prefill) for bf16, "torch" otherwise."""
+        names = set()
+        for m in self.linears():
+            if m.qweight is not None:
+                names.add(m.quant_kernels.name())
+                continue
+            if m._gemv is not None:
+                names.add("avx512_bf16_gemv")
+            names.add("onednn" if m._packed is not None else "torch")
+        return sorted(names)
 
     def weight_formats(self) -> dict[str, int]:
         """Bytes of linear weights per format ("bfloat16", "q4_1", "int8", ...)."""
