@@ -91,7 +91,24 @@ def engine_figures(engine, mark: dict) -> dict:
             "kv_usage_peak": max((1 - s.num_free_blocks / total for s in steps), default=0.0),
             "preemptions": sum(len(s.preempted) for s in steps),
             "prefix_cache_hit_rate": (stats["prefix_cache_hits"] - mark["hits"]) / max(1, queries),
+            "weights": stats["weights"],
             "timeline": [[round(s.time - t0, 3), s.batch_size] for s in steps]}
+
+
+def weights_line(data) -> str | None:
+    """'Weights: ...' for a report, from the first engine `weights` figure found in its data."""
+    stack = [data]
+    while stack:
+        item = stack.pop(0)
+        if isinstance(item, dict):
+            w = item.get("weights")
+            if isinstance(w, dict) and "linear_kernels" in w:
+                return (f"Weights: {' + '.join(w['bytes_by_format'])} linears on {', '.join(w['linear_kernels'])}, "
+                        f"{w['decode_path']} decode layers")
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
 
 
 @contextlib.contextmanager
@@ -123,7 +140,8 @@ def write(name: str, title: str, table: str, data: dict, interrupted: bool = Fal
     stamp = time.strftime("%Y%m%d-%H%M%S")
     title += " (interrupted: partial)" if interrupted else ""
     data = data | {"interrupted": interrupted}
-    md = f"## {title}\n\nMachine: {machine()}\n\n{table}\n"
+    weights = weights_line(data)
+    md = f"## {title}\n\nMachine: {machine()}\n" + (f"{weights}\n" if weights else "") + f"\n{table}\n"
     print("\n" + md)
     (RESULTS_DIR / f"{name}.md").write_text(md)
     path = RESULTS_DIR / f"{name}-{stamp}.json"

@@ -67,6 +67,9 @@ def test_throughput_scenario_reports_every_system_with_latency_and_engine_figure
     assert set(data["fixed"]) == {"continuous", "static"}
     for name in ("throughput.md", "throughput.png", "batch_size.png"):
         assert (results_dir / name).stat().st_size > 0
+    # which kernels ran, in the report itself (dummy-tiny: bf16 on the GEMV, oneDNN for prefill)
+    assert "Weights: bfloat16 linears on avx512_bf16_gemv, onednn, fused decode layers" in \
+        (results_dir / "throughput.md").read_text()
     saved = json.loads(next(results_dir.glob("throughput-*.json")).read_text())
     assert saved["interrupted"] is False and saved["runs"]["http"]["latency"]["ttft"]["p99"] > 0
 

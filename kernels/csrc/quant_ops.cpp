@@ -71,6 +71,7 @@ QuantizedX quantize_activations(const T* x, int64_t M, int64_t K, int64_t block)
 }
 
 constexpr int64_t kPrefetchBytes = 4096;  // ahead into L2: the stream is too short for the hardware prefetcher alone
+constexpr int kRowTile = 8;  // rows of x per pass over a panel: the unpacked codes serve all of them
 
 inline __m512i bcast4(const int8_t* p) {
   int32_t v;
@@ -125,18 +126,22 @@ void quant_linear_impl(at::Tensor& y, const T* x, const at::Tensor& codes, const
   const auto* mp = reinterpret_cast<const S*>(mins.data_ptr());
   T* yp = y.data_ptr<T>();
   at::parallel_for(0, N / 16, 1, [&](int64_t begin, int64_t end) {
-    __m512 acc[4];
+    __m512 acc[kRowTile];
     alignas(64) float out[16];
     for (int64_t p = begin; p < end; ++p) {
       const uint8_t* cn = cp + p * panel_bytes;
       const S* sn = sp + p * nb * 16;
       const S* mn = mp + p * nb * 16;
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
         const int8_t* q = qx.q.data() + m0 * K;
         const float* dx = qx.dx.data() + m0 * nb;
         const float* sx = qx.sx.data() + m0 * nb;
-        const int64_t mm = std::min<int64_t>(4, M - m0);
+        const int64_t mm = std::min<int64_t>(kRowTile, M - m0);
         switch (mm) {
+          case 8: panel_dot<BITS, S, 8>(acc, cn, sn, mn, nb, block, q, dx, sx, K, nb); break;
+          case 7: panel_dot<BITS, S, 7>(acc, cn, sn, mn, nb, block, q, dx, sx, K, nb); break;
+          case 6: panel_dot<BITS, S, 6>(acc, cn, sn, mn, nb, block, q, dx, sx, K, nb); break;
+          case 5: panel_dot<BITS, S, 5>(acc, cn, sn, mn, nb, block, q, dx, sx, K, nb); break;
           case 4: panel_dot<BITS, S, 4>(acc, cn, sn, mn, nb, block, q, dx, sx, K, nb); break;
           case 3: panel_dot<BITS, S, 3>(acc, cn, sn, mn, nb, block, q, dx, sx, K, nb); break;
           case 2: panel_dot<BITS, S, 2>(acc, cn, sn, mn, nb, block, q, dx, sx, K, nb); break;
