@@ -79,6 +79,7 @@ class LLMEngine:
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         backend = make_backend(config.attention_backend, config.block_size, self.device, config.torch_dtype)
         self.runner = ModelRunner(loaded.model, kv_buffer, config.block_size, backend, config.seed)
+        self.weights = self._describe_weights()
         swapper = None
         if config.preemption_mode == "swap":
             from engine.swap import Swapper
@@ -264,9 +265,10 @@ class LLMEngine:
         return out
 
     # -- stats ----------------------------------------------------------------------------
-    def weights(self) -> dict:
+    def _describe_weights(self) -> dict:
         """How the weights are held and run: bytes per format, the linear kernels, and whether
-        decode steps take the one-call C++ layer (`fused`) or the per-op path."""
+        decode steps take the one-call C++ layer (`fused`) or the per-op path. Fixed once the
+        runner is built (stats() runs every step: computed once)."""
         model = self.runner.model
         fused = all(getattr(layer, "decode_layer", None) is not None for layer in model.layers)
         return {"bytes_by_format": model.weight_formats(), "linear_kernels": model.linear_kernels(),
@@ -292,5 +294,5 @@ class LLMEngine:
             "generation_tokens_total": self.num_generated_tokens,
             "grammar_cache_hits": self.grammars.cache_hits,
             "grammar_cache_misses": self.grammars.cache_misses,
-            "weights": self.weights(),
+            "weights": self.weights,
         }
