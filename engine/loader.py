@@ -228,6 +228,12 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
 
     dtype, device = cfg.torch_dtype, torch.device(cfg.device)
     gen = None
+    gguf = None if cfg.model in DUMMY_SHAPES else gguf_source(cfg.model)
+    if cfg.quantization == "gguf" and gguf is None:
+        raise ValueError(f"quantization='gguf' needs a GGUF model; {cfg.model!r} is not one")
+    if gguf is not None and cfg.quantization == "int8":
+        raise ValueError("a GGUF model runs in its own quantized format; quantization='int8' is for "
+                         "bf16/fp16/fp32 checkpoints (quantization='none' dequantizes the GGUF)")
     if cfg.model in DUMMY_SHAPES:
         mcfg = DUMMY_SHAPES[cfg.model]
         weights, tokenizer = None, default_tokenizer()
@@ -244,12 +250,6 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
         for f in files:  # one file, or the shards of a sharded checkpoint
             weights.update(load_file(f))
         weights = _text_model_weights(weights)
-        gguf = gguf_source(cfg.model)
-        if cfg.quantization == "gguf" and gguf is None:
-            raise ValueError(f"quantization='gguf' needs a GGUF model; {cfg.model!r} is not one")
-        if gguf is not None and cfg.quantization == "int8":
-            raise ValueError("a GGUF model runs in its own quantized format; quantization='int8' is for "
-                             "bf16/fp16/fp32 checkpoints (quantization='none' dequantizes the GGUF)")
         if gguf is not None and cfg.quantization != "none":
             # its own blocks, not the dequantized copy
             weights.update(cached_quantized_linears(gguf, hf_config, model_dir / _NATIVE_CACHE))

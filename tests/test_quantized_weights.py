@@ -140,5 +140,7 @@ def test_quantization_options_are_checked(real_model_dir):
         LLM(model="smollm2-135m-instruct", quantization="int8")
     with pytest.raises(ValueError, match="needs a GGUF model"):
         LLM(model=str(real_model_dir), quantization="gguf")
+    with pytest.raises(ValueError, match="needs a GGUF model"):  # random weights are no GGUF either
+        LLM(model="dummy-tiny", quantization="gguf")
     with pytest.raises(ValueError, match="quantization"):
         LLM(model="dummy-tiny", quantization="awq")
