@@ -37,11 +37,10 @@ NATIVE_TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K")
 
 
 def hf_name(gguf_name: str) -> str | None:
-    """transformers' name of a GGUF linear weight, or None for tensors that are not one."""
+    """transformers' name of a GGUF linear weight, or None for tensors that are not one
+    (token_embd is the LM head only in a file without output.weight: the caller decides)."""
     if gguf_name == "output.weight":
         return "lm_head.weight"
-    if gguf_name == "token_embd.weight":
-        return "lm_head.weight (tied)"
     parts = gguf_name.split(".")
     if len(parts) == 4 and parts[0] == "blk" and parts[3] == "weight" and parts[2] in _LINEAR_NAMES:
         return f"model.layers.{parts[1]}.{_LINEAR_NAMES[parts[2]]}.weight"
@@ -149,15 +148,12 @@ def read_quantized_linears(path: Path, hf_config: dict) -> dict[str, QuantizedWe
     kv_heads = hf_config.get("num_key_value_heads", heads)
     tensors = {t.name: t for t in reader.tensors}
     out: dict[str, QuantizedWeight] = {}
+    tied = "output.weight" not in tensors  # then the LM head is token_embd's blocks
     for name, t in tensors.items():
-        target = hf_name(name)
+        target = "lm_head.weight" if tied and name == "token_embd.weight" else hf_name(name)
         kind = t.tensor_type.name
         if target is None or kind not in NATIVE_TYPES:
             continue
-        if name == "token_embd.weight":
-            if "output.weight" in tensors:
-                continue
-            target = "lm_head.weight"
         w = pack_block(kind, np.asarray(t.data).reshape(int(t.shape[1]), -1))
         if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
             w = w.rows(_unpermute_rows(w.out_features, heads if ".attn_q." in name else kv_heads))

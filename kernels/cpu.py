@@ -12,6 +12,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 _SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_ops.cpp", "quant_ops.cpp")]
+_HEADERS = [Path(__file__).parent / "csrc" / "vec.h"]  # in the digest: a change rebuilds
 
 
 @functools.cache
@@ -21,7 +22,7 @@ def load():
     try:
         from torch.utils.cpp_extension import load as load_ext
         import hashlib
-        digest = hashlib.sha1(b"".join(p.read_bytes() for p in _SOURCES)).hexdigest()[:10]
+        digest = hashlib.sha1(b"".join(p.read_bytes() for p in _SOURCES + _HEADERS)).hexdigest()[:10]
         log.info("loading the C++ CPU kernels (compiled once per machine, about 30 s)")
         return load_ext(name=f"engine_cpu_ops_{digest}", sources=[str(p) for p in _SOURCES],
                         extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],

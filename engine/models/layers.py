@@ -74,6 +74,14 @@ class Linear(nn.Module):
             return ops.LinearWeights(self._gemv[1], none, none, 16, 0, bias)
         return None
 
+    def kernel_names(self) -> list[str]:
+        """What runs this layer: the quantized kernel's name, or "avx512_bf16_gemv" (decode)
+        and "onednn"/"torch" (the rest) for a dense weight."""
+        if self.qweight is not None:
+            return [self.quant_kernels.name()]
+        return (["avx512_bf16_gemv"] if self._gemv is not None else []) + \
+            ["onednn" if self._packed is not None else "torch"]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.qweight is not None:
             return self.quant_kernels(x, self.qweight, self.bias)

@@ -13,6 +13,7 @@
 #include <vector>
 #include <immintrin.h>
 #include <sys/mman.h>
+#include "vec.h"
 
 namespace {
 
@@ -34,12 +35,6 @@ inline void store(at::BFloat16* p, int64_t i, float v) {  // round to nearest ev
 template <typename T> inline float round_to(float v) { T tmp[1]; store(tmp, 0, v); return load(tmp, 0); }
 
 #if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::BFloat16* p) {
-  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-
 // exp for x <= 0 (softmax after subtracting the max): Cephes-style range reduction and a
 // degree-6 polynomial, within about 2 ulp of std::exp; 16 lanes at a time.
 inline __m512 exp512(__m512 x) {

@@ -18,6 +18,7 @@
 #include <cstring>
 #include <vector>
 #include <immintrin.h>
+#include "vec.h"
 
 namespace {
 
@@ -36,12 +37,6 @@ struct QuantizedX {
   std::vector<float> sx;   // [M, nb]
 };
 
-inline __m512 load16f(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16f(const at::BFloat16* p) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-
 // Per 32 values: d = amax / 127, q = round-half-even(x * (1 / d)): the arithmetic of
 // kernels.quant.quantize_activations, 16 lanes at a time, rows in parallel (prefill
 // quantizes thousands of rows per call).
@@ -52,7 +47,7 @@ QuantizedX quantize_activations(const T* x, int64_t M, int64_t K, int64_t block)
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       for (int64_t k0 = 0; k0 < K; k0 += 32) {
-        const __m512 a = load16f(x + m * K + k0), b = load16f(x + m * K + k0 + 16);
+        const __m512 a = load16(x + m * K + k0), b = load16(x + m * K + k0 + 16);
         const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
         const float d = amax / 127.f;
         const __m512 id = _mm512_set1_ps(d > 0.f ? 1.f / d : 0.f);
