@@ -126,6 +126,7 @@ def cached_quantized_linears(path: Path, hf_config: dict, cache: Path) -> dict[s
         tensors = {f"{name}.{part}": getattr(w, part) for name, w in weights.items()
                    for part in ("codes", "scales", "mins")}
         layouts = {name: [w.bits, w.block, w.format] for name, w in weights.items()}
+        cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
         save_file(tensors, tmp, metadata={"layouts": json.dumps(layouts)})
         tmp.replace(cache)

