@@ -52,12 +52,15 @@ def test_silu_and_mul_matches_reference(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("gqa", [1, 3, 4])
-def test_paged_decode_attention_matches_reference(dtype, gqa):
-    Hkv, D, bs, nblocks = 2, 64, 16, 40
+@pytest.mark.parametrize("D", [64, 128, 256, 80])  # 80: not a bf16 tiled size (the per-row AVX-512 loop)
+@pytest.mark.parametrize("bs", [16, 5])  # 5: a 16-row tile spans several blocks
+def test_paged_decode_attention_matches_reference(dtype, gqa, D, bs):
+    Hkv = 2
     H = Hkv * gqa
-    kc, vc = torch.randn(nblocks, bs, Hkv, D, dtype=dtype), torch.randn(nblocks, bs, Hkv, D, dtype=dtype)
-    lens = torch.tensor([1, 16, 17, 100, 33])  # empty tails, full blocks, block-boundary crossings
+    lens = torch.tensor([1, 16, 17, 100, 33, 300])  # empty tails, full blocks, block-boundary crossings
     maxb = int(-(-lens.max() // bs))
+    nblocks = maxb * len(lens)
+    kc, vc = torch.randn(nblocks, bs, Hkv, D, dtype=dtype), torch.randn(nblocks, bs, Hkv, D, dtype=dtype)
     perm = torch.randperm(nblocks)
     tables = torch.stack([perm[i * maxb:(i + 1) * maxb] for i in range(len(lens))])
     q = torch.randn(len(lens), H, D, dtype=dtype)
