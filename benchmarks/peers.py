@@ -45,13 +45,14 @@ def measure_engine(args, label: str, options: dict, prompts, max_tokens) -> dict
             "mixed_note": "continuous batching, all requests at once"}
 
 
-def measure_peer(name: str, python: str | None, model: str, job: dict) -> dict:
+def run_peer(name: str, python: str | None, job: dict) -> dict:
+    """Runs peer_runners/run_<name>.py on `job` in the peer's own Python; its JSON answer, or
+    {"system", "missing": why} when it is not installed or failed."""
     if not python or not Path(python).exists():
         return {"system": name, "missing": f"not installed (give --{name}-python or PEER_{name.upper().replace('-', '_')}_PYTHON)"}
     runner = RUNNERS / f"run_{name.replace('-', '_')}.py"  # not llama_cpp.py: it would shadow the package
     print(f"running {name} in {python} ...", flush=True)
-    proc = subprocess.run([python, str(runner)], input=json.dumps(job | {"model": model}), capture_output=True,
-                          text=True)
+    proc = subprocess.run([python, str(runner)], input=json.dumps(job), capture_output=True, text=True)
     if proc.returncode != 0:
         return {"system": name, "missing": f"failed: {proc.stderr.strip().splitlines()[-1:] or proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -112,8 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
         data["systems"].append(measure_engine(args, "engine (native GGUF)", {}, prompts, max_tokens))
         if not args.skip_bf16:
             data["systems"].append(measure_engine(args, "engine (bf16)", {"quantization": "none"}, prompts, max_tokens))
-        data["systems"].append(measure_peer("llama-cpp", args.llama_cpp_python, str(gguf), job))
-        data["systems"].append(measure_peer("vllm", args.vllm_python, str(resolve_model_dir(args.model)), job))
+        data["systems"].append(run_peer("llama-cpp", args.llama_cpp_python, job | {"model": str(gguf)}))
+        data["systems"].append(run_peer("vllm", args.vllm_python, job | {"model": str(resolve_model_dir(args.model))}))
     return report(args, data)
 
 

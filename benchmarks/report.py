@@ -58,6 +58,17 @@ def request_latencies(metrics: list, num_output_tokens: list[int],
     return out
 
 
+def client_latencies(requests: list[tuple[float, list[float], float, int]]) -> dict:
+    """Latency summaries (seconds) as a caller sees them, from (send time, the time each
+    streamed chunk arrived, end time, output tokens) per request: TTFT, end-to-end,
+    inter-chunk latency (a chunk is a token except where a server holds bytes back) and time
+    per output token after the first. One definition for every system measured from outside."""
+    return {"ttft": summary(times[0] - sent for sent, times, _, _ in requests if times),
+            "e2e": summary(done - sent for sent, _, done, _ in requests),
+            "itl": summary(b - a for _, times, _, _ in requests for a, b in zip(times, times[1:])),
+            "tpot": summary((done - times[0]) / (n - 1) for _, times, done, n in requests if n > 1 and times)}
+
+
 def token_times_from_steps(step_history, request_ids: list[str]) -> list[list[float]]:
     """When each request got each output token, read off the engine's step history: a
     request gains a token in every step that schedules it after its prompt is done

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks.report import engine_figures, engine_mark, request_latencies, summary, token_times_from_steps
+from benchmarks.report import (client_latencies, engine_figures, engine_mark, request_latencies, summary,
+                               token_times_from_steps)
 from engine import LLM, AsyncLLM, SamplingParams
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,11 +101,12 @@ async def _run_async(engine: AsyncLLM, prompts, max_tokens, arrivals, concurrenc
             await asyncio.sleep(max(0.0, arrivals[i] - (time.perf_counter() - start)))
         times, last = [], None
         async with clients:
+            sent = time.time()
             async for out in engine.generate(prompts[i], exact_params([max_tokens[i]])[0]):
                 times.extend([time.time()] * len(out.outputs[0].token_ids))  # client-side, as a caller sees them
                 last = out
         bar.update()
-        return last, times
+        return last, (sent, times, time.time())
 
     results = await asyncio.gather(*(one(i) for i in range(len(prompts))))
     bar.close()
@@ -121,13 +123,13 @@ def run_async_engine(engine: AsyncLLM, prompts: list[list[int]] | list[str], max
     warm-up before it still loads the engine)."""
     mark = engine_mark(engine.engine)
     seconds, results = asyncio.run(_run_async(engine, prompts, max_tokens, arrivals, concurrency, progress))
-    produced = [len(times) for _, times in results]
+    produced = [len(times) for _, (_, times, _) in results]
     _check_exact(produced, max_tokens)
     prompt_tokens = sum(len(last.prompt_token_ids) for last, _ in results)
     counted = [i for i in range(len(results)) if arrivals is None or arrivals[i] >= measure_from]
-    return RunResult(system, len(prompts), sum(produced), prompt_tokens, seconds,
-                     latency=request_latencies([results[i][0].metrics for i in counted], [produced[i] for i in counted],
-                                               [results[i][1] for i in counted]),
+    latency = client_latencies([(*results[i][1], produced[i]) for i in counted])  # as for a peer measured from outside
+    latency["queue"] = summary(results[i][0].metrics.time_in_queue for i in counted)
+    return RunResult(system, len(prompts), sum(produced), prompt_tokens, seconds, latency=latency,
                      engine=engine_figures(engine.engine, mark), extra={"measured_requests": len(counted)})
 
 
@@ -140,16 +142,17 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def served(model: str, *args: str, start_timeout: float = 300.0, env: dict | None = None,
-           launcher: list[str] | None = None):
+           launcher: list[str] | None = None, log_file: Path | None = None):
     """`python -m adk_backend serve` (or `launcher serve`, a script path) as a subprocess on
-    127.0.0.1, with `env` added to ours; yields (base url, pid). SIGTERM at the end."""
+    127.0.0.1, with `env` added to ours; yields (base url, pid). SIGTERM at the end. The
+    server's output goes to `log_file` when given (kept), else to a temporary file."""
     import tempfile
 
     import httpx
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = tempfile.TemporaryFile(mode="w+")
+    log = open(log_file, "w+") if log_file else tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen([sys.executable, *(launcher or ["-m", "adk_backend"]), "serve", "--model", model,
                              "--port", str(port), *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
@@ -220,11 +223,7 @@ def run_http(url: str, model: str, prompts: list[list[int]], max_tokens: list[in
     seconds, results = asyncio.run(main())
     produced = [usage["completion_tokens"] for _, _, _, usage in results]
     _check_exact(produced, max_tokens)
-    latency = {"ttft": summary(times[0] - sent for sent, times, _, _ in results if times),
-               "e2e": summary(done - sent for sent, _, done, _ in results),
-               "itl": summary(b - a for _, times, _, _ in results for a, b in zip(times, times[1:])),
-               "tpot": summary((done - times[0]) / (n - 1) for (_, times, done, _), n in zip(results, produced)
-                               if n > 1 and times)}
+    latency = client_latencies([(sent, times, done, n) for (sent, times, done, _), n in zip(results, produced)])
     return RunResult(system, len(prompts), sum(produced), sum(map(len, prompts)), seconds, latency=latency)
 
 
