@@ -16,6 +16,7 @@ import asyncio
 import json
 import random
 import statistics
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -104,12 +105,18 @@ def run_soak(num_requests: int = 1200, concurrency: int = 64, seed: int = 0, tim
              progress: bool = True) -> dict:
     from engine import LLM, SamplingParams
 
-    with served(MODEL, "--dtype", "float32", "--agents-dir", str(ROOT / "benchmarks" / "soak_agents"),
-                start_timeout=180) as (url, pid):
-        llm = LLM(MODEL, dtype="float32", num_kv_blocks=256, max_model_len=1024)
-        expected_chat = [o.outputs[0].text for o in llm.chat([[{"role": "user", "content": q}] for q in QUESTIONS],
-                                                             SamplingParams(temperature=0, max_tokens=16))]
-        return asyncio.run(_drive(url, pid, expected_chat, num_requests, concurrency, seed, time_limit, progress))
+    with tempfile.TemporaryDirectory() as tmp:
+        log_file = Path(tmp) / "server.log"
+        with served(MODEL, "--dtype", "float32", "--agents-dir", str(ROOT / "benchmarks" / "soak_agents"),
+                    start_timeout=180, log_file=log_file) as (url, pid):
+            llm = LLM(MODEL, dtype="float32", num_kv_blocks=256, max_model_len=1024)
+            expected_chat = [o.outputs[0].text for o in llm.chat([[{"role": "user", "content": q}] for q in QUESTIONS],
+                                                                 SamplingParams(temperature=0, max_tokens=16))]
+            report = asyncio.run(_drive(url, pid, expected_chat, num_requests, concurrency, seed, time_limit,
+                                        progress))
+        if report["num_errors"]:  # what the server said about them (a 500's traceback)
+            report["server_log_tail"] = log_file.read_text()[-6000:]
+        return report
 
 
 async def _drive(url, pid, expected_chat, num_requests, concurrency, seed, time_limit, progress) -> dict:

@@ -6,7 +6,7 @@ from benchmarks.soak import run_soak
 
 def check(report: dict, planned: int) -> None:
     assert report["requests_done"] == planned, "the soak did not finish within its time limit"
-    assert report["num_errors"] == 0, report["errors"]
+    assert report["num_errors"] == 0, (report["errors"], report.get("server_log_tail"))
     assert report["num_wrong"] == 0, report["wrong"]
     outcomes = report["outcomes"]
     assert outcomes.get("bad:refused", 0) > 0 and "bad:accepted" not in outcomes
