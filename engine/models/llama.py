@@ -159,6 +159,8 @@ class CausalLM(nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.lm_head.qweight is not None:  # fp32 in, fp32 out: no bf16 rounding of the logits, no copy
+            hidden = hidden.float()
         logits = self.lm_head(hidden).float()
         cap = self.cfg.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap
