@@ -43,7 +43,11 @@ def test_chat_logprobs_stream_with_their_deltas(client, smollm2_server):
         if chunk.choices and chunk.choices[0].delta.content:
             text += chunk.choices[0].delta.content
     assert text == whole.choices[0].message.content
-    assert [(e.token, e.logprob) for e in entries] == [(e.token, e.logprob) for e in whole.choices[0].logprobs.content]
+    assert [e.token for e in entries] == [e.token for e in whole.choices[0].logprobs.content]
+    # The second request may reuse the first's cached prefix, whose attention ran on another
+    # path (prefill vs decode kernels): the same values, not always the same last bits.
+    assert [e.logprob for e in entries] == pytest.approx([e.logprob for e in whole.choices[0].logprobs.content],
+                                                         abs=1e-4)
 
 
 def test_completion_logprobs_in_the_legacy_shape(client):
