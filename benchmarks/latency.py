@@ -171,12 +171,15 @@ def report(args, data: dict, interrupted: bool = False) -> dict:
     elif data["points"].get("continuous") and args.mode == "rate":
         table += "\n\nNo measured rate met the SLO with continuous batching: lower --rates."
     peer = data.get("vllm_search")
-    if peer is not None:
+    if peer is not None and peer["rate"] is None:
+        table += "\n\nvLLM-CPU met the SLO at no measured rate: lower --vllm-rates."
+    elif peer is not None:
+        at_least = peer["all_passed"]  # every rate passed: its goodput is this or more
         table += (f"\n\nvLLM-CPU's goodput at the same SLO, the same arrivals and prompts: "
-                  f"**{peer['rate']:g} requests/s**" if peer["rate"] is not None else
-                  "\n\nvLLM-CPU met the SLO at no measured rate: lower --vllm-rates.")
-        if peer["rate"] and rate:
-            table += f"; ours is **{rate / peer['rate']:.2f}x** that."
+                  f"**{'at least ' if at_least else ''}{peer['rate']:g} requests/s**"
+                  f"{' (every rate passed: raise --vllm-rates)' if at_least else ''}")
+        if rate:
+            table += f"; ours is **{'at most ' if at_least else ''}{rate / peer['rate']:.2f}x** that."
     series = {}
     for policy, points in data["points"].items():
         xs = [p[key] for p in points]
