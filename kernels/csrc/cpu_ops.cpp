@@ -1,10 +1,12 @@
 // CPU kernels for the engine's hot path. Decode on CPU is bound by per-op dispatch as much
 // as by memory, so these fuse what the torch reference does in many small ops:
 //   rms_norm / fused_add_rms_norm, rope_and_write_kv, silu_and_mul, and paged decode
-//   attention that reads K/V straight through the block tables (no gather), and the
-//   grammar token bitmask applied to the logits (16 logits per AVX-512 mask register).
-// Same arithmetic order as the torch reference (fp32 math, rounding to the model dtype at
-// the same points). Built at first use by kernels/cpu.py; tests compare with the reference.
+//   attention that reads K/V straight through the block tables (no gather), the grammar
+//   token bitmask applied to the logits (16 logits per AVX-512 mask register), and greedy
+//   argmax.
+// fp32 math, rounding to the model dtype at the same points as the torch reference (the
+// bf16 attention sums its dot products in another order: within bf16 tolerance, tested).
+// Built at first use by kernels/cpu.py; tests compare each with its reference.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
