@@ -181,3 +181,23 @@ def test_argmax_kernel_matches_torch_including_ties_inf_and_nan(vocab):
     x[5] = torch.round(x[5])                   # many ties
     assert torch.equal(ops.argmax_rows(x), x.argmax(dim=-1))
     assert torch.equal(ops.argmax_rows(x[:, : vocab - 1]), x[:, : vocab - 1].argmax(dim=-1))  # strided rows
+
+
+def test_a_build_lock_left_by_a_killed_build_is_cleared_not_waited_on(tmp_path, monkeypatch):
+    """A process killed while compiling leaves torch's `lock` file; the next start must not
+    wait on it forever (it did: the engine hung with no message)."""
+    import time
+
+    from kernels import cpu
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    build = tmp_path / "engine_cpu_ops_test"
+    build.mkdir()
+    lock = build / "lock"
+    lock.touch()
+    cpu._clear_stale_build_lock("engine_cpu_ops_test")
+    assert lock.exists()  # a fresh lock: a build may be running
+    old = time.time() - cpu._STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    cpu._clear_stale_build_lock("engine_cpu_ops_test")
+    assert not lock.exists()
