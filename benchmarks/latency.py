@@ -24,7 +24,7 @@ import os
 
 from benchmarks.peers import run_peer
 from benchmarks.report import client_latencies, keep_partial_results, markdown_table, plot_lines, write
-from benchmarks.systems import run_async_engine
+from benchmarks.systems import check_exact, run_async_engine
 from benchmarks.workloads import load_workload, poisson_arrivals
 from engine import LLM, AsyncLLM, EngineConfig
 from engine.loader import resolve_model_dir
@@ -82,7 +82,7 @@ def _vllm_point(args, rate: float) -> dict:
     counted = [(r["sent"], r["token_times"], r["done"], n) for r, n, at in zip(out["requests"], max_tokens, arrivals)
                if at >= args.warmup]
     produced = [len(r["token_times"]) for r in out["requests"]]
-    assert produced == max_tokens, "every request must produce exactly max_tokens"
+    check_exact(produced, max_tokens)
     return {"rate": rate, "system": out["system"], "num_requests": len(prompts), "output_tokens": sum(produced),
             "prompt_tokens": sum(map(len, prompts)), "seconds": out["seconds"],
             "output_tokens_per_s": sum(produced) / out["seconds"], "latency": client_latencies(counted),

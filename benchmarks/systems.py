@@ -54,13 +54,13 @@ def exact_params(max_tokens: list[int]) -> list[SamplingParams]:
     return [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_tokens]
 
 
-def _check_exact(produced: list[int], max_tokens: list[int]) -> None:
+def check_exact(produced: list[int], max_tokens: list[int]) -> None:
     assert produced == list(max_tokens), "every request must produce exactly max_tokens"
 
 
 def _offline_result(system: str, engine, mark: dict, outs, max_tokens: list[int], seconds: float) -> RunResult:
     produced = [len(o.outputs[0].token_ids) for o in outs]
-    _check_exact(produced, max_tokens)
+    check_exact(produced, max_tokens)
     decode_times = token_times_from_steps(engine.step_history, [o.request_id for o in outs])
     token_times = [[o.metrics.first_token_time] + t[:n - 1] for o, t, n in zip(outs, decode_times, produced)]
     return RunResult(system, len(outs), sum(produced), sum(len(o.prompt_token_ids) for o in outs), seconds,
@@ -124,7 +124,7 @@ def run_async_engine(engine: AsyncLLM, prompts: list[list[int]] | list[str], max
     mark = engine_mark(engine.engine)
     seconds, results = asyncio.run(_run_async(engine, prompts, max_tokens, arrivals, concurrency, progress))
     produced = [len(times) for _, (_, times, _) in results]
-    _check_exact(produced, max_tokens)
+    check_exact(produced, max_tokens)
     prompt_tokens = sum(len(last.prompt_token_ids) for last, _ in results)
     counted = [i for i in range(len(results)) if arrivals is None or arrivals[i] >= measure_from]
     latency = client_latencies([(*results[i][1], produced[i]) for i in counted])  # as for a peer measured from outside
@@ -222,7 +222,7 @@ def run_http(url: str, model: str, prompts: list[list[int]], max_tokens: list[in
 
     seconds, results = asyncio.run(main())
     produced = [usage["completion_tokens"] for _, _, _, usage in results]
-    _check_exact(produced, max_tokens)
+    check_exact(produced, max_tokens)
     latency = client_latencies([(sent, times, done, n) for (sent, times, done, _), n in zip(results, produced)])
     return RunResult(system, len(prompts), sum(produced), sum(map(len, prompts)), seconds, latency=latency)
 
