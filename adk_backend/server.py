@@ -59,10 +59,14 @@ def create_app(agents_dir: str = "agents", model: str = "smollm2-135m-instruct",
                max_tokens_limit: int = 4096, web: bool = True,
                max_concurrent_per_client: int | None = None, session_service_uri: str | None = None) -> FastAPI:
     """`session_service_uri`: ADK's forms (`memory://`, `sqlite:///path`, `postgresql://...`,
-    `agentengine://...`); replicas given one PostgreSQL URI share sessions, one turn per
-    session at a time (session_turns)."""
+    `agentengine://...`; default `memory://`); replicas given one PostgreSQL URI share
+    sessions, one turn per session at a time (session_turns)."""
     from google.adk.cli.fast_api import get_fast_api_app
 
+    # Not ADK's own default (a SQLite file in each agent's folder): its writers wait at most
+    # 5 s for the file's lock, and under tens of concurrent sessions turns failed with
+    # "database is locked"; it also wrote into the agents' folder (site-packages, installed).
+    session_service_uri = session_service_uri or "memory://"
     if session_service_uri and session_service_uri.startswith(("postgresql://", "postgres://")):
         # SQLAlchemy would pick the synchronous psycopg2 for a bare postgresql:// URL.
         session_service_uri = "postgresql+asyncpg://" + session_service_uri.split("://", 1)[1]

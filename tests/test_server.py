@@ -1,6 +1,7 @@
 """The serving app against a live server: OpenAI API (openai client), /metrics, /health,
 the dev UI route, API keys, body limits and OpenAI-shaped errors."""
 import json
+from pathlib import Path
 
 import httpx
 import openai
@@ -10,6 +11,8 @@ from starlette.testclient import TestClient
 from adk_backend.server import create_app
 
 from conftest import SERVER_MODEL as MODEL
+
+ROOT_DIR = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +121,18 @@ def test_api_key_guards_v1_routes(server):
         ok = c.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200
         assert c.get("/health").status_code == 200  # probes stay open
+
+
+def test_sessions_default_to_memory_and_write_nothing_into_the_agents_folder(server, tmp_path):
+    # README and `--session-service-uri` say the default store is in memory. ADK's own default
+    # became a SQLite file per agent (<agent>/.adk/session.db), whose 5 s write lock made
+    # turns fail with "database is locked" (HTTP 500) under 64 concurrent sessions.
+    import shutil
+    shutil.copytree(ROOT_DIR / "agents" / "assistant", tmp_path / "assistant", ignore=shutil.ignore_patterns(".adk"))
+    app = create_app(agents_dir=str(tmp_path), model=MODEL, web=False)
+    with TestClient(app) as c:
+        r = c.post("/apps/assistant/users/u/sessions/s1", json={"k": 1})  # the body is the state
+        assert r.status_code == 200, r.text
+        assert c.get("/apps/assistant/users/u/sessions/s1").json()["state"] == {"k": 1}
+    assert not list(tmp_path.rglob("session.db")), list(tmp_path.rglob("*"))
+
