@@ -50,7 +50,7 @@ def serve(args: argparse.Namespace) -> None:
                      port=args.port, allow_origins=args.allow_origins,
                      max_concurrent_per_client=args.max_concurrent_per_client)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
-                            timeout_graceful_shutdown=args.grace_period)
+                            timeout_graceful_shutdown=args.grace_period, timeout_keep_alive=args.timeout_keep_alive)
     server = DrainingServer(config)
     server.ready_message = (f"serving {args.model} on http://{args.host}:{args.port} "
                             "(dev UI at /dev-ui/, OpenAI API at /v1, metrics at /metrics)")
@@ -116,6 +116,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="how the model marks its thinking (default: read from its chat template)")
     s.add_argument("--max-concurrent-per-client", type=int, default=None,
                    help="requests in flight on /v1 per client address (429 beyond)")
+    s.add_argument("--timeout-keep-alive", type=int, default=75,
+                   help="seconds an idle keep-alive connection stays open (longer than clients' and "
+                        "proxies' own, so that a request never meets a connection being closed)")
     s.add_argument("--grace-period", type=int, default=10, help="seconds to drain in-flight requests on SIGTERM")
     args = ap.parse_args(argv)
     if args.command == "serve":

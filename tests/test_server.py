@@ -136,3 +136,21 @@ def test_sessions_default_to_memory_and_write_nothing_into_the_agents_folder(ser
         assert c.get("/apps/assistant/users/u/sessions/s1").json()["state"] == {"k": 1}
     assert not list(tmp_path.rglob("session.db")), list(tmp_path.rglob("*"))
 
+
+def test_an_idle_keep_alive_connection_outlives_the_clients_own_expiry():
+    # httpx and many proxies drop an idle connection after 5 s, uvicorn's own default too: a
+    # client reusing one at ~5 s raced the server's close and got a cut connection (ReadError)
+    # under load. The server keeps idle connections longer than its clients do.
+    import http.client
+    import time
+
+    from benchmarks.systems import served
+
+    with served("dummy-tiny", "--dtype", "float32", "--kv-cache-memory", str(32 << 20), start_timeout=180) as (url, _):
+        conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=30)
+        conn.request("GET", "/health")
+        assert conn.getresponse().read() and conn.sock is not None
+        time.sleep(6)
+        conn.request("GET", "/health")  # the same socket, idle past 5 s
+        r = conn.getresponse()
+        assert r.status == 200 and json.loads(r.read())["status"] == "ok"
