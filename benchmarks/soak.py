@@ -61,16 +61,19 @@ class Soak:
             r.raise_for_status()
             return "ok", r.json()["choices"][0]["message"]["content"]
         text, chunks = "", 0
-        async with self.client.stream("POST", self.url + "/v1/chat/completions", json=body) as r:
-            r.raise_for_status()
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                text += chunk["choices"][0]["delta"].get("content") or "" if chunk["choices"] else ""
-                chunks += 1
-                if cancel and chunks >= 3:
-                    return "cancelled", None  # leaving the block closes the connection mid-stream
+        try:
+            async with self.client.stream("POST", self.url + "/v1/chat/completions", json=body) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    text += chunk["choices"][0]["delta"].get("content") or "" if chunk["choices"] else ""
+                    chunks += 1
+                    if cancel and chunks >= 3:
+                        return "cancelled", None  # leaving the block closes the connection mid-stream
+        except httpx.TransportError as exc:  # a cut before the response or mid-stream: which one
+            raise RuntimeError(f"{exc!r} after {chunks} chunks") from exc
         return "ok", text
 
     async def adk(self, q: int, cancel: bool = False) -> tuple[str, str | None]:

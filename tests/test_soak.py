@@ -6,7 +6,8 @@ from benchmarks.soak import run_soak
 
 def check(report: dict, planned: int) -> None:
     assert report["requests_done"] == planned, "the soak did not finish within its time limit"
-    assert report["num_errors"] == 0, (report["errors"], report.get("server_log_tail"))
+    # A string, not a tuple: pytest prints a message string whole (a tuple's repr is cut).
+    assert report["num_errors"] == 0, "\n".join(report["errors"]) + "\n--- server log:\n" + report["server_log_tail"]
     assert report["num_wrong"] == 0, report["wrong"]
     outcomes = report["outcomes"]
     assert outcomes.get("bad:refused", 0) > 0 and "bad:accepted" not in outcomes
