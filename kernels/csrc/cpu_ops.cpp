@@ -5,7 +5,8 @@
 //   token bitmask applied to the logits (16 logits per AVX-512 mask register), and greedy
 //   argmax.
 // fp32 math, rounding to the model dtype at the same points as the torch reference (the
-// bf16 attention sums its dot products in another order: within bf16 tolerance, tested).
+// bf16 attention sums its dot products in another order and weighs V by probabilities
+// rounded to bf16: within bf16 tolerance, tested).
 // Built at first use by kernels/cpu.py; tests compare each with its reference.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -299,12 +300,15 @@ inline __m512 sum16x16(const __m512 p[16]) {
 // Decode attention over a bf16 cache, one task per (sequence, KV head), 16 cached rows (a
 // tile) at a time, D = 32 * P. Scores: q . k by vdpbf16ps on the rows as stored (q is bf16
 // already; products exact, fp32 sums), the tile's 16 partial sums reduced together, scaled
-// after. P.V in fp32: the tile's V rows widened once into a buffer, then per query head its
-// accumulators stay in registers across the tile. Row offsets are computed once per task (no
-// division per row), and the rows, scattered over the cache, are prefetched a tile ahead (K)
-// and for the P.V pass (V). Measured in the engine (every layer's KV cold), a batch of 64 at
-// 65 tokens: 310 -> 240 us per layer from the prefetches; 2x before that from the tiling.
-// (One task per sequence reading whole rows measured no better, and leaves a core idle at batch 1.)
+// after. P.V by vdpbf16ps too: the probabilities rounded to bf16 (as the output is), the tile's
+// V rows interleaved in pairs once, then per query head one instruction adds two rows for 16
+// dims, its accumulators in registers across the tile (fp32 FMAs on widened rows took 3x the
+// instructions: with the cache in L2, 580 -> 390 us per layer at 96 x 315 tokens). Row
+// offsets are computed once per task (no division per row), and the rows, scattered over the
+// cache, are prefetched a tile ahead (K) and for the P.V pass (V). Measured in the engine
+// (every layer's KV cold), a batch of 64 at 65 tokens: 310 -> 240 us per layer from the
+// prefetches; 2x before that from the tiling. (One task per sequence reading whole rows
+// measured no better, and leaves a core idle at batch 1; prefetching 2-4 tiles ahead, no better.)
 template <int P>
 void decode_attention_bf16(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
@@ -314,16 +318,18 @@ void decode_attention_bf16(at::Tensor& out, const at::Tensor& q, const at::Tenso
   const uint16_t* qp = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
   at::BFloat16* op = out.data_ptr<at::BFloat16>();
   const uint16_t* kp = reinterpret_cast<const uint16_t*>(k_cache.data_ptr<at::BFloat16>());
-  const at::BFloat16* vp = v_cache.data_ptr<at::BFloat16>();
+  const uint16_t* vp16 = reinterpret_cast<const uint16_t*>(v_cache.data_ptr<at::BFloat16>());
   const int64_t* bt = block_tables.data_ptr<int64_t>(); const int64_t* lens = seq_lens.data_ptr<int64_t>();
   const int64_t row = Hkv * D;
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, acc;
+    std::vector<uint16_t> pbuf;  // the probabilities in bf16, in token pairs
     std::vector<int64_t> offs;  // element offset of each cached row's head kvh
-    alignas(64) float vbuf[16 * D];
+    alignas(64) uint16_t vbuf[16 * D];  // a tile's V rows, interleaved in pairs
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hkv, kvh = task % Hkv, L = lens[b], tiles = (L + 15) / 16, Lp = tiles * 16;
       scores.resize(G * Lp);
+      pbuf.resize(G * Lp);
       acc.assign(G * D, 0.f);
       offs.resize(Lp + 16);
       const int64_t* blocks = bt + b * max_blocks;
@@ -337,7 +343,7 @@ void decode_attention_bf16(at::Tensor& out, const at::Tensor& q, const at::Tenso
         for (int64_t i = 0; i < 16; ++i)
           for (int64_t byte = 0; byte < 2 * D; byte += 64) {
             _mm_prefetch(reinterpret_cast<const char*>(kp + offs[t0 + 16 + i]) + byte, _MM_HINT_T0);
-            _mm_prefetch(reinterpret_cast<const char*>(vp + offs[t0 + i]) + byte, _MM_HINT_T1);
+            _mm_prefetch(reinterpret_cast<const char*>(vp16 + offs[t0 + i]) + byte, _MM_HINT_T1);
           }
         for (int64_t g = 0; g < G; ++g) {
           const uint16_t* qh = qp + (b * H + kvh * G + g) * D;
@@ -353,28 +359,46 @@ void decode_attention_bf16(at::Tensor& out, const at::Tensor& q, const at::Tenso
           _mm512_storeu_ps(&scores[g * Lp + t0], _mm512_mul_ps(sum16x16(part), _mm512_set1_ps((float)scale)));
         }
       }
-      for (int64_t g = 0; g < G; ++g) softmax512(&scores[g * Lp], L);
+      for (int64_t g = 0; g < G; ++g) {
+        float* sg = &scores[g * Lp];
+        softmax512(sg, L);
+        std::fill(sg + L, sg + Lp, 0.f);  // the pad rows of the last pair weigh nothing
+        for (int64_t t = 0; t < Lp; t += 16)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(&pbuf[g * Lp + t]), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(sg + t)));
+      }
       for (int64_t tile = 0; tile < tiles; ++tile) {
-        const int64_t t0 = tile * 16, n = std::min<int64_t>(16, L - t0);
-        for (int64_t i = 0; i < n; ++i) {
-          const at::BFloat16* v = vp + offs[t0 + i];
-          for (int c = 0; c < C; ++c) _mm512_store_ps(vbuf + i * D + 16 * c, load16(v + 16 * c));
+        const int64_t t0 = tile * 16, pairs = (std::min<int64_t>(16, L - t0) + 1) / 2;
+        // Two rows' words interleaved (unpacklo/hi per 128-bit lane), so that one vdpbf16ps
+        // adds p[t] v[t] + p[t+1] v[t+1] for 16 dims; lane j of accumulator 2c (2c+1) is dim
+        // 32c + 8(j/4) + j%4 (+4), put back in order at the end.
+        for (int64_t i = 0; i < pairs; ++i) {
+          const uint16_t* v0 = vp16 + offs[t0 + 2 * i];
+          const uint16_t* v1 = vp16 + offs[t0 + 2 * i + 1];
+          for (int c = 0; c < P; ++c) {
+            const __m512i a = _mm512_loadu_si512(v0 + 32 * c), b = _mm512_loadu_si512(v1 + 32 * c);
+            _mm512_store_si512(vbuf + (i * C + 2 * c) * 32, _mm512_unpacklo_epi16(a, b));
+            _mm512_store_si512(vbuf + (i * C + 2 * c + 1) * 32, _mm512_unpackhi_epi16(a, b));
+          }
         }
         for (int64_t g = 0; g < G; ++g) {
           __m512 a[C];
           float* ag = &acc[g * D];
           for (int c = 0; c < C; ++c) a[c] = _mm512_loadu_ps(ag + 16 * c);
-          const float* sg = &scores[g * Lp + t0];
-          for (int64_t i = 0; i < n; ++i) {
-            const __m512 p = _mm512_set1_ps(sg[i]);
-            for (int c = 0; c < C; ++c) a[c] = _mm512_fmadd_ps(p, _mm512_load_ps(vbuf + i * D + 16 * c), a[c]);
+          const uint32_t* pg = reinterpret_cast<const uint32_t*>(&pbuf[g * Lp + t0]);
+          for (int64_t i = 0; i < pairs; ++i) {
+            const __m512bh p = (__m512bh)_mm512_set1_epi32(pg[i]);
+            for (int c = 0; c < C; ++c)
+              a[c] = _mm512_dpbf16_ps(a[c], p, (__m512bh)_mm512_load_si512(vbuf + (i * C + c) * 32));
           }
           for (int c = 0; c < C; ++c) _mm512_storeu_ps(ag + 16 * c, a[c]);
         }
       }
       for (int64_t g = 0; g < G; ++g) {
         at::BFloat16* dst = op + (b * H + kvh * G + g) * D;
-        for (int64_t d = 0; d < D; ++d) store(dst, d, acc[g * D + d]);
+        for (int64_t d = 0; d < D; ++d) {
+          const int64_t r = d % 32, w = r % 8;
+          store(dst, d, acc[g * D + (2 * (d / 32) + w / 4) * 16 + (r / 8) * 4 + w % 4]);
+        }
       }
     }
   });
