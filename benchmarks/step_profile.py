@@ -4,7 +4,7 @@ layer one C++ call, `ops.DecodeLayer`). The step from `LLMEngine.step` is split 
 building the batch (prepare), the decoder layers (per-op: of which linears and
 attention; the rest is norms, RoPE + KV write, activations and the Python between them),
 the LM head, and sampling plus bookkeeping. Every request decodes exactly --tokens
-tokens; the prefill steps are not counted.
+tokens after a prompt of --prompt-tokens; the prefill steps are not counted.
 """
 from __future__ import annotations
 
@@ -51,14 +51,14 @@ class StepTimer:
         setattr(obj, name, timed)
 
 
-def profile(llm: LLM, batch: int, tokens: int, fused: bool) -> dict:
+def profile(llm: LLM, batch: int, tokens: int, fused: bool, prompt_tokens: int = 32) -> dict:
     layers = llm.engine.runner.model.layers
     decode_layers = [layer.decode_layer for layer in layers]
     if not fused:
         for layer in layers:
             layer.decode_layer = None
     timer = StepTimer(llm)
-    prompts = [[1] + list(range(200 + i, 232 + i)) for i in range(batch)]
+    prompts = [[1] + list(range(200 + i, 200 + prompt_tokens + i)) for i in range(batch)]
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
     llm.generate(prompts, params, use_tqdm=False)  # warm-up (and the same prompts are then cached)
     engine = llm.engine
@@ -92,10 +92,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--quantization", default=None, help="EngineConfig.quantization (default: the model's own)")
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--prompt-tokens", type=int, default=32, help="context before the timed steps")
     args = ap.parse_args(argv)
     llm = LLM(args.model, quantization=args.quantization, max_num_seqs=256)
     weights = llm.engine.stats()["weights"]
-    rows = [profile(llm, int(b), args.tokens, fused) for b in args.batches.split(",") for fused in (False, True)]
+    rows = [profile(llm, int(b), args.tokens, fused, args.prompt_tokens) for b in args.batches.split(",") for fused in (False, True)]
     keys = ["step_ms", "prepare", "layers", "of_which_linears", "of_which_attention", "embed_and_final_norm",
             "lm_head", "sample_and_bookkeeping", "tokens_per_s"]
     table = markdown_table(["path", "batch", *keys], [[r["path"], r["batch"], *(r[k] for k in keys)] for r in rows])
