@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from adk_backend import sqlite_sessions
 from adk_backend.engines import engine_for, model_name
 from adk_backend.metrics import EngineMetrics
 from adk_backend.openai_api import APIError, error_response, make_router
@@ -67,6 +68,7 @@ def create_app(agents_dir: str = "agents", model: str = "smollm2-135m-instruct",
     # 5 s for the file's lock, and under tens of concurrent sessions turns failed with
     # "database is locked"; it also wrote into the agents' folder (site-packages, installed).
     session_service_uri = session_service_uri or "memory://"
+    sqlite_sessions.register()  # sqlite:// URIs: one writer at a time (see there)
     if session_service_uri and session_service_uri.startswith(("postgresql://", "postgres://")):
         # SQLAlchemy would pick the synchronous psycopg2 for a bare postgresql:// URL.
         session_service_uri = "postgresql+asyncpg://" + session_service_uri.split("://", 1)[1]
