@@ -69,7 +69,7 @@ def create_app(agents_dir: str = "agents", model: str = "smollm2-135m-instruct",
     # "database is locked"; it also wrote into the agents' folder (site-packages, installed).
     session_service_uri = session_service_uri or "memory://"
     sqlite_sessions.register()  # sqlite:// URIs: one writer at a time (see there)
-    if session_service_uri and session_service_uri.startswith(("postgresql://", "postgres://")):
+    if session_service_uri.startswith(("postgresql://", "postgres://")):
         # SQLAlchemy would pick the synchronous psycopg2 for a bare postgresql:// URL.
         session_service_uri = "postgresql+asyncpg://" + session_service_uri.split("://", 1)[1]
     served = [model_name(model)]

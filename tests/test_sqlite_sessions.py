@@ -5,6 +5,7 @@ import time
 
 from google.adk.cli.service_registry import get_service_registry
 from google.adk.events import Event
+from google.adk.sessions import InMemorySessionService
 from google.genai import types
 
 from adk_backend import sqlite_sessions
@@ -51,7 +52,6 @@ def test_sqlite_store_writes_one_at_a_time_and_no_turn_meets_database_is_locked(
 
 
 def test_sqlite_uris_read_as_adk_reads_them(tmp_path, monkeypatch):
-    from google.adk.sessions import InMemorySessionService
     sqlite_sessions.register()
     registry = get_service_registry()
     assert isinstance(registry.create_session_service("sqlite://"), InMemorySessionService)
