@@ -33,7 +33,7 @@ def serve(args: argparse.Namespace) -> None:
                     "" if args.api_key or os.environ.get("ENGINE_API_KEY") else " with NO API key")
     options = {k: v for k, v in (("kv_cache_memory", args.kv_cache_memory), ("dtype", args.dtype),
                                  ("max_num_seqs", args.max_num_seqs), ("tool_call_parser", args.tool_call_parser),
-                                 ("quantization", args.quantization))
+                                 ("quantization", args.quantization), ("kv_cache_dtype", args.kv_cache_dtype))
                if v}
     if args.reasoning_parser is not None:
         options["reasoning_parser"] = None if args.reasoning_parser == "none" else args.reasoning_parser
@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--max-num-seqs", type=int, default=None, help="most requests in one batch")
     s.add_argument("--quantization", default=None, choices=["gguf", "int8", "none"],
                    help="weights: a GGUF's own blocks (default for GGUF models), per-channel int8, or dense")
+    s.add_argument("--kv-cache-dtype", default=None, choices=["auto", "int8"],
+                   help="KV cache: the model dtype (auto, default) or int8 rows with a scale each (half the bytes)")
     s.add_argument("--session-service-uri", default=os.environ.get("SESSION_SERVICE_URI"),
                    help="ADK session store: memory://, sqlite:///path, postgresql://user:pass@host/db, "
                         "agentengine://... (default: in memory; or SESSION_SERVICE_URI)")

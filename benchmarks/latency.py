@@ -53,7 +53,8 @@ def _arrivals(args, rate: float) -> list[float]:
 
 def _point(args, policy: str, x: float) -> dict:
     """One measured point on a fresh engine."""
-    engine = AsyncLLM(EngineConfig(model=args.model, scheduling_policy=policy, max_num_seqs=args.max_num_seqs))
+    engine = AsyncLLM(EngineConfig(model=args.model, scheduling_policy=policy, max_num_seqs=args.max_num_seqs,
+                                   kv_cache_dtype=args.kv_cache_dtype))
     try:
         run_async_engine(engine, _requests(args, 2)[0], [4, 4], "warm-up", progress=False)
         if args.mode == "rate":
@@ -191,7 +192,8 @@ def report(args, data: dict, interrupted: bool = False) -> dict:
                    title=f"{args.workload} ({load}), max_num_seqs={args.max_num_seqs}")
     what = (f"Poisson arrivals sustained {args.duration:g} s per rate after a {args.warmup:g} s warm-up not counted"
             if key == "rate" else f"closed loop, {args.requests} requests")
-    title = f"Latency under load ({args.model}, {args.workload}, {what}, max_num_seqs={args.max_num_seqs}, seconds)"
+    kv = "" if args.kv_cache_dtype == "auto" else f", KV cache {args.kv_cache_dtype}"
+    title = f"Latency under load ({args.model}{kv}, {args.workload}, {what}, max_num_seqs={args.max_num_seqs}, seconds)"
     write("latency", title, table, data, interrupted)
     return data
 
@@ -207,6 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--requests", type=int, default=48, help="closed loop: requests per point")
     ap.add_argument("--policies", default="continuous,static")
     ap.add_argument("--max-num-seqs", type=int, default=32)
+    ap.add_argument("--kv-cache-dtype", default="auto", help="our engine's EngineConfig.kv_cache_dtype: auto or int8")
     ap.add_argument("--ttft-bound", type=float, default=1.0, help="SLO: p99 TTFT bound (s)")
     ap.add_argument("--itl-bound", type=float, default=0.2, help="SLO: p99 inter-token latency bound (s)")
     ap.add_argument("--search-steps", type=int, default=2, help="bisection steps between measured rates")

@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--llama-cpp-python", default=os.environ.get("PEER_LLAMA_CPP_PYTHON"))
     ap.add_argument("--vllm-python", default=os.environ.get("PEER_VLLM_PYTHON"))
     ap.add_argument("--skip-bf16", action="store_true", help="skip our engine on dequantized bf16 weights")
+    ap.add_argument("--kv-int8", action="store_true", help="add our engine with kv_cache_dtype='int8'")
     args = ap.parse_args(argv)
 
     gguf = gguf_source(args.model)
@@ -111,6 +112,9 @@ def main(argv: list[str] | None = None) -> dict:
            "repeats": args.repeats, "prompts": prompts, "max_tokens": max_tokens}
     with keep_partial_results(lambda interrupted: report(args, data, interrupted)):
         data["systems"].append(measure_engine(args, "engine (native GGUF)", {}, prompts, max_tokens))
+        if args.kv_int8:
+            data["systems"].append(measure_engine(args, "engine (native GGUF, int8 KV cache)",
+                                                  {"kv_cache_dtype": "int8"}, prompts, max_tokens))
         if not args.skip_bf16:
             data["systems"].append(measure_engine(args, "engine (bf16)", {"quantization": "none"}, prompts, max_tokens))
         data["systems"].append(run_peer("llama-cpp", args.llama_cpp_python, job | {"model": str(gguf)}))

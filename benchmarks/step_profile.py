@@ -90,17 +90,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(prog="python -m benchmarks step", description=__doc__)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--quantization", default=None, help="EngineConfig.quantization (default: the model's own)")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="EngineConfig.kv_cache_dtype: auto or int8")
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=32, help="context before the timed steps")
     args = ap.parse_args(argv)
-    llm = LLM(args.model, quantization=args.quantization, max_num_seqs=256)
+    llm = LLM(args.model, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=256)
     weights = llm.engine.stats()["weights"]
     rows = [profile(llm, int(b), args.tokens, fused, args.prompt_tokens) for b in args.batches.split(",") for fused in (False, True)]
     keys = ["step_ms", "prepare", "layers", "of_which_linears", "of_which_attention", "embed_and_final_norm",
             "lm_head", "sample_and_bookkeeping", "tokens_per_s"]
     table = markdown_table(["path", "batch", *keys], [[r["path"], r["batch"], *(r[k] for k in keys)] for r in rows])
-    kernels = f"linears: {'+'.join(weights['bytes_by_format'])} on {', '.join(weights['linear_kernels'])}"
+    kernels = (f"linears: {'+'.join(weights['bytes_by_format'])} on {', '.join(weights['linear_kernels'])}, "
+               f"KV cache {weights['kv_cache_dtype']}")
     write("step_profile", f"Decode step breakdown, ms per step ({args.model}, {kernels})", table,
           {"rows": rows, "weights": weights})
     return rows

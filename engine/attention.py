@@ -5,13 +5,17 @@ once per step (`AttentionMetadata`, by the step's backend, see `engine.attention
 and shared by every layer. Decodes are vectorized across sequences (one gather of their
 blocks, one SDPA call); each prefill chunk is one SDPA call over its cached context plus
 its own tokens. A sliding-window layer (Gemma 3) passes `window`: a query at position p
-then sees keys p - window + 1 .. p only.
+then sees keys p - window + 1 .. p only. An int8 cache (uint8 rows, kernels/kv_quant.py) is
+dequantized where it is read, prompt chunks included: every token attends to the values
+stored, so the cpu and torch backends agree token for token.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
+
+from kernels import kv_quant
 
 
 @dataclass
@@ -40,10 +44,19 @@ class AttentionMetadata:
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """Store new K/V ([T, Hkv, D]) into caches [num_blocks, block_size, Hkv, D] by slot."""
-    num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+    """Store new K/V ([T, Hkv, D]) into caches [num_blocks, block_size, Hkv, D] by slot (an
+    int8 cache: quantized rows [.., D + 4], kernels/kv_quant.py)."""
+    if k_cache.dtype == torch.uint8:
+        k, v = kv_quant.quantize_kv(k), kv_quant.quantize_kv(v)
+    num_kv_heads, row = k.shape[1], k.shape[2]
+    k_cache.view(-1, num_kv_heads, row).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, num_kv_heads, row).index_copy_(0, slot_mapping, v)
+
+
+def read_cache(cache: torch.Tensor, block_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """These blocks of a cache, as values in `dtype` (an int8 cache dequantized)."""
+    rows = cache.index_select(0, block_ids)
+    return kv_quant.dequantize_kv(rows, dtype) if cache.dtype == torch.uint8 else rows
 
 
 def torch_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -80,11 +93,11 @@ def cpu_paged_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scal
 def _torch_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None) -> torch.Tensor:
     """All decodes at once: gather each sequence's blocks, one masked SDPA call."""
     bt = meta.decode_block_tables
-    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    num_kv_heads, head_dim = k_cache.shape[2], q.shape[2]
     n, max_blocks = bt.shape
     # index_select is several times faster than advanced indexing here.
-    kd = k_cache.index_select(0, bt.view(-1)).view(n, -1, num_kv_heads, head_dim).transpose(1, 2)
-    vd = v_cache.index_select(0, bt.view(-1)).view(n, -1, num_kv_heads, head_dim).transpose(1, 2)
+    kd = read_cache(k_cache, bt.view(-1), q.dtype).view(n, -1, num_kv_heads, head_dim).transpose(1, 2)
+    vd = read_cache(v_cache, bt.view(-1), q.dtype).view(n, -1, num_kv_heads, head_dim).transpose(1, 2)
     mask = meta.decode_mask
     if window is not None:
         kv_pos = torch.arange(mask.shape[-1], device=q.device)
@@ -100,13 +113,15 @@ def _torch_prefills(out, q, k, v, k_cache, v_cache, meta: AttentionMetadata, sca
     for p in meta.prefills:
         rows = slice(p.start, p.start + p.num_tokens)
         qp = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
-        fresh = p.context_len == p.num_tokens  # no earlier context: this step's K/V are all of it
+        # No earlier context: this step's K/V are all of it. An int8 cache is read back
+        # instead, so a prompt attends to the values its later tokens will (k is None then).
+        fresh = p.context_len == p.num_tokens and k is not None and k_cache.dtype != torch.uint8
         if fresh:
             kp, vp = k[rows], v[rows]
         else:
-            kp = k_cache.index_select(0, p.block_table).flatten(0, 1)[:p.context_len]
-            vp = v_cache.index_select(0, p.block_table).flatten(0, 1)[:p.context_len]
-        if fresh and window is None:  # plain causal attention
+            kp = read_cache(k_cache, p.block_table, q.dtype).flatten(0, 1)[:p.context_len]
+            vp = read_cache(v_cache, p.block_table, q.dtype).flatten(0, 1)[:p.context_len]
+        if p.context_len == p.num_tokens and window is None:  # plain causal attention
             mask, causal = None, True
         else:
             q_pos = torch.arange(p.context_len - p.num_tokens, p.context_len, device=q.device)[:, None]

@@ -136,17 +136,23 @@ def _padded(block_ids: list[int], width: int) -> list[int]:
     return row + [0] * (width - len(row))
 
 
-def make_backend(name: str | None, block_size: int, device: torch.device, dtype: torch.dtype) -> TorchBackend:
+def make_backend(name: str | None, block_size: int, device: torch.device, dtype: torch.dtype,
+                 kv_cache_dtype: str = "auto", head_dim: int = 64) -> TorchBackend:
     """The named backend; None picks triton on CUDA, else cpu when the C++ kernels build
-    (else torch)."""
+    (else torch). An int8 KV cache (EngineConfig checked it is not on triton) needs the C++
+    int8 attention (AVX512-VNNI) for cpu; without it None picks torch."""
     from kernels.cpu import load as cpu_kernels
     check_dtype(name, str(device), dtype)
+    ops = cpu_kernels() if device.type == "cpu" else None
+    int8_ok = kv_cache_dtype != "int8" or (ops is not None and ops.int8_attention_supported(head_dim))
     if name is None:
-        name = "triton" if device.type == "cuda" else ("cpu" if cpu_kernels() else "torch")
+        name = "triton" if device.type == "cuda" else ("cpu" if ops and int8_ok else "torch")
+    if name == "cpu" and ops is not None and not int8_ok:
+        raise ValueError("kv_cache_dtype 'int8' on the 'cpu' attention backend needs AVX512-VNNI and head_dim "
+                         f"64, 128 or 256 (here head_dim {head_dim}); use attention_backend='torch'")
     if name == "triton":
         return TritonBackend(block_size, device)
     if name == "cpu":
-        ops = cpu_kernels()
         if ops is None:
             raise ValueError("attention backend 'cpu' needs the C++ CPU kernels, which did not build "
                              "(see the log); use attention_backend='torch'")

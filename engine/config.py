@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 
 from engine.attention_backends import check_dtype
+from kernels import kv_quant
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
            "fp16": torch.float16, "half": torch.float16, "float32": torch.float32,
@@ -52,7 +53,9 @@ class ModelConfig:
             return self.sliding_window
         return None
 
-    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+    def kv_bytes_per_token(self, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
+        if kv_cache_dtype == "int8":  # codes and a scale per head row (kernels/kv_quant.py)
+            return 2 * self.num_layers * self.num_kv_heads * kv_quant.row_bytes(self.head_dim)
         elem = torch.tensor([], dtype=dtype).element_size()
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
 
@@ -80,6 +83,9 @@ class EngineConfig:
     # the same, required; "int8": weight-only per-channel int8 of a dense checkpoint;
     # "none": every weight dense in `dtype` (a GGUF dequantized).
     quantization: Literal["gguf", "int8", "none"] | None = None
+    # "auto": the KV cache in `dtype`; "int8": codes and a scale per head row, half the bytes
+    # of bf16 (cpu and torch attention backends; see kernels/kv_quant.py).
+    kv_cache_dtype: Literal["auto", "int8"] = "auto"
     num_threads: int | None = None            # CPU threads for torch (default: all cores)
     grammar_compile_timeout: float = 10.0     # seconds a structured-output grammar may take to compile
     stalled_stream_timeout: float = 60.0      # AsyncLLM aborts a request whose reader stops reading this long
@@ -102,6 +108,11 @@ class EngineConfig:
         _check(self.grammar_compile_timeout > 0, "grammar_compile_timeout", self.grammar_compile_timeout, "> 0")
         _check(self.quantization in (None, "gguf", "int8", "none"), "quantization", self.quantization,
                "None, 'gguf', 'int8' or 'none'")
+        _check(self.kv_cache_dtype in ("auto", "int8"), "kv_cache_dtype", self.kv_cache_dtype, "'auto' or 'int8'")
+        if self.kv_cache_dtype == "int8" and (self.attention_backend or
+                                              ("triton" if self.device.startswith("cuda") else "cpu")) == "triton":
+            raise ValueError("EngineConfig.kv_cache_dtype 'int8' runs on the 'cpu' and 'torch' attention backends; "
+                             "the 'triton' kernels read caches in the model dtype")
         _check(self.swap_space >= 0, "swap_space", self.swap_space, ">= 0")
         _check(self.scheduling_policy in ("continuous", "static"), "scheduling_policy", self.scheduling_policy, "'continuous' or 'static'")
         if not self.enable_chunked_prefill and self.max_model_len is not None:
@@ -130,7 +141,7 @@ def num_kv_blocks(cfg: EngineConfig, mcfg: ModelConfig, max_model_len: int, devi
     """KV capacity in blocks: `num_kv_blocks` if set, else what the memory budget holds (no
     more than every sequence at full length could use). Refuses a capacity that cannot
     hold one request of `max_model_len`."""
-    per_block = mcfg.kv_bytes_per_token(cfg.torch_dtype) * cfg.block_size
+    per_block = mcfg.kv_bytes_per_token(cfg.torch_dtype, cfg.kv_cache_dtype) * cfg.block_size
     blocks_per_seq = -(-max_model_len // cfg.block_size)
     if cfg.num_kv_blocks is not None:
         num_blocks = cfg.num_kv_blocks

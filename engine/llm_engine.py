@@ -29,6 +29,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.static_scheduler import StaticScheduler
 from engine.structured_output import GrammarCompiler
+from kernels import kv_quant
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +72,17 @@ class LLMEngine:
                              f"max_model_len ({self.max_model_len}) when chunked prefill is off")
         self.device = torch.device(config.device)
         num_blocks = num_kv_blocks(config, self.model_config, self.max_model_len, self.device)
-        shape = (num_blocks, config.block_size, self.model_config.num_kv_heads, self.model_config.head_dim)
+        head_dim, int8_kv = self.model_config.head_dim, config.kv_cache_dtype == "int8"
+        shape = (num_blocks, config.block_size, self.model_config.num_kv_heads,
+                 kv_quant.row_bytes(head_dim) if int8_kv else head_dim)
         # One buffer for every layer's K and V (block copies then take one launch). Zeroed:
-        # padded decode rows read stale slots under a mask, and 0 * NaN would leak NaN.
-        kv_buffer = torch.zeros((2 * self.model_config.num_layers, *shape), dtype=config.torch_dtype,
-                                device=self.device)
+        # padded decode rows read stale slots under a mask, and 0 * NaN would leak NaN (a
+        # zeroed int8 row has scale 0: zeros too).
+        kv_buffer = torch.zeros((2 * self.model_config.num_layers, *shape),
+                                dtype=torch.uint8 if int8_kv else config.torch_dtype, device=self.device)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        backend = make_backend(config.attention_backend, config.block_size, self.device, config.torch_dtype)
+        backend = make_backend(config.attention_backend, config.block_size, self.device, config.torch_dtype,
+                               config.kv_cache_dtype, head_dim)
         self.runner = ModelRunner(loaded.model, kv_buffer, config.block_size, backend, config.seed)
         self.weights = self._describe_weights()
         swapper = None
@@ -97,9 +102,9 @@ class LLMEngine:
         self.peak_batch_size = 0
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
-        log.info("engine ready: %s, %s on %s (%s attention), %d KV blocks of %d tokens, max_model_len %d",
+        log.info("engine ready: %s, %s on %s (%s attention), %d KV blocks of %d tokens (%s), max_model_len %d",
                  config.model, config.dtype, config.device, backend.name, num_blocks, config.block_size,
-                 self.max_model_len)
+                 "int8" if int8_kv else config.dtype, self.max_model_len)
 
     # -- requests ------------------------------------------------------------------------
     def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
@@ -272,7 +277,8 @@ class LLMEngine:
         model = self.runner.model
         fused = all(getattr(layer, "decode_layer", None) is not None for layer in model.layers)
         return {"bytes_by_format": model.weight_formats(), "linear_kernels": model.linear_kernels(),
-                "decode_path": "fused" if fused else "per-op"}
+                "decode_path": "fused" if fused else "per-op", "attention_backend": self.runner.attention.name,
+                "kv_cache_dtype": "int8" if self.config.kv_cache_dtype == "int8" else self.config.dtype}
 
     def stats(self) -> dict:
         sched = self.scheduler

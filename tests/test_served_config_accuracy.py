@@ -7,6 +7,8 @@ of the same weights, teacher-forced over a few hundred positions of the real mod
 - "int8": per-channel int8 of the dense checkpoint; the reference is that checkpoint in
   fp32, so the error includes quantizing the weights.
 - "bf16" (quantization="none"): bf16 weights, the AVX512-BF16 GEMV.
+- "gguf, int8 KV cache": the default weights over `kv_cache_dtype="int8"` (K and V rows
+  quantized per head, decode attention in int8: kernels/csrc/kv_int8_ops.cpp).
 
 Every position is run as a decode (one row per forward pass over the paged cache, exactly
 as a served request's tokens are) and compared with the reference's next-token
@@ -45,6 +47,7 @@ GUARANTEES = {
     "bf16": (dict(quantization="none"), 0.95, 0.01, 0.03),  # measured 0.967, 0.0011, 0.012
     "gguf": (dict(), 0.93, 0.01, 0.05),                     # measured 0.953, 0.0037, 0.024
     "int8": (dict(quantization="int8"), 0.92, 0.02, 0.06),  # measured 0.946, 0.0082, 0.036
+    "gguf, int8 KV cache": (dict(kv_cache_dtype="int8"), 0.92, 0.01, 0.05),  # measured 0.946, 0.0048, 0.030
 }
 
 
@@ -89,11 +92,12 @@ def test_each_served_weight_format_agrees_with_transformers_fp32(served_engine, 
     linear = engine.runner.model.layers[0].self_attn.qkv_proj
     weights = engine.stats()["weights"]
     assert weights["decode_path"] == "fused", weights
+    assert weights["kv_cache_dtype"] == ("int8" if "int8 KV" in path else "bfloat16"), weights
     if path == "bf16":
         assert linear._gemv is not None and linear.qweight is None, "the bf16 GEMV is not in use"
     else:
         assert linear.qweight is not None and weights["linear_kernels"] == ["avx512_vnni"], weights
-        assert linear.qweight.format == ("q4_1" if path == "gguf" else "int8")
+        assert linear.qweight.format == ("int8" if path == "int8" else "q4_1")
     ids = engine.tokenizer.encode(TEXT, add_special_tokens=False)
     assert len(ids) >= 250
     ours, our_streams = _decode_one_by_one(engine, ids)

@@ -215,7 +215,7 @@ class SelfAttention(nn.Module):
         q = ops.rope_and_write_kv(qkv, cos, sin, k_cache, v_cache, meta.slot_mapping,
                                   self.num_heads, self.num_kv_heads, self.head_dim)
         k = v = None
-        if meta.prefills:  # prefill attention reads this step's K/V straight from qkv
+        if meta.prefills and k_cache.dtype != torch.uint8:  # prefills read this step's K/V from qkv
             k = k_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping]
             v = qkv[:, self.q_size + self.kv_size:].view(T, self.num_kv_heads, self.head_dim)
         o = attention.attend(q, k, v, k_cache, v_cache, meta, self.scale, self.window)
