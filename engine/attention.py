@@ -45,18 +45,21 @@ class AttentionMetadata:
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Store new K/V ([T, Hkv, D]) into caches [num_blocks, block_size, Hkv, D] by slot (an
-    int8 cache: quantized rows [.., D + 4], kernels/kv_quant.py)."""
+    int8 cache: quantized into its tiles, kernels/kv_quant.py)."""
     if k_cache.dtype == torch.uint8:
-        k, v = kv_quant.quantize_kv(k), kv_quant.quantize_kv(v)
-    num_kv_heads, row = k.shape[1], k.shape[2]
-    k_cache.view(-1, num_kv_heads, row).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, num_kv_heads, row).index_copy_(0, slot_mapping, v)
+        kv_quant.write(k_cache, k, slot_mapping, "k")
+        kv_quant.write(v_cache, v, slot_mapping, "v")
+        return
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
 
 
-def read_cache(cache: torch.Tensor, block_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """These blocks of a cache, as values in `dtype` (an int8 cache dequantized)."""
-    rows = cache.index_select(0, block_ids)
-    return kv_quant.dequantize_kv(rows, dtype) if cache.dtype == torch.uint8 else rows
+def read_cache(cache: torch.Tensor, block_ids: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """These blocks of the K ("k") or V ("v") cache as values [n, block_size, Hkv, D] in
+    `dtype` (an int8 cache dequantized)."""
+    blocks = cache.index_select(0, block_ids)
+    return kv_quant.read(blocks, kind, dtype) if cache.dtype == torch.uint8 else blocks
 
 
 def torch_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -93,11 +96,10 @@ def cpu_paged_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scal
 def _torch_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None) -> torch.Tensor:
     """All decodes at once: gather each sequence's blocks, one masked SDPA call."""
     bt = meta.decode_block_tables
-    num_kv_heads, head_dim = k_cache.shape[2], q.shape[2]
-    n, max_blocks = bt.shape
+    n = bt.shape[0]
     # index_select is several times faster than advanced indexing here.
-    kd = read_cache(k_cache, bt.view(-1), q.dtype).view(n, -1, num_kv_heads, head_dim).transpose(1, 2)
-    vd = read_cache(v_cache, bt.view(-1), q.dtype).view(n, -1, num_kv_heads, head_dim).transpose(1, 2)
+    kd = read_cache(k_cache, bt.view(-1), "k", q.dtype).flatten(0, 1).unflatten(0, (n, -1)).transpose(1, 2)
+    vd = read_cache(v_cache, bt.view(-1), "v", q.dtype).flatten(0, 1).unflatten(0, (n, -1)).transpose(1, 2)
     mask = meta.decode_mask
     if window is not None:
         kv_pos = torch.arange(mask.shape[-1], device=q.device)
@@ -119,8 +121,8 @@ def _torch_prefills(out, q, k, v, k_cache, v_cache, meta: AttentionMetadata, sca
         if fresh:
             kp, vp = k[rows], v[rows]
         else:
-            kp = read_cache(k_cache, p.block_table, q.dtype).flatten(0, 1)[:p.context_len]
-            vp = read_cache(v_cache, p.block_table, q.dtype).flatten(0, 1)[:p.context_len]
+            kp = read_cache(k_cache, p.block_table, "k", q.dtype).flatten(0, 1)[:p.context_len]
+            vp = read_cache(v_cache, p.block_table, "v", q.dtype).flatten(0, 1)[:p.context_len]
         if p.context_len == p.num_tokens and window is None:  # plain causal attention
             mask, causal = None, True
         else:

@@ -55,7 +55,7 @@ class ModelConfig:
 
     def kv_bytes_per_token(self, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
         if kv_cache_dtype == "int8":  # codes and a scale per head row (kernels/kv_quant.py)
-            return 2 * self.num_layers * self.num_kv_heads * kv_quant.row_bytes(self.head_dim)
+            return 2 * self.num_layers * self.num_kv_heads * kv_quant.tile_bytes(self.head_dim) // kv_quant.TILE
         elem = torch.tensor([], dtype=dtype).element_size()
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
 
@@ -113,6 +113,8 @@ class EngineConfig:
                                               ("triton" if self.device.startswith("cuda") else "cpu")) == "triton":
             raise ValueError("EngineConfig.kv_cache_dtype 'int8' runs on the 'cpu' and 'torch' attention backends; "
                              "the 'triton' kernels read caches in the model dtype")
+        _check(self.kv_cache_dtype != "int8" or self.block_size % kv_quant.TILE == 0, "block_size", self.block_size,
+               f"a multiple of {kv_quant.TILE} with kv_cache_dtype='int8'")
         _check(self.swap_space >= 0, "swap_space", self.swap_space, ">= 0")
         _check(self.scheduling_policy in ("continuous", "static"), "scheduling_policy", self.scheduling_policy, "'continuous' or 'static'")
         if not self.enable_chunked_prefill and self.max_model_len is not None:

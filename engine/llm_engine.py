@@ -72,9 +72,13 @@ class LLMEngine:
                              f"max_model_len ({self.max_model_len}) when chunked prefill is off")
         self.device = torch.device(config.device)
         num_blocks = num_kv_blocks(config, self.model_config, self.max_model_len, self.device)
-        head_dim, int8_kv = self.model_config.head_dim, config.kv_cache_dtype == "int8"
-        shape = (num_blocks, config.block_size, self.model_config.num_kv_heads,
-                 kv_quant.row_bytes(head_dim) if int8_kv else head_dim)
+        head_dim, kv_heads = self.model_config.head_dim, self.model_config.num_kv_heads
+        int8_kv = config.kv_cache_dtype == "int8"
+        if int8_kv and head_dim % 16:
+            raise ValueError(f"kv_cache_dtype 'int8' needs a head_dim that is a multiple of 16; {config.model} has "
+                             f"{head_dim}")
+        shape = (kv_quant.cache_shape(num_blocks, config.block_size, kv_heads, head_dim) if int8_kv
+                 else (num_blocks, config.block_size, kv_heads, head_dim))
         # One buffer for every layer's K and V (block copies then take one launch). Zeroed:
         # padded decode rows read stale slots under a mask, and 0 * NaN would leak NaN (a
         # zeroed int8 row has scale 0: zeros too).

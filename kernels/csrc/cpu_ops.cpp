@@ -497,10 +497,10 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q must be contiguous [B, H, D]");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong, "int64 metadata");
-  TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "query heads must be a multiple of KV heads");
   auto bt = block_tables.contiguous();
   auto lens = seq_lens.contiguous();
   if (k_cache.scalar_type() == at::kByte) return paged_decode_attention_int8(q, k_cache, v_cache, bt, lens, scale);
+  TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "query heads must be a multiple of KV heads");
   auto out = at::empty_like(q);
 #if defined(__AVX512BF16__)
   if (q.scalar_type() == at::kBFloat16 && k_cache.scalar_type() == at::kBFloat16) {
