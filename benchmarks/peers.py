@@ -39,7 +39,8 @@ def measure_engine(args, label: str, options: dict, prompts, max_tokens) -> dict
     mixed = run_engine(llm, prompts, max_tokens, f"{label}, mixed offline")
     del llm
     gc.collect()
-    return {"system": label, "kernels": f"{formats} linears on {kernels}; {weights['decode_path']} decode layers",
+    return {"system": label, "kernels": f"{formats} linears on {kernels}; {weights['decode_path']} decode layers; "
+                                        f"{weights['kv_cache_dtype']} KV cache",
             "one_stream_tok_s": statistics.median(rates), "one_stream_runs": rates,
             "mixed_output_tok_s": mixed.output_tokens_per_s, "mixed_seconds": mixed.seconds,
             "mixed_note": "continuous batching, all requests at once"}

@@ -5,9 +5,9 @@ once per step (`AttentionMetadata`, by the step's backend, see `engine.attention
 and shared by every layer. Decodes are vectorized across sequences (one gather of their
 blocks, one SDPA call); each prefill chunk is one SDPA call over its cached context plus
 its own tokens. A sliding-window layer (Gemma 3) passes `window`: a query at position p
-then sees keys p - window + 1 .. p only. An int8 cache (uint8 rows, kernels/kv_quant.py) is
+then sees keys p - window + 1 .. p only. An int8 cache (uint8 tiles, kernels/kv_quant.py) is
 dequantized where it is read, prompt chunks included: every token attends to the values
-stored, so the cpu and torch backends agree token for token.
+stored, as the later decodes will.
 """
 from __future__ import annotations
 
@@ -115,9 +115,8 @@ def _torch_prefills(out, q, k, v, k_cache, v_cache, meta: AttentionMetadata, sca
     for p in meta.prefills:
         rows = slice(p.start, p.start + p.num_tokens)
         qp = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
-        # No earlier context: this step's K/V are all of it. An int8 cache is read back
-        # instead, so a prompt attends to the values its later tokens will (k is None then).
-        fresh = p.context_len == p.num_tokens and k is not None and k_cache.dtype != torch.uint8
+        # No earlier context: this step's K/V are all of it (an int8 cache is read back).
+        fresh = p.context_len == p.num_tokens and k_cache.dtype != torch.uint8
         if fresh:
             kp, vp = k[rows], v[rows]
         else:

@@ -55,7 +55,7 @@ class ModelConfig:
 
     def kv_bytes_per_token(self, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
         if kv_cache_dtype == "int8":  # codes and a scale per head row (kernels/kv_quant.py)
-            return 2 * self.num_layers * self.num_kv_heads * kv_quant.tile_bytes(self.head_dim) // kv_quant.TILE
+            return 2 * self.num_layers * self.num_kv_heads * (self.head_dim + kv_quant.SCALE_BYTES)
         elem = torch.tensor([], dtype=dtype).element_size()
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
 

@@ -62,14 +62,15 @@ def write(cache: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor, kind
     block_size = tiles * TILE
     codes, scale = quantize_rows(x)
     blk, pos = slot_mapping // block_size, slot_mapping % block_size
-    heads = torch.arange(num_kv_heads)
+    heads = torch.arange(num_kv_heads, device=cache.device)
     base = ((blk[:, None] * num_kv_heads + heads[None, :]) * tiles + (pos // TILE)[:, None]) * tb  # [T, Hkv]
     row = pos % TILE
-    code_at = base[..., None] + _code_offsets(kind, head_dim)[row][:, None, :]  # [T, Hkv, D]
+    code_at = base[..., None] + _code_offsets(kind, head_dim).to(cache.device)[row][:, None, :]  # [T, Hkv, D]
     stored = (codes + 128) if kind == "k" else codes.remainder(256)  # u8, or an int8's two's complement
     flat = cache.view(-1)
     flat[code_at.reshape(-1)] = stored.reshape(-1).to(torch.uint8)
-    scale_at = (base + TILE * head_dim + row[:, None] * SCALE_BYTES)[..., None] + torch.arange(SCALE_BYTES)
+    scale_at = (base + TILE * head_dim + row[:, None] * SCALE_BYTES)[..., None] + torch.arange(SCALE_BYTES,
+                                                                                                device=cache.device)
     flat[scale_at.reshape(-1)] = scale.contiguous().view(torch.uint8).reshape(-1)
 
 
