@@ -185,6 +185,7 @@ def report(args, data: dict, interrupted: bool = False) -> dict:
     for policy, points in data["points"].items():
         xs = [p[key] for p in points]
         series[f"{policy} TTFT p99"] = (xs, [p["latency"]["ttft"]["p99"] for p in points])
+        series[f"{policy} ITL p99"] = (xs, [p["latency"]["itl"]["p99"] for p in points])
         series[f"{policy} e2e p50"] = (xs, [p["latency"]["e2e"]["p50"] for p in points])
     if series:
         load = f"{args.duration:g} s per rate" if key == "rate" else f"{args.requests} requests"
