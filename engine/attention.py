@@ -89,8 +89,16 @@ def cpu_paged_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scal
     if nd:
         out[:nd] = load().paged_decode_attention(q[:nd], k_cache, v_cache, meta.decode_block_tables,
                                                  meta.decode_seq_lens, scale)
-    _torch_prefills(out, q, k, v, k_cache, v_cache, meta, scale)
+    _torch_prefills(out, q, k, v, k_cache, v_cache, meta, scale, read=_cpu_read_cache)
     return out
+
+
+def _cpu_read_cache(cache: torch.Tensor, block_ids: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """read_cache with an int8 cache dequantized by the C++ kernel (bit for bit kv_quant.read)."""
+    if cache.dtype != torch.uint8:
+        return cache.index_select(0, block_ids)
+    from kernels.cpu import load
+    return load().dequantize_kv_blocks(cache, block_ids, kind == "k", dtype)
 
 
 def _torch_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None) -> torch.Tensor:
@@ -110,7 +118,7 @@ def _torch_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, wi
 
 
 def _torch_prefills(out, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
-                    window: int | None = None) -> None:
+                    window: int | None = None, read=read_cache) -> None:
     """Each prompt chunk: causal attention over its cached context plus its own tokens."""
     for p in meta.prefills:
         rows = slice(p.start, p.start + p.num_tokens)
@@ -120,8 +128,8 @@ def _torch_prefills(out, q, k, v, k_cache, v_cache, meta: AttentionMetadata, sca
         if fresh:
             kp, vp = k[rows], v[rows]
         else:
-            kp = read_cache(k_cache, p.block_table, "k", q.dtype).flatten(0, 1)[:p.context_len]
-            vp = read_cache(v_cache, p.block_table, "v", q.dtype).flatten(0, 1)[:p.context_len]
+            kp = read(k_cache, p.block_table, "k", q.dtype).flatten(0, 1)[:p.context_len]
+            vp = read(v_cache, p.block_table, "v", q.dtype).flatten(0, 1)[:p.context_len]
         if p.context_len == p.num_tokens and window is None:  # plain causal attention
             mask, causal = None, True
         else:

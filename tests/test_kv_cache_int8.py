@@ -96,6 +96,37 @@ def test_int8_decode_attention_matches_the_reference_over_the_dequantized_cache(
     torch.testing.assert_close(one_token.float(), its_v, atol=1e-3, rtol=1e-2 if dtype == torch.bfloat16 else 1e-4)
 
 
+@kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("D", [64, 128])
+def test_block_dequantize_kernel_equals_the_reference_bit_for_bit(dtype, D):
+    cache = _cache(12, 32, 3, D)
+    for kind in ("k", "v"):
+        kv_quant.write(cache, torch.randn(12 * 32, 3, D) * 3, torch.arange(12 * 32), kind)
+        ids = torch.tensor([7, 2, 11, 2])
+        assert torch.equal(ops.dequantize_kv_blocks(cache, ids, kind == "k", dtype),
+                           kv_quant.read(cache.index_select(0, ids), kind, dtype))
+
+
+@kernels
+def test_cpu_backend_attends_prompt_chunks_over_an_int8_cache_as_the_torch_path_does():
+    from engine.attention import cpu_paged_attention
+    from engine.attention_backends import Seq, TorchBackend
+    bs, H, Hkv, D = 16, 6, 2, 64
+    kc, vc = _cache(40, bs, Hkv, D), _cache(40, bs, Hkv, D)
+    kv_quant.write(kc, torch.randn(40 * bs, Hkv, D), torch.arange(40 * bs), "k")
+    kv_quant.write(vc, torch.randn(40 * bs, Hkv, D), torch.arange(40 * bs), "v")
+    # two decodes, a chunk after 70 cached tokens (a prefix hit), a chunk with no context
+    seqs = [Seq([3, 9, 1], 40, 1, 0), Seq([5], 7, 1, 1), Seq([10, 11, 12, 13, 14, 15], 90, 20, 2),
+            Seq([20, 21], 25, 25, 22)]
+    meta = TorchBackend(bs, torch.device("cpu")).build_metadata(torch.zeros(47, dtype=torch.long), seqs[:2], seqs[2:])
+    q = torch.randn(47, H, D, dtype=torch.bfloat16)
+    ours = cpu_paged_attention(q, None, None, kc, vc, meta, D ** -0.5)
+    ref = torch_paged_attention(q, None, None, kc, vc, meta, D ** -0.5)
+    assert torch.equal(ours[2:], ref[2:])  # the prompt rows read the same values into the same SDPA
+    torch.testing.assert_close(ours[:2].float(), ref[:2].float(), atol=0.05, rtol=0.05)  # decodes: q in int8
+
+
 def test_int8_cache_holds_about_twice_the_tokens_of_bf16_in_the_same_budget():
     mcfg = DUMMY_SHAPES["dummy-smollm2-135m"]
     def blocks(kv):

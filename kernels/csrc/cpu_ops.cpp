@@ -456,6 +456,7 @@ void rope_write_kv_int8(at::Tensor& q_out, const at::Tensor& qkv, const at::Tens
 at::Tensor paged_decode_attention_int8(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                        const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale);
 bool int8_attention_supported(int64_t head_dim);
+at::Tensor dequantize_kv_blocks(const at::Tensor& cache, const at::Tensor& block_ids, bool is_k, at::ScalarType dtype);
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && w.is_contiguous(), "x must be contiguous [T, n]");
@@ -708,6 +709,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention);
   m.def("has_bf16_gemv", &has_bf16_gemv);
   m.def("int8_attention_supported", &int8_attention_supported);
+  m.def("dequantize_kv_blocks", &dequantize_kv_blocks);
   m.def("advise_huge_pages", &advise_huge_pages);
   m.def("gemv_supported", &gemv_supported);
   m.def("pack_for_gemv", &pack_for_gemv);

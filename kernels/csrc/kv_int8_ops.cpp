@@ -203,6 +203,53 @@ void decode_attention_int8(at::Tensor& out, const at::Tensor& q, const at::Tenso
     }
   });
 }
+
+// 16 fp32 lanes to dst[0..15] in T (bf16 rounds to nearest even, as c10).
+template <typename T> inline void store16(T* dst, __m512 v);
+template <> inline void store16(float* dst, __m512 v) { _mm512_storeu_ps(dst, v); }
+template <> inline void store16(at::BFloat16* dst, __m512 v) {
+#if defined(__AVX512BF16__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(v));
+#else
+  alignas(64) float f[16];
+  _mm512_store_ps(f, v);
+  for (int i = 0; i < 16; ++i) store(dst, i, f[i]);
+#endif
+}
+
+// Blocks of an int8 cache as values [n, block_size, Hkv, D] in T: what a prompt chunk with
+// earlier context attends to (kernels.kv_quant.read is the reference).
+template <typename T>
+void dequantize_blocks_impl(at::Tensor& out, const at::Tensor& cache, const at::Tensor& block_ids, bool is_k) {
+  const int64_t n = block_ids.size(0), Hkv = cache.size(1), tpb = cache.size(2), TB = cache.size(3);
+  const int64_t D = TB / kTile - kScaleBytes, bs = tpb * kTile;
+  const uint8_t* cp = cache.data_ptr<uint8_t>(); const int64_t* ids = block_ids.data_ptr<int64_t>();
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, n * Hkv * tpb, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t job = begin; job < end; ++job) {
+      const int64_t b = job / (Hkv * tpb), h = job / tpb % Hkv, tile = job % tpb;
+      const uint8_t* tp = cp + ((ids[b] * Hkv + h) * tpb + tile) * TB;
+      const float* scales = reinterpret_cast<const float*>(tp + kTile * D);
+      for (int64_t i = 0; i < kTile; ++i) {
+        T* dst = op + ((b * bs + tile * kTile + i) * Hkv + h) * D;
+        const __m512 s = _mm512_set1_ps(scales[i]);
+        for (int64_t c = 0; c < D / 16; ++c) {
+          __m512i codes;
+          if (is_k) {  // dims 16c.. of row i: 4 words, one per 64-byte load of the tile
+            const int32_t* w = reinterpret_cast<const int32_t*>(tp + 4 * i);
+            const __m128i words = _mm_setr_epi32(w[(4 * c) * 16], w[(4 * c + 1) * 16], w[(4 * c + 2) * 16],
+                                                 w[(4 * c + 3) * 16]);
+            codes = _mm512_sub_epi32(_mm512_cvtepu8_epi32(words), _mm512_set1_epi32(128));
+          } else {  // lane k of the load is dim 16c + k of rows 4(i/4)..+3: byte i % 4, signed
+            const __m512i v = _mm512_load_si512(tp + (i / 4) * 4 * D + 64 * c);
+            codes = _mm512_srai_epi32(_mm512_sllv_epi32(v, _mm512_set1_epi32(24 - 8 * static_cast<int>(i % 4))), 24);
+          }
+          store16(dst + 16 * c, _mm512_mul_ps(_mm512_cvtepi32_ps(codes), s));
+        }
+      }
+    }
+  });
+}
 #endif
 
 }  // namespace
@@ -243,6 +290,20 @@ at::Tensor paged_decode_attention_int8(const at::Tensor& q, const at::Tensor& k_
   };
   if (q.scalar_type() == at::kFloat) run(float{});
   else run(at::BFloat16{});
+#endif
+  return out;
+}
+
+at::Tensor dequantize_kv_blocks(const at::Tensor& cache, const at::Tensor& block_ids, bool is_k, at::ScalarType dtype) {
+  TORCH_CHECK(cache.scalar_type() == at::kByte && cache.dim() == 4 && cache.is_contiguous(), "an int8 cache");
+  TORCH_CHECK(block_ids.scalar_type() == at::kLong && (dtype == at::kFloat || dtype == at::kBFloat16), "ids, dtype");
+  const int64_t D = cache.size(3) / kTile - kScaleBytes;
+  TORCH_CHECK(D % 16 == 0 && int8_attention_supported(D), "int8 KV needs AVX512-VNNI and head_dim 64, 128 or 256");
+  auto ids = block_ids.contiguous();
+  auto out = at::empty({ids.size(0), cache.size(2) * kTile, cache.size(1), D}, cache.options().dtype(dtype));
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  if (dtype == at::kFloat) dequantize_blocks_impl<float>(out, cache, ids, is_k);
+  else dequantize_blocks_impl<at::BFloat16>(out, cache, ids, is_k);
 #endif
   return out;
 }
