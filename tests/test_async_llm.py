@@ -183,3 +183,38 @@ def test_bad_request_is_refused_at_once_and_others_carry_on(engine, reference):
         return await good
 
     assert asyncio.run(main())[0] == reference[5]
+
+
+_OPENMP_PROBE = """
+import os, torch
+from engine import AsyncLLM
+from kernels.cpu import load
+ops = load()
+torch.set_num_threads(2)
+tasks = lambda: len(os.listdir('/proc/self/task'))
+torch.ones(1 << 24).sum()  # a parallel region on this thread: libgomp starts its pool
+before = tasks()
+ops.release_openmp_pool()
+released = before - tasks()
+torch.ones(1 << 24).sum()  # and again
+llm = AsyncLLM(model="dummy-tiny", dtype="float32", num_kv_blocks=16, max_model_len=64)
+after_init = tasks()
+ops.release_openmp_pool()
+print(released, after_init - tasks())
+llm.shutdown()
+"""
+
+
+def test_the_callers_openmp_workers_are_ended_so_the_step_thread_keeps_spinning_workers():
+    """libgomp keeps a worker pool per thread that opened a parallel region and, once the
+    process has more OpenMP threads than CPUs, stops every pool spin-waiting: a model
+    loaded on the caller's thread then made each kernel on the step thread wait on a
+    futex (measured on two cores: decode steps 1.5-1.9x slower than LLMEngine's)."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", _OPENMP_PROBE], capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "2"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    released_by_hand, left_after_init = map(int, out.stdout.split()[-2:])
+    assert released_by_hand == 1  # the probe works: the caller's one worker thread ended
+    assert left_after_init == 0   # AsyncLLM ended the pool its load started on this thread
