@@ -96,7 +96,7 @@ def cpu_paged_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scal
 def _cpu_read_cache(cache: torch.Tensor, block_ids: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
     """read_cache with an int8 cache dequantized by the C++ kernel (bit for bit kv_quant.read)."""
     if cache.dtype != torch.uint8:
-        return cache.index_select(0, block_ids)
+        return read_cache(cache, block_ids, kind, dtype)
     from kernels.cpu import load
     return load().dequantize_kv_blocks(cache, block_ids, kind == "k", dtype)
 

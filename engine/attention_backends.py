@@ -26,9 +26,12 @@ _SUPPORT = {
 }
 
 
-def check_dtype(name: str | None, device: str, dtype: torch.dtype) -> None:
+def check_dtype(name: str | None, device: str, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> None:
     kind = torch.device(device).type
     name = name or ("triton" if kind == "cuda" else "cpu")
+    if kv_cache_dtype == "int8" and name == "triton":
+        raise ValueError("EngineConfig.kv_cache_dtype 'int8' runs on the 'cpu' and 'torch' attention backends; "
+                         "the 'triton' kernels read caches in the model dtype")
     devices = _SUPPORT.get(name)
     if devices is None:
         raise ValueError(f"EngineConfig.attention_backend must be one of {sorted(_SUPPORT)}, got {name!r}")
@@ -139,7 +142,7 @@ def _padded(block_ids: list[int], width: int) -> list[int]:
 def make_backend(name: str | None, block_size: int, device: torch.device, dtype: torch.dtype,
                  kv_cache_dtype: str = "auto", head_dim: int = 64) -> TorchBackend:
     """The named backend; None picks triton on CUDA, else cpu when the C++ kernels build
-    (else torch). An int8 KV cache (EngineConfig checked it is not on triton) needs the C++
+    (else torch). An int8 KV cache (check_dtype refused it on triton) needs the C++
     int8 attention (AVX512-VNNI) for cpu; without it None picks torch."""
     from kernels.cpu import load as cpu_kernels
     check_dtype(name, str(device), dtype)

@@ -95,7 +95,7 @@ class EngineConfig:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
-        check_dtype(self.attention_backend, self.device, _DTYPES[self.dtype])
+        check_dtype(self.attention_backend, self.device, _DTYPES[self.dtype], self.kv_cache_dtype)
         _check(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size", self.block_size,
                "a power of two from 1 to 128")
         _check(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, ">= 1")
@@ -109,10 +109,6 @@ class EngineConfig:
         _check(self.quantization in (None, "gguf", "int8", "none"), "quantization", self.quantization,
                "None, 'gguf', 'int8' or 'none'")
         _check(self.kv_cache_dtype in ("auto", "int8"), "kv_cache_dtype", self.kv_cache_dtype, "'auto' or 'int8'")
-        if self.kv_cache_dtype == "int8" and (self.attention_backend or
-                                              ("triton" if self.device.startswith("cuda") else "cpu")) == "triton":
-            raise ValueError("EngineConfig.kv_cache_dtype 'int8' runs on the 'cpu' and 'torch' attention backends; "
-                             "the 'triton' kernels read caches in the model dtype")
         _check(self.kv_cache_dtype != "int8" or self.block_size % kv_quant.TILE == 0, "block_size", self.block_size,
                f"a multiple of {kv_quant.TILE} with kv_cache_dtype='int8'")
         _check(self.swap_space >= 0, "swap_space", self.swap_space, ">= 0")

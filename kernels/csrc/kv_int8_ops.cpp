@@ -31,17 +31,26 @@ constexpr int64_t kTile = 16, kScaleBytes = 4;
 // K tiles are prefetched this far ahead (2 and 4 measured no different on two cores).
 constexpr int64_t kPrefetchTiles = 1;
 
+// codes[d] = round(x[d] / scale) in [-127, 127], scale = amax / 127 (returned): the rounding
+// of kernels.kv_quant.quantize_rows, for cached rows and for q alike.
+inline float quantize_row(const float* x, int64_t D, int8_t* codes) {
+  float amax = 0.f;
+  for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(x[d]));
+  const float scale = amax / 127.f, inv = scale > 0.f ? 1.f / scale : 0.f;
+  for (int64_t d = 0; d < D; ++d)  // nearbyint: half to even, as torch.round
+    codes[d] = static_cast<int8_t>(std::clamp(static_cast<int>(std::nearbyint(x[d] * inv)), -127, 127));
+  return scale;
+}
+
 // Quantizes one head row x[D] into tile row i: K codes offset by 128 in the K layout, V
 // codes signed in the V layout (kernels/kv_quant.py), and the row's scale.
 template <bool kIsK>
 inline void quantize_into_tile(uint8_t* tile, int64_t i, const float* x, int64_t D) {
-  float amax = 0.f;
-  for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(x[d]));
-  const float scale = amax / 127.f, inv = scale > 0.f ? 1.f / scale : 0.f;
+  int8_t codes[256];  // D <= 256: checked by rope_write_kv_int8
+  const float scale = quantize_row(x, D, codes);
   for (int64_t d = 0; d < D; ++d) {
-    const int c = std::clamp(static_cast<int>(std::nearbyint(x[d] * inv)), -127, 127);  // half to even
-    if constexpr (kIsK) tile[(d / 4) * 64 + i * 4 + d % 4] = static_cast<uint8_t>(c + 128);
-    else tile[(i / 4) * 4 * D + (d / 16) * 64 + (d % 16) * 4 + i % 4] = static_cast<uint8_t>(static_cast<int8_t>(c));
+    if constexpr (kIsK) tile[(d / 4) * 64 + i * 4 + d % 4] = static_cast<uint8_t>(codes[d] + 128);
+    else tile[(i / 4) * 4 * D + (d / 16) * 64 + (d % 16) * 4 + i % 4] = static_cast<uint8_t>(codes[d]);
   }
   std::memcpy(tile + kTile * D + i * kScaleBytes, &scale, kScaleBytes);
 }
@@ -135,15 +144,12 @@ void decode_attention_int8(at::Tensor& out, const at::Tensor& q, const at::Tenso
       std::fill(toff.begin() + tiles, toff.end(), toff[0]);  // prefetches past the end
       for (int64_t g = 0; g < G; ++g) {  // q per head to int8, 4 codes to a word
         const T* qh = qp + (b * H + kvh * G + g) * D;
-        float amax = 0.f;
-        for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(load(qh, d)));
-        const float qs = amax / 127.f, inv = qs > 0.f ? 1.f / qs : 0.f;
-        int32_t sum = 0;
+        float qf[D];
         int8_t codes[D];
-        for (int64_t d = 0; d < D; ++d) {
-          codes[d] = static_cast<int8_t>(std::clamp(static_cast<int>(std::nearbyint(load(qh, d) * inv)), -127, 127));
-          sum += codes[d];
-        }
+        for (int64_t d = 0; d < D; ++d) qf[d] = load(qh, d);
+        const float qs = quantize_row(qf, D, codes);
+        int32_t sum = 0;
+        for (int64_t d = 0; d < D; ++d) sum += codes[d];
         std::memcpy(&q4[g * KW], codes, D);
         qscale[g] = qs * static_cast<float>(scale);
         qsum[g] = 128 * sum;  // what the K codes' offset adds to every dot
@@ -259,7 +265,8 @@ void rope_write_kv_int8(at::Tensor& q_out, const at::Tensor& qkv, const at::Tens
                         int64_t D) {
   TORCH_CHECK(k_cache.scalar_type() == at::kByte && v_cache.scalar_type() == at::kByte, "uint8 caches");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(1) == Hkv && k_cache.size(3) == kTile * (D + kScaleBytes) &&
-              D % 16 == 0 && k_cache.sizes() == v_cache.sizes(), "int8 caches are [blocks, Hkv, block_size / 16, 16 * (D + 4)]");
+              D % 16 == 0 && D <= 256 && k_cache.sizes() == v_cache.sizes(),
+              "int8 caches are [blocks, Hkv, block_size / 16, 16 * (D + 4)], D a multiple of 16 up to 256");
   if (qkv.scalar_type() == at::kFloat) rope_write_kv_int8_impl<float>(q_out, qkv, cos, sin, k_cache, v_cache, slots, H, Hkv, D);
   else rope_write_kv_int8_impl<at::BFloat16>(q_out, qkv, cos, sin, k_cache, v_cache, slots, H, Hkv, D);
 }
