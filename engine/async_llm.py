@@ -43,7 +43,7 @@ def _release_openmp_pool() -> None:
     every kernel pays a futex wake-up (measured: decode steps 1.5-1.9x longer than the same
     engine stepped on the thread that loaded it). Caller code that opens parallel regions
     later starts a pool again: correct, only slower."""
-    from kernels.cpu import load
+    from engine_kernels.cpu import load
     ops = load()
     if ops is not None:
         ops.release_openmp_pool()

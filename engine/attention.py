@@ -5,7 +5,7 @@ once per step (`AttentionMetadata`, by the step's backend, see `engine.attention
 and shared by every layer. Decodes are vectorized across sequences (one gather of their
 blocks, one SDPA call); each prefill chunk is one SDPA call over its cached context plus
 its own tokens. A sliding-window layer (Gemma 3) passes `window`: a query at position p
-then sees keys p - window + 1 .. p only. An int8 cache (uint8 tiles, kernels/kv_quant.py) is
+then sees keys p - window + 1 .. p only. An int8 cache (uint8 tiles, engine_kernels/kv_quant.py) is
 dequantized where it is read, prompt chunks included: every token attends to the values
 stored, as the later decodes will.
 """
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels import kv_quant
+from engine_kernels import kv_quant
 
 
 @dataclass
@@ -45,7 +45,7 @@ class AttentionMetadata:
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Store new K/V ([T, Hkv, D]) into caches [num_blocks, block_size, Hkv, D] by slot (an
-    int8 cache: quantized into its tiles, kernels/kv_quant.py)."""
+    int8 cache: quantized into its tiles, engine_kernels/kv_quant.py)."""
     if k_cache.dtype == torch.uint8:
         kv_quant.write(k_cache, k, slot_mapping, "k")
         kv_quant.write(v_cache, v, slot_mapping, "v")
@@ -75,9 +75,9 @@ def torch_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def cpu_paged_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
                         window: int | None = None) -> torch.Tensor:
-    """The torch path with decodes done by the C++ kernel (kernels/csrc/cpu_ops.cpp); the
+    """The torch path with decodes done by the C++ kernel (engine_kernels/csrc/cpu_ops.cpp); the
     kernel attends to whole contexts, so sliding-window layers decode on the torch path."""
-    from kernels.cpu import load
+    from engine_kernels.cpu import load
     if window is not None:
         return torch_paged_attention(q, k, v, k_cache, v_cache, meta, scale, window)
     nd = meta.num_decodes
@@ -97,7 +97,7 @@ def _cpu_read_cache(cache: torch.Tensor, block_ids: torch.Tensor, kind: str, dty
     """read_cache with an int8 cache dequantized by the C++ kernel (bit for bit kv_quant.read)."""
     if cache.dtype != torch.uint8:
         return read_cache(cache, block_ids, kind, dtype)
-    from kernels.cpu import load
+    from engine_kernels.cpu import load
     return load().dequantize_kv_blocks(cache, block_ids, kind == "k", dtype)
 
 

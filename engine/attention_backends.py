@@ -3,7 +3,7 @@
 - `torch`: the plain-torch reference (any device).
 - `cpu`: the torch path with decodes in the C++ kernel, and the model's layers on their
   fused C++ ops (RoPE writes K/V itself). The default on CPU when the kernels build.
-- `triton`: kernels/triton_attention.py over one varlen description of the batch (GPU; the
+- `triton`: engine_kernels/triton_attention.py over one varlen description of the batch (GPU; the
   interpreter in tests).
 
 A backend is chosen once, by name, device and dtype; `check_dtype` refuses a dtype a
@@ -108,7 +108,7 @@ class TritonBackend(TorchBackend):
 
     def __init__(self, block_size: int, device: torch.device) -> None:
         super().__init__(block_size, device)
-        from kernels import triton_attention as kernels  # imports triton: only when chosen
+        from engine_kernels import triton_attention as kernels  # imports triton: only when chosen
         self.kernels = kernels
         self.write_kv = kernels.write_kv
 
@@ -144,7 +144,7 @@ def make_backend(name: str | None, block_size: int, device: torch.device, dtype:
     """The named backend; None picks triton on CUDA, else cpu when the C++ kernels build
     (else torch). An int8 KV cache (check_dtype refused it on triton) needs the C++
     int8 attention (AVX512-VNNI) for cpu; without it None picks torch."""
-    from kernels.cpu import load as cpu_kernels
+    from engine_kernels.cpu import load as cpu_kernels
     check_dtype(name, str(device), dtype)
     ops = cpu_kernels() if device.type == "cpu" else None
     int8_ok = kv_cache_dtype != "int8" or (ops is not None and ops.int8_attention_supported(head_dim))

@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 
 from engine.attention_backends import check_dtype
-from kernels import kv_quant
+from engine_kernels import kv_quant
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
            "fp16": torch.float16, "half": torch.float16, "float32": torch.float32,
@@ -54,7 +54,7 @@ class ModelConfig:
         return None
 
     def kv_bytes_per_token(self, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
-        if kv_cache_dtype == "int8":  # codes and a scale per head row (kernels/kv_quant.py)
+        if kv_cache_dtype == "int8":  # codes and a scale per head row (engine_kernels/kv_quant.py)
             return 2 * self.num_layers * self.num_kv_heads * (self.head_dim + kv_quant.SCALE_BYTES)
         elem = torch.tensor([], dtype=dtype).element_size()
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
@@ -84,7 +84,7 @@ class EngineConfig:
     # "none": every weight dense in `dtype` (a GGUF dequantized).
     quantization: Literal["gguf", "int8", "none"] | None = None
     # "auto": the KV cache in `dtype`; "int8": codes and a scale per head row, half the bytes
-    # of bf16 (cpu and torch attention backends; see kernels/kv_quant.py).
+    # of bf16 (cpu and torch attention backends; see engine_kernels/kv_quant.py).
     kv_cache_dtype: Literal["auto", "int8"] = "auto"
     num_threads: int | None = None            # CPU threads for torch (default: all cores)
     grammar_compile_timeout: float = 10.0     # seconds a structured-output grammar may take to compile

@@ -8,7 +8,7 @@ GGUF block layouts (ggml's, per block of `block` values along K):
               per 32 values: w = d * sc * q - dmin * m
   Q6_K (256): 128 bytes low nibbles, 64 bytes high 2 bits, 16 int8 scales, fp16 d;
               per 16 values: w = d * sc * (q - 32)
-Each becomes scale * code + min with unsigned codes (kernels/quant.py); the values are the
+Each becomes scale * code + min with unsigned codes (engine_kernels/quant.py); the values are the
 ones ggml computes, to the last bit except Q6_K (one fp32 rounding, as ggml's order differs).
 Other tensor types (F32/F16/BF16 and the quantizations not listed) come from the
 dequantized safetensors copy, as before.
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kernels.quant import QuantizedWeight
+from engine_kernels.quant import QuantizedWeight
 
 _LINEAR_NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",

@@ -29,7 +29,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.static_scheduler import StaticScheduler
 from engine.structured_output import GrammarCompiler
-from kernels import kv_quant
+from engine_kernels import kv_quant
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@
 - a `.gguf` file of a supported architecture: converted once, like the default model.
 
 A GGUF's linear weights in Q4_0/Q4_1/Q8_0/Q4_K/Q6_K run in their own blocks
-(engine/gguf_weights.py, kernels/quant.py); the converted copy supplies the rest (norms,
+(engine/gguf_weights.py, engine_kernels/quant.py); the converted copy supplies the rest (norms,
 the embedding lookup). `quantization="none"` serves the dequantized copy instead,
 `quantization="int8"` quantizes a dense checkpoint's linears per channel.
 
@@ -34,7 +34,7 @@ from engine.config import EngineConfig, ModelConfig
 from engine.gguf_weights import cached_quantized_linears
 from engine.models.gemma3 import Gemma3ForCausalLM
 from engine.models.llama import CausalLM, LlamaForCausalLM
-from kernels.quant import QuantizedLinearKernels
+from engine_kernels.quant import QuantizedLinearKernels
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +286,7 @@ def _quant_kernels(device: torch.device) -> QuantizedLinearKernels | None:
     compiler, the dequantize-then-matmul reference); None on GPU (dequantized at load)."""
     if device.type != "cpu":
         return None
-    from kernels import cpu
+    from engine_kernels import cpu
 
     return QuantizedLinearKernels(cpu.load())
 

@@ -6,7 +6,7 @@ import torch
 
 from engine.request import Logprob, Request
 from engine.structured_output import GrammarBitmask
-from kernels.cpu import load as cpu_kernels
+from engine_kernels.cpu import load as cpu_kernels
 
 
 class Sampler:

@@ -26,7 +26,7 @@ import torch
 import xgrammar as xgr
 
 from engine.sampling_params import StructuredOutputsParams
-from kernels.cpu import load as cpu_kernels
+from engine_kernels.cpu import load as cpu_kernels
 
 
 class GrammarCompiler:

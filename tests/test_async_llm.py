@@ -188,7 +188,7 @@ def test_bad_request_is_refused_at_once_and_others_carry_on(engine, reference):
 _OPENMP_PROBE = """
 import os, torch
 from engine import AsyncLLM
-from kernels.cpu import load
+from engine_kernels.cpu import load
 ops = load()
 torch.set_num_threads(2)
 tasks = lambda: len(os.listdir('/proc/self/task'))

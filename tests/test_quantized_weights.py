@@ -9,8 +9,8 @@ from gguf import GGMLQuantizationType, quants
 from engine import LLM, SamplingParams
 from engine.gguf_weights import NATIVE_TYPES, pack_block, read_quantized_linears
 from engine.loader import gguf_source, resolve_model_dir
-from kernels import cpu
-from kernels.quant import QuantizedWeight, linear_int8_reference, linear_reference, quantize_int8
+from engine_kernels import cpu
+from engine_kernels.quant import QuantizedWeight, linear_int8_reference, linear_reference, quantize_int8
 from tiny_models import save_tiny, write_gguf
 
 _SCALE_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2], "Q6_K": [208]}  # fp16 byte offsets

@@ -8,7 +8,7 @@ of the same weights, teacher-forced over a few hundred positions of the real mod
   fp32, so the error includes quantizing the weights.
 - "bf16" (quantization="none"): bf16 weights, the AVX512-BF16 GEMV.
 - "gguf, int8 KV cache": the default weights over `kv_cache_dtype="int8"` (K and V rows
-  quantized per head, decode attention in int8: kernels/csrc/kv_int8_ops.cpp).
+  quantized per head, decode attention in int8: engine_kernels/csrc/kv_int8_ops.cpp).
 
 Every position is run as a decode (one row per forward pass over the paged cache, exactly
 as a served request's tokens are) and compared with the reference's next-token

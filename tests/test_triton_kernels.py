@@ -7,8 +7,8 @@ import pytest
 import torch
 
 assert os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
-from kernels import triton_attention as ta  # noqa: E402
-from kernels.reference import copy_blocks_ref, paged_attention_ref, write_kv_ref  # noqa: E402
+from engine_kernels import triton_attention as ta  # noqa: E402
+from engine_kernels.reference import copy_blocks_ref, paged_attention_ref, write_kv_ref  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 2e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}

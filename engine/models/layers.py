@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.quant import QuantizedWeight
+from engine_kernels.quant import QuantizedWeight
 
 
 class Linear(nn.Module):
@@ -18,7 +18,7 @@ class Linear(nn.Module):
     C++ kernels on an AVX512-BF16 CPU, decode-sized batches (up to GEMV_MAX_ROWS rows) go
     through our own weight-streaming kernel instead (`use_gemv`).
 
-    A quantized weight (`qweight`, kernels/quant.py: a GGUF's own blocks or int8) replaces
+    A quantized weight (`qweight`, engine_kernels/quant.py: a GGUF's own blocks or int8) replaces
     the dense one and runs on `quant_kernels`; `weight` is then empty."""
 
     GEMV_MAX_ROWS = 64  # measured: faster than oneDNN up to about 64 rows, slower beyond

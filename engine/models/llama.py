@@ -16,7 +16,7 @@ from torch import nn
 from engine.attention import AttentionMetadata
 from engine.config import ModelConfig
 from engine.models.layers import Linear, RMSNorm, RotaryEmbedding, SelfAttention
-from kernels.quant import QuantizedWeight, quantize_int8
+from engine_kernels.quant import QuantizedWeight, quantize_int8
 
 
 class DecoderLayer(nn.Module):
@@ -28,7 +28,7 @@ class DecoderLayer(nn.Module):
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
         self.intermediate_size = cfg.intermediate_size
-        self.cpu_ops = None  # kernels.cpu module when the fused CPU path is on
+        self.cpu_ops = None  # engine_kernels.cpu module when the fused CPU path is on
         self.decode_layer = None  # ops.DecodeLayer: the whole layer in one C++ call, decode-only steps
 
     def build_decode_layer(self, ops) -> None:

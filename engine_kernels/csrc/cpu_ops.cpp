@@ -7,7 +7,7 @@
 // fp32 math, rounding to the model dtype at the same points as the torch reference (the
 // bf16 attention sums its dot products in another order and weighs V by probabilities
 // rounded to bf16: within bf16 tolerance, tested).
-// Built at first use by kernels/cpu.py; tests compare each with its reference.
+// Built at first use by engine_kernels/cpu.py; tests compare each with its reference.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>

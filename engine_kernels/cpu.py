@@ -1,4 +1,4 @@
-"""C++ CPU kernels (kernels/csrc/: cpu_ops.cpp, quant_ops.cpp, kv_int8_ops.cpp), built on first use and cached by torch.
+"""C++ CPU kernels (engine_kernels/csrc/: cpu_ops.cpp, quant_ops.cpp, kv_int8_ops.cpp), built on first use and cached by torch.
 
 `load()` returns the compiled module, or None when no compiler is available, in which case
 callers use the plain-torch reference paths. Set ENGINE_CPU_KERNELS=0 to force that.

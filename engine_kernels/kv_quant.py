@@ -1,4 +1,4 @@
-"""The int8 KV cache's layout and its plain-torch reference (kernels/csrc/kv_int8_ops.cpp is
+"""The int8 KV cache's layout and its plain-torch reference (engine_kernels/csrc/kv_int8_ops.cpp is
 the fast form; tests hold the two to the same bytes).
 
 Each head row (one token's K or V for one KV head) is quantized on its own:

@@ -1,4 +1,4 @@
-// Linear layers over quantized weights, read in their packed form (kernels/quant.py holds
+// Linear layers over quantized weights, read in their packed form (engine_kernels/quant.py holds
 // the format and the plain-torch references):
 //   w[n, k] = scale[n, b] * code[n, k] + min[n, b],  b = k / block,
 // codes unsigned (4 bits, two per byte, or 8 bits), scales and mins fp16 or fp32. GGUF

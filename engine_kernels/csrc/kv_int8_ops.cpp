@@ -1,4 +1,4 @@
-// The int8 KV cache (`EngineConfig.kv_cache_dtype="int8"`; kernels/kv_quant.py holds the
+// The int8 KV cache (`EngineConfig.kv_cache_dtype="int8"`; engine_kernels/kv_quant.py holds the
 // layout and its plain-torch reference): each head row quantized on its own (code = round(
 // value / scale), scale = amax / 127), a layer's cache [num_blocks, Hkv, block_size / 16,
 // 16 * (D + 4)] of 16-position tiles, each tile's codes laid out for vpdpbusd and its 16
@@ -43,7 +43,7 @@ inline float quantize_row(const float* x, int64_t D, int8_t* codes) {
 }
 
 // Quantizes one head row x[D] into tile row i: K codes offset by 128 in the K layout, V
-// codes signed in the V layout (kernels/kv_quant.py), and the row's scale.
+// codes signed in the V layout (engine_kernels/kv_quant.py), and the row's scale.
 template <bool kIsK>
 inline void quantize_into_tile(uint8_t* tile, int64_t i, const float* x, int64_t D) {
   int8_t codes[256];  // D <= 256: checked by rope_write_kv_int8

@@ -1,5 +1,5 @@
 """Quantized linear weights: one packed form, its plain-torch references, and the dispatch
-to the C++ kernels (kernels/csrc/quant_ops.cpp).
+to the C++ kernels (engine_kernels/csrc/quant_ops.cpp).
 
 The form: w[n, k] = scale[n, k // block] * code[n, k] + min[n, k // block], with unsigned
 codes of 4 or 8 bits. GGUF's Q4_0, Q4_1, Q8_0, Q4_K and Q6_K and per-channel int8 all map
