@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--protect-adk-routes", action="store_true", help="require the API key on ADK's routes too")
     s.add_argument("--allow-origins", nargs="*", default=None, help="CORS origins (closed by default)")
     s.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache budget in bytes")
-    s.add_argument("--dtype", default=None, help="model dtype (default bfloat16)")
+    s.add_argument("--dtype", default=None, help="activation dtype: auto (the default: bfloat16 where the CPU "
+                   "computes it natively, else float32), bfloat16 or float32")
     s.add_argument("--max-num-seqs", type=int, default=None, help="most requests in one batch")
     s.add_argument("--quantization", default=None, choices=["gguf", "int8", "none"],
                    help="weights: a GGUF's own blocks (default for GGUF models), per-channel int8, or dense")

@@ -28,7 +28,8 @@ RUNNERS = Path(__file__).parent / "peer_runners"
 
 def measure_engine(args, label: str, options: dict, prompts, max_tokens) -> dict:
     llm = LLM(args.model, **options)
-    weights = llm.engine.stats()["weights"]
+    stats = llm.engine.stats()
+    weights = stats["weights"]
     formats, kernels = "+".join(weights["bytes_by_format"]), ", ".join(weights["linear_kernels"])
     llm.generate(prompts[:2], None, use_tqdm=False)  # warm-up
     rates = []
@@ -40,7 +41,7 @@ def measure_engine(args, label: str, options: dict, prompts, max_tokens) -> dict
     del llm
     gc.collect()
     return {"system": label, "kernels": f"{formats} linears on {kernels}; {weights['decode_path']} decode layers; "
-                                        f"{weights['kv_cache_dtype']} KV cache",
+                                        f"{weights['kv_cache_dtype']} KV cache", "platform": stats["platform"],
             "one_stream_tok_s": statistics.median(rates), "one_stream_runs": rates,
             "mixed_output_tok_s": mixed.output_tokens_per_s, "mixed_seconds": mixed.seconds,
             "mixed_note": "continuous batching, all requests at once"}

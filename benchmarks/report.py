@@ -16,15 +16,13 @@ RESULTS_DIR = Path(__file__).parent / "results"
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    """The CPU, its ISA level as the engine sees it (ENGINE_CPU_ISA caps it), threads, torch."""
+    from engine.platform import cpu_model, current_platform, machine_isa
+    p = current_platform("cpu")
+    level = p.isa if p.isa == machine_isa() else f"{p.isa} (ENGINE_CPU_ISA; the CPU runs {machine_isa()})"
+    extras = f" + {', '.join(sorted(p.features))}" if p.features else ""
+    return (f"{cpu_model()} ({platform.machine()}), ISA level {level}{extras}, {torch.get_num_threads()} threads, "
+            f"torch {torch.__version__}")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -102,24 +100,37 @@ def engine_figures(engine, mark: dict) -> dict:
             "kv_usage_peak": max((1 - s.num_free_blocks / total for s in steps), default=0.0),
             "preemptions": sum(len(s.preempted) for s in steps),
             "prefix_cache_hit_rate": (stats["prefix_cache_hits"] - mark["hits"]) / max(1, queries),
-            "weights": stats["weights"],
+            "weights": stats["weights"], "platform": stats["platform"],
             "timeline": [[round(s.time - t0, 3), s.batch_size] for s in steps]}
 
 
-def weights_line(data) -> str | None:
-    """'Weights: ...' for a report, from the first engine `weights` figure found in its data."""
+def _first(data, key: str, field: str) -> dict | None:
+    """The first dict under `key` holding `field`, anywhere in a report's data."""
     stack = [data]
     while stack:
         item = stack.pop(0)
         if isinstance(item, dict):
-            w = item.get("weights")
-            if isinstance(w, dict) and "linear_kernels" in w:
-                return (f"Weights: {' + '.join(w['bytes_by_format'])} linears on {', '.join(w['linear_kernels'])}, "
-                        f"{w['decode_path']} decode layers")
+            found = item.get(key)
+            if isinstance(found, dict) and field in found:
+                return found
             stack.extend(item.values())
         elif isinstance(item, list):
             stack.extend(item)
     return None
+
+
+def weights_line(data) -> str | None:
+    """'Weights: ...' and 'Kernels: ...' lines for a report, from the first engine figures in its data."""
+    lines = []
+    w = _first(data, "weights", "linear_kernels")
+    if w:
+        lines.append(f"Weights: {' + '.join(w['bytes_by_format'])} linears on {', '.join(w['linear_kernels'])}, "
+                     f"{w['decode_path']} decode layers")
+    p = _first(data, "platform", "kernels")
+    if p:
+        lines.append(f"Kernels ({p['isa']} level, {p['dtype']}): "
+                     + ", ".join(f"{op} {name}" for op, name in p["kernels"].items()))
+    return "\n".join(lines) or None
 
 
 @contextlib.contextmanager

@@ -53,10 +53,10 @@ class StepTimer:
 
 def profile(llm: LLM, batch: int, tokens: int, fused: bool, prompt_tokens: int = 32) -> dict:
     layers = llm.engine.runner.model.layers
-    decode_layers = [layer.decode_layer for layer in layers]
+    fused_layers = [layer.fused for layer in layers]
     if not fused:
         for layer in layers:
-            layer.decode_layer = None
+            layer.fused = None
     timer = StepTimer(llm)
     prompts = [[1] + list(range(200 + i, 200 + prompt_tokens + i)) for i in range(batch)]
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
@@ -75,11 +75,11 @@ def profile(llm: LLM, batch: int, tokens: int, fused: bool, prompt_tokens: int =
     timer.active = False
     while engine.has_unfinished():
         engine.step()
-    for layer, decode_layer in zip(layers, decode_layers):
+    for layer, fused_layer in zip(layers, fused_layers):
         del layer.forward  # the timer's wrapper
-        layer.decode_layer = decode_layer
+        layer.fused = fused_layer
     t = collections.defaultdict(float, {k: v / steps * 1e3 for k, v in timer.totals.items()})
-    return {"path": "fused" if fused and decode_layers[0] is not None else "per-op", "batch": batch, "steps": steps,
+    return {"path": "fused" if fused and fused_layers[0] is not None else "per-op", "batch": batch, "steps": steps,
             "step_ms": t["step"], "prepare": t["prepare"], "layers": t["layers"], "of_which_linears": t["linears"],
             "of_which_attention": t["attention"], "embed_and_final_norm": t["forward"] - t["layers"],
             "lm_head": t["lm_head"], "sample_and_bookkeeping": t["step"] - t["prepare"] - t["forward"] - t["lm_head"],

@@ -36,26 +36,13 @@ from engine.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 
-def _release_openmp_pool() -> None:
-    """Ends the OpenMP workers that loading the model started on this (the caller's) thread.
-    The step thread runs every kernel; with a second pool alive the process has more OpenMP
-    threads than two cores, libgomp stops all workers spin-waiting between regions, and
-    every kernel pays a futex wake-up (measured: decode steps 1.5-1.9x longer than the same
-    engine stepped on the thread that loaded it). Caller code that opens parallel regions
-    later starts a pool again: correct, only slower."""
-    from engine_kernels.cpu import load
-    ops = load()
-    if ops is not None:
-        ops.release_openmp_pool()
-
-
 class AsyncLLM:
     def __init__(self, config: EngineConfig | None = None, **engine_options) -> None:
         if config is None:
             config = EngineConfig(**engine_options)
         self.engine = LLMEngine(config)
         self.config = config
-        _release_openmp_pool()
+        self.engine.platform.release_openmp_pool()  # the step thread runs the kernels: see its docstring
         if self.engine.tokenizer is not None:  # the step thread's own copy for detokenizing
             self.engine.outputs.tokenizer = copy.deepcopy(self.engine.tokenizer)
         # Guards the inbox, aborts and the id maps only (short sections); the engine itself

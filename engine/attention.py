@@ -1,4 +1,5 @@
-"""Attention over the paged KV cache for one flattened varlen batch: the torch paths.
+"""Attention over the paged KV cache for one flattened varlen batch: the torch paths (the
+torch backend's, and the cpu backend's for prompt chunks).
 
 The batch puts all single-token decodes first, then prefill chunks. Metadata is built
 once per step (`AttentionMetadata`, by the step's backend, see `engine.attention_backends`)
@@ -62,43 +63,14 @@ def read_cache(cache: torch.Tensor, block_ids: torch.Tensor, kind: str, dtype: t
     return kv_quant.read(blocks, kind, dtype) if cache.dtype == torch.uint8 else blocks
 
 
-def torch_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          k_cache: torch.Tensor, v_cache: torch.Tensor,
+def torch_paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           meta: AttentionMetadata, scale: float, window: int | None = None) -> torch.Tensor:
-    """q: [T, H, D]; k, v: [T, Hkv, D] (already written to the cache). Returns [T, H, D]."""
+    """q: [T, H, D]; the step's K/V already in the caches. Returns [T, H, D]."""
     out = torch.empty_like(q)
     if meta.num_decodes:
         out[:meta.num_decodes] = _torch_decode(q[:meta.num_decodes], k_cache, v_cache, meta, scale, window)
-    _torch_prefills(out, q, k, v, k_cache, v_cache, meta, scale, window)
+    torch_prefills(out, q, k_cache, v_cache, meta, scale, window)
     return out
-
-
-def cpu_paged_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
-                        window: int | None = None) -> torch.Tensor:
-    """The torch path with decodes done by the C++ kernel (engine_kernels/csrc/cpu_ops.cpp); the
-    kernel attends to whole contexts, so sliding-window layers decode on the torch path."""
-    from engine_kernels.cpu import load
-    if window is not None:
-        return torch_paged_attention(q, k, v, k_cache, v_cache, meta, scale, window)
-    nd = meta.num_decodes
-    q = q.contiguous()  # the unfused layers hand a view of q/k
-    if nd and not meta.prefills:
-        return load().paged_decode_attention(q, k_cache, v_cache, meta.decode_block_tables,
-                                             meta.decode_seq_lens, scale)
-    out = torch.empty_like(q)
-    if nd:
-        out[:nd] = load().paged_decode_attention(q[:nd], k_cache, v_cache, meta.decode_block_tables,
-                                                 meta.decode_seq_lens, scale)
-    _torch_prefills(out, q, k, v, k_cache, v_cache, meta, scale, read=_cpu_read_cache)
-    return out
-
-
-def _cpu_read_cache(cache: torch.Tensor, block_ids: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
-    """read_cache with an int8 cache dequantized by the C++ kernel (bit for bit kv_quant.read)."""
-    if cache.dtype != torch.uint8:
-        return read_cache(cache, block_ids, kind, dtype)
-    from engine_kernels.cpu import load
-    return load().dequantize_kv_blocks(cache, block_ids, kind == "k", dtype)
 
 
 def _torch_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None) -> torch.Tensor:
@@ -117,19 +89,16 @@ def _torch_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, wi
     return od.squeeze(2)
 
 
-def _torch_prefills(out, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
-                    window: int | None = None, read=read_cache) -> None:
-    """Each prompt chunk: causal attention over its cached context plus its own tokens."""
+def torch_prefills(out, q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+                   window: int | None = None, read=read_cache) -> None:
+    """Each prompt chunk: causal attention over its cached context plus its own tokens, all
+    read from the cache (its own K/V were written there first; an int8 cache is read back,
+    so every token attends to the values stored, as the later decodes will)."""
     for p in meta.prefills:
         rows = slice(p.start, p.start + p.num_tokens)
         qp = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
-        # No earlier context: this step's K/V are all of it (an int8 cache is read back).
-        fresh = p.context_len == p.num_tokens and k_cache.dtype != torch.uint8
-        if fresh:
-            kp, vp = k[rows], v[rows]
-        else:
-            kp = read(k_cache, p.block_table, "k", q.dtype).flatten(0, 1)[:p.context_len]
-            vp = read(v_cache, p.block_table, "v", q.dtype).flatten(0, 1)[:p.context_len]
+        kp = read(k_cache, p.block_table, "k", q.dtype).flatten(0, 1)[:p.context_len]
+        vp = read(v_cache, p.block_table, "v", q.dtype).flatten(0, 1)[:p.context_len]
         if p.context_len == p.num_tokens and window is None:  # plain causal attention
             mask, causal = None, True
         else:
@@ -142,6 +111,3 @@ def _torch_prefills(out, q, k, v, k_cache, v_cache, meta: AttentionMetadata, sca
         op = F.scaled_dot_product_attention(qp, kp.transpose(0, 1).unsqueeze(0), vp.transpose(0, 1).unsqueeze(0),
                                             attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
         out[rows] = op.squeeze(0).transpose(0, 1)
-
-
-

@@ -1,13 +1,15 @@
-"""Attention backends: each builds its step metadata and owns its forward variant.
+"""The step's ops: each backend builds its step's attention metadata and runs the ops a
+decoder layer calls (norms, RoPE with the K/V write, attention, the gated activation).
 
-- `torch`: the plain-torch reference (any device).
-- `cpu`: the torch path with decodes in the C++ kernel, and the model's layers on their
-  fused C++ ops (RoPE writes K/V itself). The default on CPU when the kernels build.
-- `triton`: engine_kernels/triton_attention.py over one varlen description of the batch (GPU; the
-  interpreter in tests).
+- `torch`: the plain-torch references (engine_kernels/reference.py, engine/attention.py),
+  any device.
+- `cpu`: the C++ kernels the platform built for its ISA level (engine_kernels/csrc/):
+  every op, decodes' attention included; prompt chunks attend on the torch path.
+- `triton`: engine_kernels/triton_attention.py over one varlen description of the batch
+  (GPU; the interpreter in tests); the other ops in torch.
 
-A backend is chosen once, by name, device and dtype; `check_dtype` refuses a dtype a
-backend cannot run before any weights load.
+`make_backend` chooses one from the name, the device and the platform; `check_backend`
+refuses a combination that cannot run, before any weights load.
 """
 from __future__ import annotations
 
@@ -15,9 +17,9 @@ import torch
 
 from engine import attention as torch_attention
 from engine.attention import AttentionMetadata, PrefillSeq
+from engine_kernels import reference
 
-# Which devices and dtypes each backend runs. float16 on CPU: oneDNN's fp16 matmuls and
-# our kernels are bf16/fp32 only.
+# Which devices and dtypes each backend runs (what the platform allows on top: engine/platform.py)
 _SUPPORT = {
     "torch": {"cpu": (torch.bfloat16, torch.float32), "cuda": (torch.bfloat16, torch.float16, torch.float32)},
     "cpu": {"cpu": (torch.bfloat16, torch.float32)},
@@ -26,9 +28,13 @@ _SUPPORT = {
 }
 
 
-def check_dtype(name: str | None, device: str, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> None:
+def default_backend(device_type: str) -> str:
+    return "triton" if device_type == "cuda" else "cpu"
+
+
+def check_backend(name: str | None, device: str, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> None:
     kind = torch.device(device).type
-    name = name or ("triton" if kind == "cuda" else "cpu")
+    name = name or default_backend(kind)
     if kv_cache_dtype == "int8" and name == "triton":
         raise ValueError("EngineConfig.kv_cache_dtype 'int8' runs on the 'cpu' and 'torch' attention backends; "
                          "the 'triton' kernels read caches in the model dtype")
@@ -38,10 +44,8 @@ def check_dtype(name: str | None, device: str, dtype: torch.dtype, kv_cache_dtyp
     if kind not in devices:
         raise ValueError(f"attention backend {name!r} does not run on {kind}")
     if dtype not in devices[kind]:
-        why = (": its matmul and attention kernels run in bfloat16 or float32; use dtype='bfloat16'"
-               if dtype == torch.float16 and kind == "cpu" else "")
         raise ValueError(f"EngineConfig.dtype {str(dtype).removeprefix('torch.')!r} is not supported "
-                         f"by the {name!r} attention backend on {kind.upper()}{why}")
+                         f"by the {name!r} attention backend on {kind.upper()}")
 
 
 class Seq:
@@ -57,7 +61,6 @@ class Seq:
 
 class TorchBackend:
     name = "torch"
-    fused_kv_write = False  # the layer writes K/V before attending
 
     def __init__(self, block_size: int, device: torch.device) -> None:
         self.block_size = block_size
@@ -65,9 +68,6 @@ class TorchBackend:
 
     def _tensor(self, data, dtype=torch.int64) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype, device=self.device)
-
-    def prepare_model(self, model) -> None:
-        pass
 
     def build_metadata(self, slot_mapping: torch.Tensor, decodes: list[Seq], prefills: list[Seq]) -> AttentionMetadata:
         bs = self.block_size
@@ -84,23 +84,68 @@ class TorchBackend:
                                 < meta.decode_seq_lens[:, None]).view(len(decodes), 1, 1, width * bs)
         return meta
 
+    # -- the layer's ops ----------------------------------------------------------------
+    rms_norm = staticmethod(reference.rms_norm)
+    add_rms_norm_ = staticmethod(reference.add_rms_norm_)
+    head_rms_norm_ = staticmethod(reference.head_rms_norm_)
+    act_and_mul = staticmethod(reference.act_and_mul)
     write_kv = staticmethod(torch_attention.write_kv)
     attend = staticmethod(torch_attention.torch_paged_attention)
+
+    def rope_and_write_kv(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                          v_cache: torch.Tensor, slots: torch.Tensor, num_heads: int, num_kv_heads: int,
+                          head_dim: int) -> torch.Tensor:
+        """Rotates q and k of qkv [T, (H + 2 Hkv) D], writes k and v into the caches at
+        `slots`; returns q [T, H, D]."""
+        T, H = qkv.shape[0], num_heads
+        qk = reference.apply_rope(qkv[:, :(H + num_kv_heads) * head_dim].view(T, H + num_kv_heads, head_dim), cos, sin)
+        v = qkv[:, (H + num_kv_heads) * head_dim:].view(T, num_kv_heads, head_dim)
+        self.write_kv(k_cache, v_cache, qk[:, H:], v, slots)
+        return qk[:, :H]
+
+    def kernel_names(self, dtype: torch.dtype, head_dim: int, group: int, kv_cache_dtype: str) -> dict[str, str]:
+        return {"norms": "torch", "rope_kv_write": "torch", "activation": "torch", "decode_attention": "torch_sdpa",
+                "prefill_attention": "torch_sdpa"}
 
 
 class CpuBackend(TorchBackend):
     name = "cpu"
-    fused_kv_write = True  # the layer's fused RoPE kernel writes K/V
 
     def __init__(self, block_size: int, device: torch.device, ops) -> None:
         super().__init__(block_size, device)
         self.ops = ops
+        self.rms_norm = ops.rms_norm
+        self.add_rms_norm_ = ops.fused_add_rms_norm
+        self.head_rms_norm_ = ops.head_rms_norm
+        self.rope_and_write_kv = ops.rope_and_write_kv
+        self.act_and_mul = ops.act_and_mul
 
-    def prepare_model(self, model) -> None:
-        model.use_cpu_kernels(self.ops)
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+               scale: float, window: int | None = None) -> torch.Tensor:
+        """Decodes by the C++ kernel, prompt chunks on the torch path (an int8 cache read by
+        the C++ dequantizer)."""
+        nd = meta.num_decodes
+        if nd and not meta.prefills:
+            return self.ops.paged_decode_attention(q, k_cache, v_cache, meta.decode_block_tables,
+                                                   meta.decode_seq_lens, scale, window or 0)
+        out = torch.empty_like(q)
+        if nd:
+            out[:nd] = self.ops.paged_decode_attention(q[:nd], k_cache, v_cache, meta.decode_block_tables,
+                                                       meta.decode_seq_lens, scale, window or 0)
+        torch_attention.torch_prefills(out, q, k_cache, v_cache, meta, scale, window, read=self._read_cache)
+        return out
 
-    write_kv = staticmethod(torch_attention.write_kv)  # for layers without the fused path
-    attend = staticmethod(torch_attention.cpu_paged_attention)
+    def _read_cache(self, cache: torch.Tensor, block_ids: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
+        if cache.dtype != torch.uint8:
+            return torch_attention.read_cache(cache, block_ids, kind, dtype)
+        return self.ops.dequantize_kv_blocks(cache, block_ids, kind == "k", dtype)
+
+    def kernel_names(self, dtype: torch.dtype, head_dim: int, group: int, kv_cache_dtype: str) -> dict[str, str]:
+        isa = self.ops.isa_level()
+        attention = (f"{isa}_int8_tiles" if kv_cache_dtype == "int8"
+                     else self.ops.attention_kernel_name(dtype, head_dim, group))
+        return {"norms": f"{isa}_cpp", "rope_kv_write": f"{isa}_cpp", "activation": f"{isa}_cpp",
+                "decode_attention": attention, "prefill_attention": "torch_sdpa"}
 
 
 class TritonBackend(TorchBackend):
@@ -127,11 +172,15 @@ class TritonBackend(TorchBackend):
         meta.max_seq_len = max(s.context_len for s in rows)
         return meta
 
-    def attend(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+    def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
                window: int | None = None) -> torch.Tensor:
         return self.kernels.paged_attention(q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens,
                                            meta.block_tables, scale, meta.max_query_len, meta.max_seq_len,
                                            window=window)
+
+    def kernel_names(self, dtype: torch.dtype, head_dim: int, group: int, kv_cache_dtype: str) -> dict[str, str]:
+        return super().kernel_names(dtype, head_dim, group, kv_cache_dtype) | {
+            "decode_attention": "triton", "prefill_attention": "triton", "rope_kv_write": "torch+triton"}
 
 
 def _padded(block_ids: list[int], width: int) -> list[int]:
@@ -139,20 +188,19 @@ def _padded(block_ids: list[int], width: int) -> list[int]:
     return row + [0] * (width - len(row))
 
 
-def make_backend(name: str | None, block_size: int, device: torch.device, dtype: torch.dtype,
+def make_backend(name: str | None, block_size: int, device: torch.device, dtype: torch.dtype, platform,
                  kv_cache_dtype: str = "auto", head_dim: int = 64) -> TorchBackend:
-    """The named backend; None picks triton on CUDA, else cpu when the C++ kernels build
-    (else torch). An int8 KV cache (check_dtype refused it on triton) needs the C++
-    int8 attention (AVX512-VNNI) for cpu; without it None picks torch."""
-    from engine_kernels.cpu import load as cpu_kernels
-    check_dtype(name, str(device), dtype)
-    ops = cpu_kernels() if device.type == "cpu" else None
+    """The named backend; None picks triton on CUDA, else cpu when the platform has C++
+    kernels (else torch). An int8 KV cache on the cpu backend needs head_dim 64, 128 or 256
+    (the C++ int8 attention); without it None picks torch."""
+    check_backend(name, str(device), dtype, kv_cache_dtype)
+    ops = platform.ops if device.type == "cpu" else None
     int8_ok = kv_cache_dtype != "int8" or (ops is not None and ops.int8_attention_supported(head_dim))
     if name is None:
-        name = "triton" if device.type == "cuda" else ("cpu" if ops and int8_ok else "torch")
+        name = default_backend(device.type) if (ops is not None or device.type == "cuda") and int8_ok else "torch"
     if name == "cpu" and ops is not None and not int8_ok:
-        raise ValueError("kv_cache_dtype 'int8' on the 'cpu' attention backend needs AVX512-VNNI and head_dim "
-                         f"64, 128 or 256 (here head_dim {head_dim}); use attention_backend='torch'")
+        raise ValueError("kv_cache_dtype 'int8' on the 'cpu' attention backend needs head_dim 64, 128 or 256 "
+                         f"(here head_dim {head_dim}); use attention_backend='torch'")
     if name == "triton":
         return TritonBackend(block_size, device)
     if name == "cpu":

@@ -7,10 +7,11 @@ from typing import Literal
 
 import torch
 
-from engine.attention_backends import check_dtype
+from engine.attention_backends import check_backend
+from engine.platform import current_platform
 from engine_kernels import kv_quant
 
-_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
            "fp16": torch.float16, "half": torch.float16, "float32": torch.float32,
            "fp32": torch.float32, "float": torch.float32}
 
@@ -64,7 +65,7 @@ class ModelConfig:
 class EngineConfig:
     """Field names are the public contract (see README); `LLM(**fields)` takes the same."""
     model: str = "smollm2-135m-instruct"
-    dtype: str = "bfloat16"
+    dtype: str = "auto"                       # "auto": bfloat16 where the hardware computes it natively, else float32
     device: str | None = None                 # default: cuda if present, else cpu
     seed: int = 0                             # seed for random (`dummy`) weights
     block_size: int = 16
@@ -93,9 +94,9 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.device is None:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
-        check_dtype(self.attention_backend, self.device, _DTYPES[self.dtype], self.kv_cache_dtype)
+        # the name of what runs: "auto" resolved, aliases ("bf16", "fp32", ...) spelled out
+        self.dtype = current_platform(self.device).resolve_dtype(self.dtype)
+        check_backend(self.attention_backend, self.device, DTYPES[self.dtype], self.kv_cache_dtype)
         _check(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size", self.block_size,
                "a power of two from 1 to 128")
         _check(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, ">= 1")
@@ -119,7 +120,7 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
+        return DTYPES[self.dtype]
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "EngineConfig":

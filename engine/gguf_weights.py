@@ -33,7 +33,7 @@ _LINEAR_NAMES = {
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-NATIVE_TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K")
+NATIVE_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 
 
 def hf_name(gguf_name: str) -> str | None:
@@ -75,6 +75,28 @@ def pack_block(kind: str, raw: np.ndarray) -> QuantizedWeight:
         qs = blocks[:, :, 4:] if kind == "Q4_1" else blocks[:, :, 2:]
         mins = torch.from_numpy(_f16(blocks, 2)) if kind == "Q4_1" else (-8.0 * d.float()).half()
         return QuantizedWeight.from_rows(_nibbles(qs, 16), d, mins, 4, 32, kind.lower())
+    if kind in ("Q5_0", "Q5_1"):
+        blocks = raw.reshape(N, -1, 22 if kind == "Q5_0" else 24)
+        at = 2 if kind == "Q5_0" else 4
+        d = torch.from_numpy(_f16(blocks, 0))
+        qh = blocks[:, :, at:at + 4].copy().view("<u4")[..., 0]  # bit j: the 5th bit of value j
+        high = (qh[..., None] >> np.arange(32, dtype=np.uint32)) & 1
+        codes = _nibbles(blocks[:, :, at + 4:], 16).view(N, -1, 32) | torch.from_numpy((high << 4).astype(np.uint8))
+        if kind == "Q5_1":
+            return QuantizedWeight.from_rows(codes.reshape(N, -1), d, torch.from_numpy(_f16(blocks, 2)), 8, 32, "q5_1")
+        mins = -16.0 * d.float()
+        exact = torch.isfinite(mins.half()).all()
+        return QuantizedWeight.from_rows(codes.reshape(N, -1), d if exact else d.float(),
+                                         mins.half() if exact else mins, 8, 32, "q5_0")
+    if kind == "Q5_K":
+        blocks = raw.reshape(N, -1, 176)
+        d, dmin = _f16(blocks, 0).astype(np.float32), _f16(blocks, 2).astype(np.float32)
+        sc, m = _k4_scales_mins(blocks[:, :, 4:16])
+        high = (blocks[:, :, None, 16:48] >> np.arange(8, dtype=np.uint8)[None, None, :, None]) & 1  # [N, nb, 8, 32]
+        codes = _nibbles(blocks[:, :, 48:], 32).view(N, -1, 8, 32) | torch.from_numpy((high << 4).astype(np.uint8))
+        scales = torch.from_numpy(d[..., None] * sc).reshape(N, -1)
+        mins = torch.from_numpy(-(dmin[..., None] * m)).reshape(N, -1)
+        return QuantizedWeight.from_rows(codes.reshape(N, -1), scales, mins, 8, 32, "q5_k")
     if kind == "Q4_K":
         blocks = raw.reshape(N, -1, 144)
         d, dmin = _f16(blocks, 0).astype(np.float32), _f16(blocks, 2).astype(np.float32)

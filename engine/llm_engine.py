@@ -23,6 +23,7 @@ from engine.config import EngineConfig, num_kv_blocks
 from engine.input_processor import InputProcessor, PromptType
 from engine.loader import load_model, max_positions
 from engine.model_runner import ModelRunner
+from engine.platform import current_platform
 from engine.output_processor import OutputProcessor
 from engine.request import Logprob, Request, RequestOutput, RequestStatus
 from engine.sampling_params import SamplingParams
@@ -85,10 +86,13 @@ class LLMEngine:
         kv_buffer = torch.zeros((2 * self.model_config.num_layers, *shape),
                                 dtype=torch.uint8 if int8_kv else config.torch_dtype, device=self.device)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.platform = current_platform(self.device)
         backend = make_backend(config.attention_backend, config.block_size, self.device, config.torch_dtype,
-                               config.kv_cache_dtype, head_dim)
-        self.runner = ModelRunner(loaded.model, kv_buffer, config.block_size, backend, config.seed)
+                               self.platform, config.kv_cache_dtype, head_dim)
+        self.platform.prepare_model(loaded.model, config.torch_dtype, backend)
+        self.runner = ModelRunner(loaded.model, kv_buffer, config.block_size, backend, self.platform, config.seed)
         self.weights = self._describe_weights()
+        self.platform_info = self._describe_platform()
         swapper = None
         if config.preemption_mode == "swap":
             from engine.swap import Swapper
@@ -107,7 +111,7 @@ class LLMEngine:
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
         log.info("engine ready: %s, %s on %s (%s attention), %d KV blocks of %d tokens (%s), max_model_len %d",
-                 config.model, config.dtype, config.device, backend.name, num_blocks, config.block_size,
+                 config.model, config.dtype, self.platform, backend.name, num_blocks, config.block_size,
                  "int8" if int8_kv else config.dtype, self.max_model_len)
 
     # -- requests ------------------------------------------------------------------------
@@ -279,10 +283,23 @@ class LLMEngine:
         decode steps take the one-call C++ layer (`fused`) or the per-op path. Fixed once the
         runner is built (stats() runs every step: computed once)."""
         model = self.runner.model
-        fused = all(getattr(layer, "decode_layer", None) is not None for layer in model.layers)
+        fused = all(layer.fused is not None for layer in model.layers)
         return {"bytes_by_format": model.weight_formats(), "linear_kernels": model.linear_kernels(),
                 "decode_path": "fused" if fused else "per-op", "attention_backend": self.runner.attention.name,
                 "kv_cache_dtype": "int8" if self.config.kv_cache_dtype == "int8" else self.config.dtype}
+
+    def _describe_platform(self) -> dict:
+        """Where it runs: device, ISA level, CPU, dtype, and the kernel behind each op."""
+        cfg, mcfg, model = self.config, self.model_config, self.runner.model
+        kernels = {"linear": "+".join(model.linear_kernels())}
+        kernels |= self.runner.attention.kernel_names(cfg.torch_dtype, mcfg.head_dim,
+                                                      mcfg.num_heads // mcfg.num_kv_heads, cfg.kv_cache_dtype)
+        kernels["decode_layer"] = "fused_cpp" if all(layer.fused is not None for layer in model.layers) else "per-op"
+        ops = self.platform.ops
+        kernels["sampling_argmax"] = f"{ops.isa_level()}_cpp" if ops is not None else "torch"
+        kernels["grammar_bitmask"] = (f"{ops.isa_level()}_cpp" if ops is not None else
+                                      "xgrammar" if self.device.type == "cuda" else "torch")
+        return self.platform.describe() | {"dtype": cfg.dtype, "kernels": kernels}
 
     def stats(self) -> dict:
         sched = self.scheduler
@@ -305,4 +322,5 @@ class LLMEngine:
             "grammar_cache_hits": self.grammars.cache_hits,
             "grammar_cache_misses": self.grammars.cache_misses,
             "weights": self.weights,
+            "platform": self.platform_info,
         }

@@ -34,7 +34,6 @@ from engine.config import EngineConfig, ModelConfig
 from engine.gguf_weights import cached_quantized_linears
 from engine.models.gemma3 import Gemma3ForCausalLM
 from engine.models.llama import CausalLM, LlamaForCausalLM
-from engine_kernels.quant import QuantizedLinearKernels
 
 log = logging.getLogger(__name__)
 
@@ -275,20 +274,8 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
         model.load_hf_state_dict(weights)
     if cfg.quantization == "int8":
         model.quantize_int8()
-    model.place_quantized(_quant_kernels(device))
     model.eval()
-    model.prepack()
     return LoadedModel(model=model, model_config=mcfg, tokenizer=tokenizer, sampling_defaults=sampling_defaults(gen))
-
-
-def _quant_kernels(device: torch.device) -> QuantizedLinearKernels | None:
-    """The quantized-linear kernels for `device`: the C++ ones on CPU (or, without a
-    compiler, the dequantize-then-matmul reference); None on GPU (dequantized at load)."""
-    if device.type != "cpu":
-        return None
-    from engine_kernels import cpu
-
-    return QuantizedLinearKernels(cpu.load())
 
 
 def _text_model_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention_backends import Seq, TorchBackend
-from engine.models.llama import LlamaForCausalLM
+from engine.models.llama import CausalLM
 from engine.request import Request
 from engine.sampler import Sampler
 from engine.scheduler import SchedulerOutput
@@ -27,16 +27,15 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, kv_buffer: torch.Tensor, block_size: int,
-                 attention: TorchBackend, seed: int = 0) -> None:
+    def __init__(self, model: CausalLM, kv_buffer: torch.Tensor, block_size: int,
+                 attention: TorchBackend, platform, seed: int = 0) -> None:
         self.model = model
         self.kv_buffer = kv_buffer  # [2 * layers, blocks, block_size, kv heads, head dim]
         self.kv_caches = [(kv_buffer[2 * i], kv_buffer[2 * i + 1]) for i in range(kv_buffer.shape[0] // 2)]
         self.block_size = block_size
         self.device = kv_buffer.device
-        self.attention = attention
-        attention.prepare_model(model)
-        self.sampler = Sampler(self.device, seed)
+        self.attention = attention  # the step's ops (engine/attention_backends.py)
+        self.sampler = Sampler(self.device, platform, seed)
 
     def _tensor(self, data, dtype=torch.int64) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype, device=self.device)

@@ -26,7 +26,6 @@ import torch
 import xgrammar as xgr
 
 from engine.sampling_params import StructuredOutputsParams
-from engine_kernels.cpu import load as cpu_kernels
 
 
 class GrammarCompiler:
@@ -178,12 +177,12 @@ def _first_line(exc: BaseException) -> str:
 
 
 class GrammarBitmask:
-    """One reusable bitmask buffer for the constrained rows of a step."""
+    """One reusable bitmask buffer for the constrained rows of a step; the platform applies it."""
 
-    def __init__(self, vocab_size: int) -> None:
+    def __init__(self, vocab_size: int, platform) -> None:
         self.vocab_size = vocab_size
         self.buffer = xgr.allocate_token_bitmask(1, vocab_size)
-        self.cpu_kernels = cpu_kernels()
+        self.platform = platform
 
     def apply(self, logits: torch.Tensor, matchers: list) -> None:
         """logits: [N, V] fp32, row i belongs to matchers[i] (None: unconstrained)."""
@@ -196,24 +195,4 @@ class GrammarBitmask:
         bitmask = self.buffer[:n]
         for i in rows:
             matchers[i].fill_next_token_bitmask(bitmask, i)
-        if logits.is_cuda:
-            xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
-                                            vocab_size=self.vocab_size, indices=rows)
-        elif self.cpu_kernels is not None:  # xgrammar's CPU kernel is ~10x slower on real masks
-            self.cpu_kernels.apply_token_bitmask(logits, bitmask, torch.tensor(rows, dtype=torch.int64))
-        else:
-            apply_token_bitmask_ref(logits, bitmask, rows)
-
-
-_BITS = 1 << torch.arange(32, dtype=torch.int32)
-
-
-def apply_token_bitmask_ref(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
-    """Plain-torch reference: logits[r, j] = -inf where bit j of bitmask[r] is 0 (token ids
-    past the bitmask are masked too)."""
-    idx = torch.tensor(rows, dtype=torch.int64, device=logits.device)
-    allowed = (bitmask[idx].unsqueeze(-1) & _BITS.to(bitmask.device)).ne(0).view(len(rows), -1)
-    vocab = logits.shape[1]
-    if allowed.shape[1] < vocab:
-        allowed = torch.cat([allowed, allowed.new_zeros(len(rows), vocab - allowed.shape[1])], dim=1)
-    logits[idx] = logits[idx].masked_fill(~allowed[:, :vocab], float("-inf"))
+        self.platform.apply_token_bitmask(logits, bitmask, rows)

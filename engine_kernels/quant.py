@@ -1,9 +1,9 @@
-"""Quantized linear weights: one packed form, its plain-torch references, and the dispatch
-to the C++ kernels (engine_kernels/csrc/quant_ops.cpp).
+"""Quantized linear weights: one packed form and its plain-torch references (the C++ kernel
+is engine_kernels/csrc/quant_ops.cpp; engine/platform.py puts a weight on it).
 
 The form: w[n, k] = scale[n, k // block] * code[n, k] + min[n, k // block], with unsigned
-codes of 4 or 8 bits. GGUF's Q4_0, Q4_1, Q8_0, Q4_K and Q6_K and per-channel int8 all map
-onto it exactly (engine/gguf_weights.py packs them), so one kernel serves them all.
+codes of 4 or 8 bits. GGUF's Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K and Q6_K and per-channel int8 all
+map onto it exactly (engine/gguf_weights.py packs them), so one kernel serves them all.
 
 Layout, in panels of 16 output rows (the kernel's 16 lanes are output rows, so no
 horizontal sums): codes [N/16, K*bits/32, 64] uint8, where in panel p, group g, byte
@@ -15,6 +15,7 @@ mins fp16 where that is exact (Q4_0, Q4_1, Q8_0: their own fp16), fp32 otherwise
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,20 @@ class QuantizedWeight:
             return t.reshape(N // PANEL, PANEL, -1).transpose(1, 2).contiguous()
 
         return cls(packed.contiguous(), panels(scales), panels(mins), bits, block, fmt)
+
+    @functools.cached_property
+    def code_kind(self) -> int:
+        """What the kernels may assume of the codes (AVX2's byte dot products saturate at 16
+        bits; engine_kernels/csrc/quant_ops.cpp): 4 for 4-bit codes; for 8-bit ones 7 if
+        every code is below 128 (Q6_K, Q5_K), 8 if every code is in [1, 255] of a weight
+        whose min is -128 * scale (Q8_0, int8: code - 128 is a signed value), else 9."""
+        if self.bits == 4:
+            return 4
+        lo, hi = torch.aminmax(self.codes)
+        if int(hi) < 128:
+            return 7
+        symmetric = torch.equal(self.mins.float(), -128.0 * self.scales.float())
+        return 8 if int(lo) >= 1 and symmetric else 9
 
     @property
     def out_features(self) -> int:
@@ -160,21 +175,3 @@ def linear_int8_reference(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tenso
                         w.row_codes().view(-1, nb, w.block).double())
     y = (dots * (scales.double().unsqueeze(0) * dx.double().unsqueeze(1))).sum(2) + sx.double() @ mins.double().T
     return (y if bias is None else y + bias.double()).to(x.dtype)
-
-
-class QuantizedLinearKernels:
-    """Runs a QuantizedWeight with the C++ kernel where the machine has it (AVX512-VNNI), at
-    every batch size, so no dense copy is ever held (measured on SmolLM2: decode well ahead
-    of the bf16 GEMV at every batch; prefill on par with bf16 on oneDNN, 2,339 vs 2,092
-    prompt tokens/s in one run); without it, the dequantize-then-matmul reference."""
-
-    def __init__(self, ops) -> None:
-        self.ops = ops if ops is not None and ops.has_quant_kernels() else None
-
-    def name(self) -> str:
-        return "avx512_vnni" if self.ops is not None else "torch_dequantize"
-
-    def __call__(self, x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.ops is None:
-            return torch.nn.functional.linear(x, w.dequantize(x.dtype), bias)
-        return self.ops.quant_linear(x, w.codes, w.scales, w.mins, w.bits, w.block, bias)

@@ -54,3 +54,38 @@ def smollm2_server():
                      num_kv_blocks=2048)
     with LiveServer(create_app(agents_dir="agents", model=SERVER_MODEL)) as s:
         yield s
+
+
+# -- the ISA levels of the C++ CPU kernels ---------------------------------------------------
+# Every level this CPU runs is tested (an AVX-512 machine runs all three); a level it lacks
+# is skipped with the reason. engine/platform.py decides levels; engine_kernels/cpu.py builds.
+from engine.platform import cpu_model, supported_isas  # noqa: E402
+from engine_kernels.cpu import ISA_LEVELS  # noqa: E402
+
+
+def isa_param(level: str):
+    return pytest.param(level, id=level, marks=pytest.mark.skipif(
+        level not in supported_isas(), reason=f"this CPU ({cpu_model()}) lacks the {level} level"))
+
+
+ISA_PARAMS = [isa_param(level) for level in ISA_LEVELS]
+
+
+@pytest.fixture(scope="session", params=ISA_PARAMS)
+def kernels(request):
+    """The C++ kernels of one ISA level (every level this CPU runs, in turn)."""
+    from engine_kernels import cpu
+    k = cpu.load(request.param)
+    if k is None:
+        if os.environ.get("CI") == "true":  # CI machines have a compiler: never skip silently there
+            raise RuntimeError("the C++ CPU kernels failed to build")
+        pytest.skip("no C++ compiler for the CPU kernels")
+    return k
+
+
+@pytest.fixture(scope="module", params=ISA_PARAMS)
+def cpu_isa(request):
+    """Runs a module's engines at one ISA level (ENGINE_CPU_ISA), every level this CPU runs."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ENGINE_CPU_ISA", request.param)
+        yield request.param

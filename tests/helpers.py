@@ -46,3 +46,4 @@ def fail_next_forward(engine: LLMEngine, exc: Exception) -> None:
         del model.forward  # back to the class's forward
         raise exc
     model.forward = failing
+

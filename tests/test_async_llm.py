@@ -188,8 +188,8 @@ def test_bad_request_is_refused_at_once_and_others_carry_on(engine, reference):
 _OPENMP_PROBE = """
 import os, torch
 from engine import AsyncLLM
-from engine_kernels.cpu import load
-ops = load()
+from engine.platform import current_platform
+ops = current_platform("cpu").ops
 torch.set_num_threads(2)
 tasks = lambda: len(os.listdir('/proc/self/task'))
 torch.ones(1 << 24).sum()  # a parallel region on this thread: libgomp starts its pool

@@ -2,8 +2,6 @@
 plain-torch reference (engine_kernels/kv_quant.py), and the engine's block moves (swap, prefix
 sharing) carrying scales with their codes. Quality on the real model is held in
 test_served_config_accuracy.py."""
-import os
-
 import pytest
 import torch
 
@@ -11,15 +9,9 @@ from engine import LLM, EngineConfig, SamplingParams
 from engine.attention import AttentionMetadata, torch_paged_attention
 from engine.config import num_kv_blocks
 from engine.loader import DUMMY_SHAPES
-from engine.models.layers import apply_rope
+from engine_kernels.reference import apply_rope
 from helpers import assert_all_blocks_free
 from engine_kernels import kv_quant
-from engine_kernels.cpu import load
-
-ops = load()
-if ops is None and os.environ.get("CI") == "true":
-    raise RuntimeError("the C++ CPU kernels failed to build")
-kernels = pytest.mark.skipif(ops is None or not ops.int8_attention_supported(64), reason="CPU without AVX512-VNNI")
 
 
 def _cache(num_blocks, block_size, num_kv_heads, head_dim):
@@ -44,33 +36,31 @@ def test_written_rows_read_back_within_half_a_step_at_their_slots_and_nothing_el
         assert (back[untouched] == 0).all()
 
 
-@kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rope_kernel_writes_the_reference_bytes_into_an_int8_cache(dtype):
+def test_rope_kernel_writes_the_reference_bytes_into_an_int8_cache(kernels, dtype):
     T, H, Hkv, D, bs = 7, 6, 2, 64, 32
     qkv = torch.randn(T, (H + 2 * Hkv) * D, dtype=dtype) * 3
     cos, sin = torch.randn(T, D, dtype=dtype), torch.randn(T, D, dtype=dtype)
     kc, vc = _cache(4, bs, Hkv, D), _cache(4, bs, Hkv, D)
     slots = torch.tensor([3, 9, 16, 31, 0, 100, 64])
-    q = ops.rope_and_write_kv(qkv, cos, sin, kc, vc, slots, H, Hkv, D)
-    qk = apply_rope(qkv[:, :(H + Hkv) * D].view(T, H + Hkv, D), cos.unsqueeze(1), sin.unsqueeze(1))
+    q = kernels.rope_and_write_kv(qkv, cos, sin, kc, vc, slots, H, Hkv, D)
+    qk = apply_rope(qkv[:, :(H + Hkv) * D].view(T, H + Hkv, D), cos, sin)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(q, qk[:, :H], atol=tol, rtol=tol)
     # the kernel's own rotated K, as its bf16 cache holds it, written by the reference
     kb, vb = (torch.zeros(4, bs, Hkv, D, dtype=dtype) for _ in range(2))
-    ops.rope_and_write_kv(qkv, cos, sin, kb, vb, slots, H, Hkv, D)
+    kernels.rope_and_write_kv(qkv, cos, sin, kb, vb, slots, H, Hkv, D)
     k_ref, v_ref = _cache(4, bs, Hkv, D), _cache(4, bs, Hkv, D)
     kv_quant.write(k_ref, kb.view(-1, Hkv, D)[slots], slots, "k")
     kv_quant.write(v_ref, qkv[:, (H + Hkv) * D:].view(T, Hkv, D), slots, "v")
     assert torch.equal(kc, k_ref) and torch.equal(vc, v_ref)
 
 
-@kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("gqa", [1, 3, 6])  # 6: query heads in two groups of the kernel
 @pytest.mark.parametrize("D", [64, 128, 256])
-@pytest.mark.parametrize("bs", [16, 48])  # 48: blocks of three tiles
-def test_int8_decode_attention_matches_the_reference_over_the_dequantized_cache(dtype, gqa, D, bs):
+@pytest.mark.parametrize("bs,window", [(16, None), (48, None), (16, 37)])  # 48: blocks of three tiles
+def test_int8_decode_attention_matches_the_reference_over_the_dequantized_cache(kernels, dtype, gqa, D, bs, window):
     Hkv = 2
     lens = torch.tensor([1, 16, 17, 100, 33, 300, 1100])  # a partial tile, whole tiles, block crossings
     maxb = int(-(-lens.max() // bs))
@@ -85,33 +75,30 @@ def test_int8_decode_attention_matches_the_reference_over_the_dequantized_cache(
     mask = (torch.arange(maxb * bs)[None, :] < lens[:, None]).view(len(lens), 1, 1, -1)
     meta = AttentionMetadata(slot_mapping=torch.zeros(0, dtype=torch.long), num_decodes=len(lens),
                              decode_block_tables=tables, decode_seq_lens=lens, decode_mask=mask, prefills=[])
-    ref = torch_paged_attention(q.float(), None, None, kc, vc, meta, D ** -0.5)  # the torch path dequantizes
-    out = ops.paged_decode_attention(q, kc, vc, tables, lens, D ** -0.5)
+    ref = torch_paged_attention(q.float(), kc, vc, meta, D ** -0.5, window)  # the torch path dequantizes
+    out = kernels.paged_decode_attention(q, kc, vc, tables, lens, D ** -0.5, window or 0)
     # The kernel quantizes q per head to int8 and a tile's weights to u8: its error is theirs.
     err = (out.float() - ref).abs()
     assert err.max() <= 0.03 * ref.abs().max()  # measured up to 0.013
     assert err.mean() <= 0.02 * ref.abs().mean()  # measured up to 0.008
-    one_token = ops.paged_decode_attention(q[:1], kc, vc, tables[:1], lens[:1], D ** -0.5)[0]
+    one_token = kernels.paged_decode_attention(q[:1], kc, vc, tables[:1], lens[:1], D ** -0.5, 0)[0]
     its_v = kv_quant.read(vc[tables[0, :1]], "v", torch.float32)[0, 0].repeat_interleave(gqa, 0)
     torch.testing.assert_close(one_token.float(), its_v, atol=1e-3, rtol=1e-2 if dtype == torch.bfloat16 else 1e-4)
 
 
-@kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("D", [64, 128])
-def test_block_dequantize_kernel_equals_the_reference_bit_for_bit(dtype, D):
+def test_block_dequantize_kernel_equals_the_reference_bit_for_bit(kernels, dtype, D):
     cache = _cache(12, 32, 3, D)
     for kind in ("k", "v"):
         kv_quant.write(cache, torch.randn(12 * 32, 3, D) * 3, torch.arange(12 * 32), kind)
         ids = torch.tensor([7, 2, 11, 2])
-        assert torch.equal(ops.dequantize_kv_blocks(cache, ids, kind == "k", dtype),
+        assert torch.equal(kernels.dequantize_kv_blocks(cache, ids, kind == "k", dtype),
                            kv_quant.read(cache.index_select(0, ids), kind, dtype))
 
 
-@kernels
-def test_cpu_backend_attends_prompt_chunks_over_an_int8_cache_as_the_torch_path_does():
-    from engine.attention import cpu_paged_attention
-    from engine.attention_backends import Seq, TorchBackend
+def test_cpu_backend_attends_prompt_chunks_over_an_int8_cache_as_the_torch_path_does(kernels):
+    from engine.attention_backends import CpuBackend, Seq, TorchBackend
     bs, H, Hkv, D = 16, 6, 2, 64
     kc, vc = _cache(40, bs, Hkv, D), _cache(40, bs, Hkv, D)
     kv_quant.write(kc, torch.randn(40 * bs, Hkv, D), torch.arange(40 * bs), "k")
@@ -121,8 +108,8 @@ def test_cpu_backend_attends_prompt_chunks_over_an_int8_cache_as_the_torch_path_
             Seq([20, 21], 25, 25, 22)]
     meta = TorchBackend(bs, torch.device("cpu")).build_metadata(torch.zeros(47, dtype=torch.long), seqs[:2], seqs[2:])
     q = torch.randn(47, H, D, dtype=torch.bfloat16)
-    ours = cpu_paged_attention(q, None, None, kc, vc, meta, D ** -0.5)
-    ref = torch_paged_attention(q, None, None, kc, vc, meta, D ** -0.5)
+    ours = CpuBackend(bs, torch.device("cpu"), kernels).attend(q, kc, vc, meta, D ** -0.5)
+    ref = torch_paged_attention(q, kc, vc, meta, D ** -0.5)
     assert torch.equal(ours[2:], ref[2:])  # the prompt rows read the same values into the same SDPA
     torch.testing.assert_close(ours[:2].float(), ref[:2].float(), atol=0.05, rtol=0.05)  # decodes: q in int8
 

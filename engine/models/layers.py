@@ -1,9 +1,18 @@
-"""Building blocks shared by the model families: linear (prepacked on CPU), RMSNorm (and
-Gemma's variant), RoPE, and the paged self-attention block (q/k/v in one projection,
-optional per-head q/k norms, an optional sliding window)."""
+"""Building blocks of every family: the linear layer, RMSNorm, RoPE tables, and the one
+decoder layer whose forward serves Llama, Qwen and Gemma 3 alike.
+
+A decoder layer's forward calls the step's `ops` (an attention backend: engine/
+attention_backends.py), which the platform picked: the C++ kernels on CPU, the plain-torch
+references, or Triton on CUDA. The families differ in flags, not in code: per-head q/k
+norms (Qwen3, Gemma 3), Gemma's norms (1 + w, fp32) and its extra norms after attention
+and after the MLP, the gated activation (SiLU or tanh-GELU), a sliding window. Where the
+platform has the whole layer as one fused op (`fused`, the C++ DecodeLayer: the same
+kernels in the same order), decode-only steps take it.
+"""
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -13,25 +22,21 @@ from engine_kernels.quant import QuantizedWeight
 
 
 class Linear(nn.Module):
-    """y = x W^T (+ b). On CPU in bf16/fp16 the weight is prepacked for oneDNN once at load,
-    which makes the small-batch (decode) matmuls about 1.7x faster than F.linear. With the
-    C++ kernels on an AVX512-BF16 CPU, decode-sized batches (up to GEMV_MAX_ROWS rows) go
-    through our own weight-streaming kernel instead (`use_gemv`).
-
-    A quantized weight (`qweight`, engine_kernels/quant.py: a GGUF's own blocks or int8) replaces
-    the dense one and runs on `quant_kernels`; `weight` is then empty."""
-
-    GEMV_MAX_ROWS = 64  # measured: faster than oneDNN up to about 64 rows, slower beyond
+    """y = x W^T (+ b). The platform sets `kernel` (and `kernel_name`) once the weights are
+    loaded (engine/platform.py); until then F.linear. A quantized weight (`qweight`,
+    engine_kernels/quant.py: a GGUF's own blocks or int8) replaces the dense one; `weight` is
+    then empty."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
-        self._packed: torch.Tensor | None = None
-        self._gemv = None  # (kernel, weight in the kernel's layout)
         self.qweight: QuantizedWeight | None = None
-        self.quant_kernels = None  # kernels.quant.QuantizedLinearKernels, set with qweight
+        self.kernel: Callable[[torch.Tensor], torch.Tensor] = lambda x: F.linear(x, self.weight, self.bias)
+        self.kernel_name = "torch"
+        self.cpp = None  # this layer for the C++ DecodeLayer (ops.LinearWeights), when it has a C++ kernel
+        self.max_fused_rows: int | None = None  # rows the C++ kernel takes best, when bounded (the bf16 GEMV)
 
     def load(self, parts: list) -> None:
         """The weight from one or more row blocks (fused q/k/v, gate/up): dense tensors, or
@@ -48,80 +53,23 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(0, self.in_features, device=self.weight.device), requires_grad=False)
 
     def dequantize(self, dtype: torch.dtype) -> None:
-        """Back to a dense weight (devices without the quantized kernels)."""
+        """Back to a dense weight (where no quantized kernel runs)."""
         assert self.qweight is not None
         self.weight = nn.Parameter(self.qweight.dequantize(dtype).to(self.weight.device), requires_grad=False)
         self.qweight = None
 
-    def prepack(self) -> None:
-        w = self.weight
-        if (self.qweight is None and w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16)
-                and torch.backends.mkldnn.is_available()):
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
-
-    def use_gemv(self, kernel, packed_weight: torch.Tensor) -> None:
-        self._gemv = (kernel, packed_weight)
-
-    def cpp_weights(self, ops):
-        """This layer for the C++ fused decode path (ops.LinearWeights), or None when it runs
-        on neither C++ kernel."""
-        bias = None if self.bias is None else self.bias.data
-        if self.qweight is not None and getattr(self.quant_kernels, "ops", None) is not None:
-            w = self.qweight
-            return ops.LinearWeights(w.codes, w.scales, w.mins, w.bits, w.block, bias)
-        if self.qweight is None and self._gemv is not None:
-            none = torch.empty(0)
-            return ops.LinearWeights(self._gemv[1], none, none, 16, 0, bias)
-        return None
-
-    def kernel_names(self) -> list[str]:
-        """What runs this layer: the quantized kernel's name, or "avx512_bf16_gemv" (decode)
-        and "onednn"/"torch" (the rest) for a dense weight."""
-        if self.qweight is not None:
-            return [self.quant_kernels.name()]
-        return (["avx512_bf16_gemv"] if self._gemv is not None else []) + \
-            ["onednn" if self._packed is not None else "torch"]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.qweight is not None:
-            return self.quant_kernels(x, self.qweight, self.bias)
-        if self._gemv is not None and x.shape[0] <= self.GEMV_MAX_ROWS:
-            kernel, packed = self._gemv
-            return kernel(x, packed, self.bias)
-        if self._packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+        return self.kernel(x)
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    """The weight and eps of one RMSNorm; `gemma`: Gemma's form (scale by 1 + w in fp32).
+    The arithmetic is the step's ops' (engine_kernels/reference.py is the reference)."""
+
+    def __init__(self, dim: int, eps: float, gemma: bool = False) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Same arithmetic as transformers' LlamaRMSNorm: normalize in fp32, scale in the model dtype.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
-
-    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (norm(x + residual), x + residual)."""
-        residual = x + residual
-        return self.forward(residual), residual
-
-
-class GemmaRMSNorm(RMSNorm):
-    """Gemma's RMSNorm: scale by (1 + weight), in fp32, then cast (as transformers does)."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__(dim, eps)
-        nn.init.zeros_(self.weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (h * (1.0 + self.weight.float())).to(x.dtype)
+        self.weight = nn.Parameter(torch.zeros(dim) if gemma else torch.ones(dim), requires_grad=False)
+        self.eps, self.gemma = eps, gemma
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -159,74 +107,85 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", emb.sin(), persistent=False)
 
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """[T] positions -> cos, sin of shape [T, 1, head_dim] in `dtype`."""
-        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+        """[T] positions -> cos, sin of shape [T, head_dim] in `dtype`."""
+        return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, D], half-split (non-interleaved) layout as in transformers' Llama."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+class DecoderLayer(nn.Module):
+    """norm -> q/k/v -> (q/k norms) -> RoPE, K/V into the cache -> attention -> o_proj ->
+    (norm) -> residual add, norm -> gate/up -> act * up -> down -> (norm). Names of the
+    modules are transformers' where the families agree; Llama's post_attention_layernorm
+    (the norm before the MLP) is `pre_mlp_norm` here, Gemma's norm of the attention output
+    `post_attention_norm`."""
 
-
-class SelfAttention(nn.Module):
-    """q/k/v in one projection -> (per-head q/k RMSNorm: Qwen3, Gemma 3) -> RoPE -> K/V into
-    the paged cache -> attention over the cache (within `window` tokens when set) -> o_proj."""
-
-    def __init__(self, cfg, scale: float, window: int | None = None, norm_cls: type[RMSNorm] = RMSNorm) -> None:
+    def __init__(self, cfg, scale: float, window: int | None, gemma: bool = False) -> None:
         super().__init__()
+        eps = cfg.rms_norm_eps
+        norm = lambda dim=cfg.hidden_size: RMSNorm(dim, eps, gemma)  # noqa: E731
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.scale, self.window = scale, window
+        self.scale, self.window, self.gelu = scale, window, gemma
+        self.input_norm = norm()
         self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.q_norm = norm(cfg.head_dim) if cfg.qk_norm else None
+        self.k_norm = norm(cfg.head_dim) if cfg.qk_norm else None
         self.o_proj = Linear(self.q_size, cfg.hidden_size)
-        self.q_norm = norm_cls(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.k_norm = norm_cls(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.post_attention_norm = norm() if gemma else None
+        self.pre_mlp_norm = norm()
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.post_mlp_norm = norm() if gemma else None
+        self.fused = None  # the C++ DecodeLayer, set by the platform where every linear has a C++ kernel
+        self.max_fused_rows: int | None = None
 
-    def _qk_heads(self, qkv: torch.Tensor) -> torch.Tensor:
-        """The q and k heads of qkv as one [T, H + Hkv, D] view, normalized in place if the
-        family norms them."""
-        T = qkv.shape[0]
-        qk = qkv[:, :self.q_size + self.kv_size].view(T, self.num_heads + self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            qk[:, :self.num_heads] = self.q_norm(qk[:, :self.num_heads])
-            qk[:, self.num_heads:] = self.k_norm(qk[:, self.num_heads:])
-        return qk
+    def linears(self) -> list[Linear]:
+        return [self.qkv_proj, self.o_proj, self.gate_up_proj, self.down_proj]
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta, attention) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor, meta, ops) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this layer's output, the residual stream before it): the next layer's
+        norm adds them, so one add serves both."""
         T = h.shape[0]
-        qkv = self.qkv_proj(h)
-        qk = apply_rope(self._qk_heads(qkv), cos, sin)
-        q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
-        v = qkv[:, self.q_size + self.kv_size:].view(T, self.num_kv_heads, self.head_dim)
-        attention.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-        o = attention.attend(q, k, v, k_cache, v_cache, meta, self.scale, self.window)
-        return self.o_proj(o.reshape(T, self.q_size))
-
-    def forward_fused(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                      v_cache: torch.Tensor, meta, attention, ops) -> torch.Tensor:
-        """Same computation with the C++ CPU kernels (RoPE writes K/V itself)."""
-        T = h.shape[0]
+        if self.fused is not None and not meta.prefills and (self.max_fused_rows is None or T <= self.max_fused_rows):
+            return self.fused.run(h, residual, cos, sin, k_cache, v_cache, meta.slot_mapping,
+                                  meta.decode_block_tables, meta.decode_seq_lens)
+        n = self.input_norm
+        if residual is None:
+            residual, h = h, ops.rms_norm(h, n.weight, n.eps, n.gemma)
+        else:
+            ops.add_rms_norm_(h, residual, n.weight, n.eps, n.gemma)
         qkv = self.qkv_proj(h)
         if self.q_norm is not None:
-            self._qk_heads(qkv)
-        q = ops.rope_and_write_kv(qkv, cos, sin, k_cache, v_cache, meta.slot_mapping,
-                                  self.num_heads, self.num_kv_heads, self.head_dim)
-        k = v = None
-        if meta.prefills and k_cache.dtype != torch.uint8:  # prefills read this step's K/V from qkv
-            k = k_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping]
-            v = qkv[:, self.q_size + self.kv_size:].view(T, self.num_kv_heads, self.head_dim)
-        o = attention.attend(q, k, v, k_cache, v_cache, meta, self.scale, self.window)
-        return self.o_proj(o.view(T, self.q_size))
+            ops.head_rms_norm_(qkv, self.q_norm.weight, self.k_norm.weight, self.num_heads, self.num_kv_heads,
+                               self.head_dim, n.eps, n.gemma)
+        q = ops.rope_and_write_kv(qkv, cos, sin, k_cache, v_cache, meta.slot_mapping, self.num_heads,
+                                  self.num_kv_heads, self.head_dim)
+        a = self.o_proj(ops.attend(q, k_cache, v_cache, meta, self.scale, self.window).reshape(T, self.q_size))
+        if self.post_attention_norm is not None:
+            a = ops.rms_norm(a, self.post_attention_norm.weight, n.eps, n.gemma)
+        ops.add_rms_norm_(a, residual, self.pre_mlp_norm.weight, n.eps, n.gemma)
+        m = self.down_proj(ops.act_and_mul(self.gate_up_proj(a), self.gelu))
+        if self.post_mlp_norm is not None:
+            m = ops.rms_norm(m, self.post_mlp_norm.weight, n.eps, n.gemma)
+        return m, residual
 
     def load(self, get, prefix: str) -> None:
-        """From transformers' names under `prefix` (e.g. 'model.layers.3.self_attn.')."""
-        self.qkv_proj.load([get(prefix + f"{n}_proj.weight") for n in "qkv"])
+        """From transformers' names under `prefix` (e.g. 'model.layers.3.')."""
+        attn = prefix + "self_attn."
+        self.qkv_proj.load([get(attn + f"{n}_proj.weight") for n in "qkv"])
         if self.qkv_proj.bias is not None:
-            self.qkv_proj.bias.copy_(torch.cat([get(prefix + f"{n}_proj.bias") for n in "qkv"]))
-        self.o_proj.load([get(prefix + "o_proj.weight")])
+            self.qkv_proj.bias.copy_(torch.cat([get(attn + f"{n}_proj.bias") for n in "qkv"]))
+        self.o_proj.load([get(attn + "o_proj.weight")])
         if self.q_norm is not None:
-            self.q_norm.weight.copy_(get(prefix + "q_norm.weight"))
-            self.k_norm.weight.copy_(get(prefix + "k_norm.weight"))
+            self.q_norm.weight.copy_(get(attn + "q_norm.weight"))
+            self.k_norm.weight.copy_(get(attn + "k_norm.weight"))
+        self.gate_up_proj.load([get(prefix + "mlp.gate_proj.weight"), get(prefix + "mlp.up_proj.weight")])
+        self.down_proj.load([get(prefix + "mlp.down_proj.weight")])
+        norms = {"input_norm": "input_layernorm"}
+        if self.post_attention_norm is not None:  # Gemma: four norms
+            norms |= {"post_attention_norm": "post_attention_layernorm", "pre_mlp_norm": "pre_feedforward_layernorm",
+                      "post_mlp_norm": "post_feedforward_layernorm"}
+        else:
+            norms |= {"pre_mlp_norm": "post_attention_layernorm"}
+        for ours, theirs in norms.items():
+            getattr(self, ours).weight.copy_(get(prefix + theirs + ".weight"))

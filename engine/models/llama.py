@@ -1,110 +1,54 @@
-"""Our Llama-family decoder (Llama 2/3.x, SmolLM2, Qwen2, Qwen3, Mistral) over one flattened batch.
+"""Our decoder over one flattened batch: the Llama family (Llama 2/3.x, SmolLM2, Qwen2, Qwen3,
+Mistral), and through `CausalLM` every family.
 
 There is no padding and no batch dimension: every step runs T tokens from many requests
 as one [T, hidden] tensor. Attention reads and writes the paged KV cache through the
-step's `AttentionMetadata`, built once per step by the model runner. The family's
-differences are flags of the shared blocks: q/k/v biases (Qwen2), per-head q/k norms
-(Qwen3), llama3 RoPE scaling (Llama 3.1+). `CausalLM` holds what every family shares:
-embeddings, the final norm, the LM head, weight packing for the CPU kernels, loading.
+step's `AttentionMetadata`, built once per step by the model runner, and every op goes
+through the step's `ops` (the platform's choice of kernels). `CausalLM` holds what every
+family shares, the forward included: embeddings, the decoder layers
+(engine/models/layers.py), the final norm, the LM head, loading. A family sets flags:
+q/k/v biases (Qwen2), per-head q/k norms (Qwen3), llama3 RoPE scaling (Llama 3.1+);
+Gemma 3's are in gemma3.py.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import AttentionMetadata
 from engine.config import ModelConfig
-from engine.models.layers import Linear, RMSNorm, RotaryEmbedding, SelfAttention
+from engine.models.layers import DecoderLayer, Linear, RMSNorm, RotaryEmbedding
 from engine_kernels.quant import QuantizedWeight, quantize_int8
 
 
-class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = SelfAttention(cfg, cfg.head_dim ** -0.5)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
-        self.intermediate_size = cfg.intermediate_size
-        self.cpu_ops = None  # engine_kernels.cpu module when the fused CPU path is on
-        self.decode_layer = None  # ops.DecodeLayer: the whole layer in one C++ call, decode-only steps
-
-    def build_decode_layer(self, ops) -> None:
-        """The C++ decode path, where every linear runs on a C++ kernel and the attention has
-        no per-head norms (Qwen3 keeps the per-op path)."""
-        attn = self.self_attn
-        linears = [m.cpp_weights(ops) for m in (attn.qkv_proj, attn.o_proj, self.gate_up_proj, self.down_proj)]
-        if attn.q_norm is not None or attn.window is not None or any(w is None for w in linears):
-            return
-        self.decode_layer = ops.DecodeLayer(self.input_layernorm.weight.data, self.post_attention_layernorm.weight.data,
-                                            self.input_layernorm.eps, *linears, attn.num_heads, attn.num_kv_heads,
-                                            attn.head_dim, attn.scale)
-
-    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                attention) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (this layer's MLP output, the residual stream before it): the next
-        layer's norm adds them, so one add serves both."""
-        if self.decode_layer is not None and not meta.prefills and h.shape[0] <= Linear.GEMV_MAX_ROWS:
-            return self.decode_layer.run(h, residual, cos, sin, k_cache, v_cache, meta.slot_mapping,
-                                         meta.decode_block_tables, meta.decode_seq_lens)
-        if self.cpu_ops is not None:
-            return self._forward_fused(h, residual, cos, sin, k_cache, v_cache, meta, attention)
-        if residual is None:
-            residual = h
-            h = self.input_layernorm(h)
-        else:
-            h, residual = self.input_layernorm.add_forward(h, residual)
-        h = self.self_attn.forward(h, cos, sin, k_cache, v_cache, meta, attention)
-        h, residual = self.post_attention_layernorm.add_forward(h, residual)
-        gate_up = self.gate_up_proj(h)
-        h = F.silu(gate_up[:, :self.intermediate_size]) * gate_up[:, self.intermediate_size:]
-        return self.down_proj(h), residual
-
-    def _forward_fused(self, h, residual, cos, sin, k_cache, v_cache, meta, attention):
-        """Same computation with the C++ CPU kernels: fewer, fused ops per layer."""
-        ops, eps = self.cpu_ops, self.input_layernorm.eps
-        if residual is None:
-            residual = h
-            h = ops.rms_norm(h, self.input_layernorm.weight, eps)
-        else:
-            ops.fused_add_rms_norm(h, residual, self.input_layernorm.weight, eps)
-        h = self.self_attn.forward_fused(h, cos, sin, k_cache, v_cache, meta, attention, ops)
-        ops.fused_add_rms_norm(h, residual, self.post_attention_layernorm.weight, eps)
-        h = ops.silu_and_mul(self.gate_up_proj(h))
-        return self.down_proj(h), residual
-
-    def load(self, get, prefix: str) -> None:
-        self.input_layernorm.weight.copy_(get(prefix + "input_layernorm.weight"))
-        self.post_attention_layernorm.weight.copy_(get(prefix + "post_attention_layernorm.weight"))
-        self.self_attn.load(get, prefix + "self_attn.")
-        self.gate_up_proj.load([get(prefix + "mlp.gate_proj.weight"), get(prefix + "mlp.up_proj.weight")])
-        self.down_proj.load([get(prefix + "mlp.down_proj.weight")])
-
-
 class CausalLM(nn.Module):
-    """What every family shares. A subclass builds `self.layers` and runs them in `forward`."""
-    norm_cls: type[RMSNorm] = RMSNorm
+    """A decoder-only LM; the forward of every family."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, max_positions: int, gemma: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
-        self.norm = self.norm_cls(cfg.hidden_size, cfg.rms_norm_eps)
+        self.embed_scale: float | None = None  # Gemma scales embeddings by sqrt(hidden)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, gemma)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.layers = nn.ModuleList(DecoderLayer(cfg, self.attention_scale(cfg), cfg.layer_window(i), gemma)
+                                    for i in range(cfg.num_layers))
+        positions = max(max_positions, 1)
+        self.rotary = RotaryEmbedding(cfg.head_dim, positions, cfg.rope_theta, cfg.rope_scaling)
+        # Gemma's sliding layers rotate with their own base (and no scaling)
+        self.rotary_local = (RotaryEmbedding(cfg.head_dim, positions, cfg.local_rope_theta, None)
+                             if cfg.local_rope_theta is not None else None)
+
+    @staticmethod
+    def attention_scale(cfg: ModelConfig) -> float:
+        return cfg.head_dim ** -0.5
 
     def linears(self) -> list[Linear]:
         """Every linear layer, in the order a step runs them (the LM head last)."""
-        return [m for m in [*self.layers.modules(), self.lm_head] if isinstance(m, Linear)]
-
-    def prepack(self) -> None:
-        for m in self.linears():
-            m.prepack()
+        return [m for layer in self.layers for m in layer.linears()] + [self.lm_head]
 
     def quantize_int8(self) -> None:
         """Weight-only per-channel int8 for every dense linear, the LM head included (the
@@ -113,27 +57,9 @@ class CausalLM(nn.Module):
             if m.qweight is None:
                 m.set_quantized(quantize_int8(m.weight))
 
-    def place_quantized(self, kernels) -> None:
-        """Quantized linears run on `kernels` (QuantizedLinearKernels), or are dequantized to
-        the model dtype when there are none (GPU)."""
-        quantized = [m for m in self.linears() if m.qweight is not None]
-        for m in quantized:
-            if kernels is None:
-                m.dequantize(self.embed_tokens.weight.dtype)
-            else:
-                m.quant_kernels = kernels
-        if kernels is not None and kernels.ops is not None and quantized:
-            # one huge-page buffer, in the order a step reads them (see _copy_into_huge_pages)
-            parts = [(w, name) for w in (m.qweight for m in quantized) for name in ("codes", "scales", "mins")]
-            views = _copy_into_huge_pages(kernels.ops, [getattr(w, n).nbytes for w, n in parts],
-                                          (getattr(w, n) for w, n in parts))
-            for (w, name), view in zip(parts, views):
-                setattr(w, name, view)
-
     def linear_kernels(self) -> list[str]:
-        """What runs the linears: "avx512_vnni" (quantized), "avx512_bf16_gemv" (decode) and
-        "onednn" (prefill) for bf16, "torch" otherwise."""
-        return sorted({name for m in self.linears() for name in m.kernel_names()})
+        """What runs the linears (engine/platform.py names them)."""
+        return sorted({m.kernel_name for m in self.linears()})
 
     def weight_formats(self) -> dict[str, int]:
         """Bytes of linear weights per format ("bfloat16", "q4_1", "int8", ...)."""
@@ -144,18 +70,21 @@ class CausalLM(nn.Module):
             out[fmt] = out.get(fmt, 0) + nbytes
         return out
 
-    def use_cpu_kernels(self, ops) -> None:
-        if self.embed_tokens.weight.dtype == torch.bfloat16 and ops.has_bf16_gemv():
-            self._pack_for_gemv(ops)
-
-    def _pack_for_gemv(self, ops) -> None:
-        """Copy every supported linear's weight, in the gemv kernel's layout, into one buffer
-        on huge pages, in the order a step reads them."""
-        linears = [m for m in self.linears() if m.qweight is None and ops.gemv_supported(*m.weight.shape)]
-        views = _copy_into_huge_pages(ops, [m.weight.nbytes for m in linears],
-                                      (ops.pack_for_gemv(m.weight) for m in linears))
-        for m, view in zip(linears, views):
-            m.use_gemv(ops.gemv_bf16, view)
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], ops) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)
+        if self.embed_scale is not None:
+            h = h * torch.tensor(self.embed_scale, dtype=h.dtype)  # rounded to the model dtype, as transformers
+        rope = self.rotary.lookup(positions, h.dtype)
+        rope_local = self.rotary_local.lookup(positions, h.dtype) if self.rotary_local is not None else rope
+        residual = None
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            cos, sin = rope_local if layer.window is not None else rope
+            # .forward: skip nn.Module's hook machinery, ~30 calls per step on the hot path
+            h, residual = layer.forward(h, residual, cos, sin, k_cache, v_cache, meta, ops)
+        ops.add_rms_norm_(h, residual, self.norm.weight, self.norm.eps, self.norm.gemma)
+        return h
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -189,56 +118,12 @@ class CausalLM(nn.Module):
         with torch.no_grad():
             for name, p in self.named_parameters():
                 if name.endswith("norm.weight"):
-                    p.fill_(1.0 if self.norm_cls is RMSNorm else 0.0)  # Gemma's norms scale by 1 + w
+                    p.fill_(0.0 if self.norm.gemma else 1.0)  # Gemma's norms scale by 1 + w
                 elif name.endswith("bias"):
                     p.zero_()
                 else:
                     p.normal_(0.0, std, generator=g)
 
 
-def _copy_into_huge_pages(ops, sizes: list[int], tensors) -> list[torch.Tensor]:
-    """Copies `tensors` (made one at a time; their byte sizes known up front) into one buffer
-    on huge pages, in order, 64-byte aligned; returns the copies. Weights streamed through
-    4 KiB pages cost about 10% of decode speed in TLB misses."""
-    aligned = [-(-n // 64) * 64 for n in sizes]
-    arena = torch.empty(sum(aligned), dtype=torch.uint8)
-    ops.advise_huge_pages(arena)
-    views, offset = [], 0
-    for n, step, t in zip(sizes, aligned, tensors):
-        assert t.nbytes == n, "a tensor's size changed while it was being packed"
-        view = arena[offset:offset + n].view(t.dtype).view(t.shape)
-        view.copy_(t)
-        views.append(view)
-        offset += step
-    return views
-
-
 class LlamaForCausalLM(CausalLM):
-    def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
-        super().__init__(cfg)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
-        self.rotary = RotaryEmbedding(cfg.head_dim, max(max_positions, 1), cfg.rope_theta, cfg.rope_scaling)
-
-    def use_cpu_kernels(self, ops) -> None:
-        for layer in self.layers:
-            layer.cpu_ops = ops
-        super().use_cpu_kernels(ops)  # packs the bf16 GEMV weights first
-        for layer in self.layers:
-            layer.build_decode_layer(ops)
-
-    @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], attention) -> torch.Tensor:
-        h = self.embed_tokens(input_ids)
-        cos, sin = self.rotary.lookup(positions, h.dtype)
-        if self.layers[0].cpu_ops is not None:
-            cos, sin = cos.squeeze(1), sin.squeeze(1)
-        residual = None
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            # .forward: skip nn.Module's hook machinery, ~30 calls per step on the hot path
-            h, residual = layer.forward(h, residual, cos, sin, k_cache, v_cache, meta, attention)
-        if self.layers[0].cpu_ops is not None:
-            self.layers[0].cpu_ops.fused_add_rms_norm(h, residual, self.norm.weight, self.norm.eps)
-            return h
-        h, _ = self.norm.add_forward(h, residual)
-        return h
+    pass
