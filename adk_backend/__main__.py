@@ -49,15 +49,19 @@ def serve(args: argparse.Namespace) -> None:
                      otel_to_cloud=args.otel_to_cloud, session_service_uri=args.session_service_uri, host=args.host,
                      port=args.port, allow_origins=args.allow_origins,
                      max_concurrent_per_client=args.max_concurrent_per_client)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
-                            timeout_graceful_shutdown=args.grace_period, timeout_keep_alive=args.timeout_keep_alive)
-    server = DrainingServer(config)
+    server = DrainingServer(uvicorn_config(app, args))
     server.ready_message = (f"serving {args.model} on http://{args.host}:{args.port} "
                             "(dev UI at /dev-ui/, OpenAI API at /v1, metrics at /metrics)")
     server.run()
     from adk_backend import shutdown_all
     shutdown_all()  # in-flight requests were drained (or cut at the grace period) by uvicorn
     log.info("shut down cleanly")
+
+
+def uvicorn_config(app, args: argparse.Namespace) -> uvicorn.Config:
+    """How `serve` runs the app: its address, drain period and keep-alive."""
+    return uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                          timeout_graceful_shutdown=args.grace_period, timeout_keep_alive=args.timeout_keep_alive)
 
 
 class DrainingServer(uvicorn.Server):
@@ -86,7 +90,7 @@ class DrainingServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="adk-engine", description="ADK agents on the in-process engine")
     sub = ap.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="ADK dev UI + OpenAI-compatible API + Prometheus metrics")
@@ -123,6 +127,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="seconds an idle keep-alive connection stays open (longer than clients' and "
                         "proxies' own, so that a request never meets a connection being closed)")
     s.add_argument("--grace-period", type=int, default=10, help="seconds to drain in-flight requests on SIGTERM")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = parser()
     args = ap.parse_args(argv)
     if args.command == "serve":
         serve(args)

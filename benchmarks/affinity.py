@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import statistics
 import time
@@ -23,7 +22,7 @@ import httpx
 
 from benchmarks.report import markdown_table, percentile, plot_bars, write
 from benchmarks.soak import _metric
-from benchmarks.systems import served
+from benchmarks.systems import served_together
 from benchmarks.workloads import AGENT_SYSTEM_PROMPT, agent_sessions
 
 
@@ -67,8 +66,8 @@ async def _conversations(urls: list[str], model: str, sessions: int, turns: int,
 
 
 def run_mode(model: str, affinity: bool, sessions: int, turns: int, max_tokens: int, replicas: int = 2) -> dict:
-    with contextlib.ExitStack() as stack:
-        urls = [stack.enter_context(served(model, "--agents-dir", "agents"))[0] for _ in range(replicas)]
+    with served_together(replicas, model, "--agents-dir", "agents") as servers:
+        urls = [url for url, _ in servers]
         start = time.perf_counter()
         ttfts = asyncio.run(_conversations(urls, model, sessions, turns, max_tokens, affinity))
         seconds = time.perf_counter() - start

@@ -146,39 +146,55 @@ def served(model: str, *args: str, start_timeout: float = 300.0, env: dict | Non
     """`python -m adk_backend serve` (or `launcher serve`, a script path) as a subprocess on
     127.0.0.1, with `env` added to ours; yields (base url, pid). SIGTERM at the end. The
     server's output goes to `log_file` when given (kept), else to a temporary file."""
+    with served_together(1, model, *args, start_timeout=start_timeout, env=env, launcher=launcher,
+                         log_files=[log_file]) as servers:
+        yield servers[0]
+
+
+@contextlib.contextmanager
+def served_together(count: int, model: str, *args: str, start_timeout: float = 300.0, env: dict | None = None,
+                    launcher: list[str] | None = None, log_files: list[Path | None] | None = None):
+    """`count` servers as `served` makes one, started at once (their start-ups overlap: most
+    of one is imports and the model load); yields [(base url, pid), ...] once all answer."""
     import tempfile
 
     import httpx
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(log_file, "w+") if log_file else tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen([sys.executable, *(launcher or ["-m", "adk_backend"]), "serve", "--model", model,
-                             "--port", str(port), *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    log_files = log_files or [None] * count
+    procs: list[tuple[str, subprocess.Popen, object]] = []
     try:
+        for log_file in log_files:
+            port = free_port()
+            log = open(log_file, "w+") if log_file else tempfile.TemporaryFile(mode="w+")
+            proc = subprocess.Popen([sys.executable, *(launcher or ["-m", "adk_backend"]), "serve", "--model", model,
+                                     "--port", str(port), *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+            procs.append((f"http://127.0.0.1:{port}", proc, log))
         deadline = time.time() + start_timeout
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                raise RuntimeError(f"the server exited during start-up (code {proc.returncode}):\n"
-                                   f"{log.read()[-3000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError("the server did not come up")
-            time.sleep(0.2)
-        yield url, proc.pid
+        for url, proc, log in procs:
+            while True:
+                if proc.poll() is not None:
+                    log.seek(0)
+                    raise RuntimeError(f"the server exited during start-up (code {proc.returncode}):\n"
+                                       f"{log.read()[-3000:]}")
+                try:
+                    if httpx.get(url + "/health", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.time() > deadline:
+                    raise RuntimeError("the server did not come up")
+                time.sleep(0.2)
+        yield [(url, proc.pid) for url, proc, _ in procs]
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        for _, proc, _ in procs:
+            proc.terminate()
+        for _, proc, log in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log.close()
 
 
 async def _stream_completion(client, url: str, model: str, prompt: list[int], max_tokens: int):

@@ -16,10 +16,14 @@ def free_port() -> int:
 
 
 class LiveServer:
-    def __init__(self, app) -> None:
-        self.port = free_port()
+    """`app` on a free loopback port, or as `config` (a uvicorn.Config) says."""
+
+    def __init__(self, app=None, config: uvicorn.Config | None = None) -> None:
+        if config is None:
+            config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning")
+        self.port = config.port
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> "LiveServer":

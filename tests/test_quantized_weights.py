@@ -118,18 +118,30 @@ def test_the_default_model_runs_its_own_q4_1_and_q8_0_blocks(real_model_dir):
     assert torch.equal(blocks["lm_head.weight"].dequantize(), dense["model.embed_tokens.weight"])  # tied: token_embd's Q8_0
 
 
-def test_a_quantized_gguf_serves_its_own_blocks_through_the_kernel(tmp_path, monkeypatch, cpu_isa):
+@pytest.fixture(scope="module")
+def mixed_gguf(tmp_path_factory):
+    """A tiny Qwen3 GGUF with Q4_0, Q4_1 and Q8_0 tensors (mixed inside one fused projection),
+    written and converted once for the module; (its path, the engine cache dir)."""
+    root = tmp_path_factory.mktemp("mixed-gguf")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ENGINE_CACHE_DIR", str(root / "cache"))
+        # transformers reads no head size from a Qwen3 GGUF: it takes Qwen3's own, 128.
+        hf_dir = save_tiny("qwen3", root / "hf", vocab_size=49152, head_dim=128)
+        path = write_gguf("qwen3", hf_dir, root / "tiny-q.gguf",
+                          quantize={"attn_q": "Q4_0", "attn_k": "Q4_1", "attn_v": "Q8_0", "attn_output": "Q8_0",
+                                    "ffn_gate": "Q4_1", "ffn_up": "Q4_1", "ffn_down": "Q4_0"})
+        resolve_model_dir(str(path))  # converted once
+    return path, root / "cache"
+
+
+def test_a_quantized_gguf_serves_its_own_blocks_through_the_kernel(mixed_gguf, monkeypatch, cpu_isa):
     """A GGUF with Q4_0, Q4_1 and Q8_0 tensors (mixed inside one fused projection) runs on its
-    own blocks: every linear call of a generation (prefill and decode, through the fused
-    layer too) equals the kernel's arithmetic done in torch, within fp32 rounding. (Tokens
-    are not compared with that torch run: this sharp random model's attention turns
-    last-bit differences into different tokens.)"""
-    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path / "cache"))
-    # transformers reads no head size from a Qwen3 GGUF: it takes Qwen3's own, 128.
-    hf_dir = save_tiny("qwen3", tmp_path / "hf", vocab_size=49152, head_dim=128)
-    path = write_gguf("qwen3", hf_dir, tmp_path / "tiny-q.gguf",
-                      quantize={"attn_q": "Q4_0", "attn_k": "Q4_1", "attn_v": "Q8_0", "attn_output": "Q8_0",
-                                "ffn_gate": "Q4_1", "ffn_up": "Q4_1", "ffn_down": "Q4_0"})
+    own blocks: every linear call of a generation (prefill and decode) equals the kernel's
+    arithmetic done in torch, within fp32 rounding. (Tokens are not compared with that
+    torch run: this sharp random model's attention turns last-bit differences into
+    different tokens.)"""
+    path, cache = mixed_gguf
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(cache))
     llm = LLM(model=str(path), dtype="float32", num_kv_blocks=64, max_model_len=512)
     weights = llm.engine.stats()["weights"]
     quant_kernel = {"avx512": "avx512_vnni", "avx2": "avx2_maddubs", "generic": "generic"}[cpu_isa]

@@ -8,7 +8,7 @@ import uuid
 import httpx
 import pytest
 
-from benchmarks.systems import served
+from benchmarks.systems import served, served_together
 from pg_cluster import PostgresCluster, server_binaries
 
 MODEL = "dummy-tiny"
@@ -40,14 +40,18 @@ def pg():
         yield cluster
 
 
+# float32: greedy answers do not depend on which replica, or which batch, computed them
+def _replica_args(agents_dir: str, pg: PostgresCluster) -> tuple[str, ...]:
+    return ("--agents-dir", agents_dir, "--dtype", "float32", "--session-service-uri", pg.url)
+
+
 def replica(agents_dir: str, pg: PostgresCluster):
-    # float32: greedy answers do not depend on which replica, or which batch, computed them
-    return served(MODEL, "--agents-dir", agents_dir, "--dtype", "float32", "--session-service-uri", pg.url)
+    return served(MODEL, *_replica_args(agents_dir, pg))
 
 
 @pytest.fixture(scope="module")
 def replicas(agents_dir, pg):
-    with replica(agents_dir, pg) as (a, _), replica(agents_dir, pg) as (b, _):
+    with served_together(2, MODEL, *_replica_args(agents_dir, pg)) as [(a, _), (b, _)]:
         yield a, b
 
 

@@ -11,6 +11,7 @@ from starlette.testclient import TestClient
 from adk_backend.server import create_app
 
 from conftest import SERVER_MODEL as MODEL
+from server_helpers import LiveServer
 
 ROOT_DIR = Path(__file__).resolve().parent.parent
 
@@ -144,10 +145,14 @@ def test_an_idle_keep_alive_connection_outlives_the_clients_own_expiry():
     import http.client
     import time
 
-    from benchmarks.systems import served
+    from adk_backend.__main__ import parser, uvicorn_config
+    from adk_backend.server import create_app
+    from server_helpers import free_port
 
-    with served("dummy-tiny", "--dtype", "float32", "--kv-cache-memory", str(32 << 20), start_timeout=180) as (url, _):
-        conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=30)
+    args = parser().parse_args(["serve", "--port", str(free_port())])  # serve's own defaults
+    app = create_app(agents_dir="agents", model="dummy-tiny", web=False)
+    with LiveServer(config=uvicorn_config(app, args)) as s:
+        conn = http.client.HTTPConnection(s.url.removeprefix("http://"), timeout=30)
         conn.request("GET", "/health")
         assert conn.getresponse().read() and conn.sock is not None
         time.sleep(6)
