@@ -36,21 +36,20 @@ def tiny_hf_dir(tmp_path_factory):
     return path
 
 
-# The default model dequantized, in fp32: cached and uncached prefixes give identical greedy
-# text. (On its native blocks, int8 activations turn the last-bit differences between
-# attention over a cached prefix and over a fresh one into whole rounding steps, and a
-# near-tie token can flip, as it can in llama.cpp; the native path is held to fp32 in
-# test_served_config_accuracy and serves the ADK tests.)
+# The default model as served (its own GGUF blocks, the platform's dtype). Tests that compare
+# two requests token for token warm the prefix cache first: attention over cached blocks and
+# over a fresh prompt differ in the last bits, and int8 activations can turn that into a
+# near-tie flip, as in llama.cpp.
 SERVER_MODEL = "smollm2-server"
 
 
 @pytest.fixture(scope="session")
 def smollm2_server():
-    """One live serving app on the default model (dequantized, fp32), shared by the /v1 test modules."""
+    """One live serving app on the default model, shared by the /v1 test modules."""
     from adk_backend import configure_engine
     from adk_backend.server import create_app
     from server_helpers import LiveServer
-    configure_engine(SERVER_MODEL, model="smollm2-135m-instruct", dtype="float32", quantization="none",
+    configure_engine(SERVER_MODEL, model="smollm2-135m-instruct",
                      num_kv_blocks=2048)
     with LiveServer(create_app(agents_dir="agents", model=SERVER_MODEL)) as s:
         yield s

@@ -115,12 +115,13 @@ def test_cpu_backend_attends_prompt_chunks_over_an_int8_cache_as_the_torch_path_
 
 
 def test_int8_cache_holds_about_twice_the_tokens_of_bf16_in_the_same_budget():
+    """Per 64-dim head row: 68 bytes (codes and a scale) against 128 (bf16) or 256 (fp32)."""
     mcfg = DUMMY_SHAPES["dummy-smollm2-135m"]
-    def blocks(kv):
-        cfg = EngineConfig(model="dummy-smollm2-135m", kv_cache_memory=64 << 20, kv_cache_dtype=kv)
-        return num_kv_blocks(cfg, mcfg, 512, torch.device("cpu"))
-    assert blocks("int8") == (64 << 20) // (2 * 30 * 3 * 68 * 16)
-    assert blocks("int8") / blocks("auto") == pytest.approx(128 / 68, rel=0.01)
+    cfg = EngineConfig(model="dummy-smollm2-135m", kv_cache_memory=64 << 20, kv_cache_dtype="int8")
+    assert num_kv_blocks(cfg, mcfg, 512, torch.device("cpu")) == (64 << 20) // (2 * 30 * 3 * 68 * 16)
+    int8 = mcfg.kv_bytes_per_token(torch.float32, "int8")
+    assert mcfg.kv_bytes_per_token(torch.bfloat16, "auto") / int8 == pytest.approx(128 / 68)
+    assert mcfg.kv_bytes_per_token(torch.float32, "auto") / int8 == pytest.approx(256 / 68)
 
 
 def test_int8_cache_is_refused_on_triton_and_unknown_kv_dtypes_are_named():

@@ -92,7 +92,9 @@ def test_only_the_otlp_traces_endpoint_exports_engine_spans_under_their_http_and
             usage = chat(url)["usage"]
             adk_turn(url)
             engine_spans = lambda: [s for s in receiver.spans if s["name"] == "llm_request"]  # noqa: E731
-            wait_for(lambda: len(engine_spans()) >= 2)
+            # the HTTP server spans end last (a batch after the engine's on a loaded machine)
+            wait_for(lambda: len(engine_spans()) >= 2 and {"POST /run_sse", "POST /v1/chat/completions"}
+                     <= {s["name"] for s in receiver.spans})
             spans = list(receiver.spans)
     finally:
         receiver.close()
