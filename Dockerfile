@@ -24,4 +24,5 @@ ARG MODEL=smollm2-135m-instruct
 ENV MODEL=${MODEL} MAX_NUM_SEQS=64
 EXPOSE 8080
 # Cloud Run sets $PORT; the documented entry point, bound to all interfaces inside the container.
-CMD ["sh", "-c", "exec python -m adk_backend serve --agents-dir agents --model \"$MODEL\" --host 0.0.0.0 --port \"$PORT\" --max-num-seqs \"$MAX_NUM_SEQS\" --otel-to-cloud"]
+# No dev UI in production (it is a development tool); Cloud Run's IAM admits callers.
+CMD ["sh", "-c", "exec python -m adk_backend serve --agents-dir agents --model \"$MODEL\" --host 0.0.0.0 --port \"$PORT\" --max-num-seqs \"$MAX_NUM_SEQS\" --otel-to-cloud --no-web"]

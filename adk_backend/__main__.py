@@ -45,10 +45,11 @@ def serve(args: argparse.Namespace) -> None:
     log.info("loaded %s in %.1f s; warming up", args.model, time.time() - start)
     _warm_up(engine)
     app = create_app(agents_dir=args.agents_dir, model=args.model, api_key=args.api_key,
-                     protect_adk_routes=args.protect_adk_routes, trace_to_cloud=args.trace_to_cloud,
+                     open_adk_routes=args.open_adk_routes, trace_to_cloud=args.trace_to_cloud,
                      otel_to_cloud=args.otel_to_cloud, session_service_uri=args.session_service_uri, host=args.host,
                      port=args.port, allow_origins=args.allow_origins,
-                     max_concurrent_per_client=args.max_concurrent_per_client)
+                     max_concurrent_per_client=args.max_concurrent_per_client, web=not args.no_web,
+                     max_waiting=args.max_waiting)
     server = DrainingServer(uvicorn_config(app, args))
     server.ready_message = (f"serving {args.model} on http://{args.host}:{args.port} "
                             "(dev UI at /dev-ui/, OpenAI API at /v1, metrics at /metrics)")
@@ -103,8 +104,15 @@ def parser() -> argparse.ArgumentParser:
                         "adk web --otel_to_cloud; OTEL_EXPORTER_OTLP_* variables add any OTLP collector")
     s.add_argument("--trace-to-cloud", action="store_true",
                    help="export spans with the Cloud Trace exporter (older path; needs GOOGLE_CLOUD_PROJECT)")
-    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (or ENGINE_API_KEY)")
-    s.add_argument("--protect-adk-routes", action="store_true", help="require the API key on ADK's routes too")
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health, "
+                   "websockets included (or ENGINE_API_KEY)")
+    s.add_argument("--open-adk-routes", action="store_true",
+                   help="with an API key, leave ADK's own routes (dev UI, sessions, /run) open; /v1 and /metrics "
+                        "stay guarded")
+    s.add_argument("--no-web", action="store_true",
+                   help="no dev UI (ADK's API routes, /v1 and /metrics stay): the container's default")
+    s.add_argument("--max-waiting", type=int, default=512,
+                   help="generation requests waiting for the batch before new ones get 503 with Retry-After")
     s.add_argument("--allow-origins", nargs="*", default=None, help="CORS origins (closed by default)")
     s.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache budget in bytes")
     s.add_argument("--dtype", default=None, help="activation dtype: auto (the default: bfloat16 where the CPU "

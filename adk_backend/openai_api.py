@@ -4,6 +4,8 @@ tools with tool_choice and parallel_tool_calls, response_format, vLLM's structur
 honour is a 400 that names it."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import json
 import math
@@ -11,7 +13,7 @@ import time
 import uuid
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from adk_backend.chat import ChatResult, chat_stream
 from adk_backend.engines import engine_for, model_name
@@ -19,18 +21,21 @@ from adk_backend.openai_format import (chat_logprobs, chat_top_logprobs, complet
                                        openai_reply_spec, openai_sampling, openai_to_messages, openai_tool_calls,
                                        response_schema, token_usage, usage)
 from engine import StructuredOutputsParams
+from engine.chat_template import untrusted
 from engine.errors import EngineDeadError, RequestFailedError
 from engine.output_stream import merge
 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
+                 code: str | None = None, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.retry_after = retry_after
 
     def response(self) -> JSONResponse:
-        return JSONResponse(status_code=self.status, content={"error": {
+        headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
+        return JSONResponse(status_code=self.status, headers=headers, content={"error": {
             "message": self.message, "type": self.type, "param": self.param, "code": self.code}})
 
 
@@ -65,6 +70,8 @@ async def _body(request: Request) -> dict:
         raise APIError(400, f"request body is not valid UTF-8: {exc}") from exc
     except ValueError as exc:
         raise APIError(400, f"request body is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise APIError(400, "request body is not valid JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object")
     return body
@@ -105,6 +112,10 @@ def _check_params(body: dict) -> None:
         raise APIError(400, "'stop' must be a string or a list of non-empty strings", param="stop")
     if not isinstance(body.get("stream", False), bool):
         raise APIError(400, "'stream' must be a boolean", param="stream")
+    options = body.get("stream_options")
+    if options is not None and not (isinstance(options, dict) and set(options) <= {"include_usage"}
+                                    and isinstance(options.get("include_usage", False), bool)):
+        raise APIError(400, "'stream_options' must be an object like {\"include_usage\": true}", param="stream_options")
 
 
 class ClientLimiter:
@@ -131,7 +142,10 @@ class ClientLimiter:
                 del self.in_flight[client]
 
 
-def make_router(served: list[str], max_tokens_limit: int, max_concurrent_per_client: int | None = None) -> APIRouter:
+def make_router(served: list[str], max_tokens_limit: int, max_concurrent_per_client: int | None = None,
+                max_waiting: int | None = None) -> APIRouter:
+    """`max_waiting`: a generation request is refused (503, Retry-After) while that many wait
+    in the engine's queue already."""
     router = APIRouter(prefix="/v1")
     names = {model_name(m) for m in served}
     limiter = ClientLimiter(max_concurrent_per_client)
@@ -139,9 +153,15 @@ def make_router(served: list[str], max_tokens_limit: int, max_concurrent_per_cli
     async def limited(request: Request, handler):
         """Runs a generation handler inside the client's slot; a streaming response keeps
         the slot until its body generator ends (sent, failed or client gone)."""
+        if max_waiting is not None and any(engine_for(m).stats()["num_waiting"] >= max_waiting for m in names):
+            raise APIError(503, f"the server is at capacity ({max_waiting} requests waiting); retry shortly",
+                           "service_unavailable", retry_after=1)
         client = limiter.acquire(request)
         try:
             response = await handler(request)
+        except ClientGone:  # nobody to answer: nginx's "client closed request"
+            limiter.release(client)
+            return Response(status_code=499)
         except BaseException:
             limiter.release(client)
             raise
@@ -220,7 +240,7 @@ def make_router(served: list[str], max_tokens_limit: int, max_concurrent_per_cli
 
         if not body.get("stream"):
             result, tokens = None, [([], []) for _ in range(params.n)]
-            async for item in events:
+            async for item in while_connected(request, events):
                 if isinstance(item, ChatResult):
                     result = item
                 elif item.logprobs:
@@ -292,6 +312,8 @@ def make_router(served: list[str], max_tokens_limit: int, max_concurrent_per_cli
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
+        if isinstance(prompt, str):
+            prompt = untrusted(prompt)  # a client's text: never control tokens
         if not (isinstance(prompt, str) or (isinstance(prompt, list) and all(
                 isinstance(t, int) and not isinstance(t, bool) for t in prompt))):
             raise APIError(400, "'prompt' must be a string or a list of token ids", param="prompt")
@@ -311,7 +333,7 @@ def make_router(served: list[str], max_tokens_limit: int, max_concurrent_per_cli
 
         if not body.get("stream"):
             whole = None  # every delta merged, choice by choice
-            async for out in _prepend(first, stream_outputs):
+            async for out in while_connected(request, _prepend(first, stream_outputs)):
                 whole = out if whole is None else merge(whole, out)
             return {"id": rid, "object": "text_completion", "created": created, "model": model,
                     "choices": [choice(c) for c in whole.outputs],
@@ -350,6 +372,35 @@ async def _guarded(events):
             yield item
     except (ValueError, EngineDeadError, RequestFailedError) as exc:
         raise _as_api_error(exc) from exc
+
+
+class ClientGone(Exception):
+    """The client of a non-streaming request left; its generation was aborted."""
+
+
+async def while_connected(request: Request, events):
+    """The items of `events` while the client is connected; when it leaves, the generation
+    is closed (its request aborted: its blocks freed at the next step) and ClientGone raised."""
+    async def gone() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.25)
+    watcher = asyncio.ensure_future(gone())
+    items = events.__aiter__()
+    try:
+        while True:
+            item = asyncio.ensure_future(items.__anext__())
+            await asyncio.wait({item, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not item.done():
+                item.cancel()
+                with contextlib.suppress(BaseException):
+                    await item
+                raise ClientGone()
+            try:
+                yield item.result()
+            except StopAsyncIteration:
+                return
+    finally:
+        watcher.cancel()
 
 
 async def _first(agen):

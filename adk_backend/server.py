@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -29,7 +30,8 @@ DEFAULT_MAX_BODY = 4 << 20  # bytes
 
 
 class BodyLimit:
-    """Refuses request bodies over `limit` bytes with 413, whether or not they say their length."""
+    """Refuses request bodies over `limit` bytes with 413, whether or not they say their length
+    (a chunked body is cut where it passes the limit, and answered 413 if nothing was sent yet)."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -40,7 +42,7 @@ class BodyLimit:
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
             return await error_response(413, f"request body over {self.limit} bytes")(scope, receive, send)
-        seen = 0
+        seen, started = 0, False
 
         async def limited() -> dict:
             nonlocal seen
@@ -50,18 +52,66 @@ class BodyLimit:
                 raise APIError(413, f"request body over {self.limit} bytes")
             return message
 
-        await self.app(scope, limited, send)
+        async def tracking(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited, tracking)
+        except APIError as exc:  # raised from a route outside FastAPI's handlers (ADK's, the turn locks)
+            if started:
+                raise
+            await exc.response()(scope, receive, send)
+
+
+class ApiKeyGuard:
+    """With an API key, every route but /health needs `Authorization: Bearer <key>`, websockets
+    included (the header of their handshake). `open_paths(path)` says which routes are open on
+    purpose (ADK's, with --open-adk-routes). A CORS preflight passes: it carries no credentials,
+    and the CORS middleware inside answers it."""
+
+    def __init__(self, app: ASGIApp, key: str, open_path) -> None:
+        self.app, self.expected, self.open_path = app, f"Bearer {key}".encode(), open_path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket") or self._allowed(scope):
+            return await self.app(scope, receive, send)
+        if scope["type"] == "websocket":
+            await receive()  # the connect message
+            return await send({"type": "websocket.close", "code": 1008, "reason": "invalid or missing API key"})
+        return await error_response(401, "invalid or missing API key (Authorization: Bearer <key>)",
+                                    "authentication_error", code="invalid_api_key")(scope, receive, send)
+
+    def _allowed(self, scope: Scope) -> bool:
+        path = scope.get("path", "")
+        if path == "/health" or self.open_path(path):
+            return True
+        headers = dict(scope.get("headers") or [])
+        if scope["type"] == "http" and scope["method"] == "OPTIONS" and b"access-control-request-method" in headers:
+            return True
+        return hmac.compare_digest(headers.get(b"authorization", b""), self.expected)  # constant time
+
+
+def _redacting(detail, root: str):
+    """An error detail with the server's absolute agents path cut to the agent's own name."""
+    if isinstance(detail, str):
+        return detail.replace(root + os.sep, "").replace(root, "agents")
+    return detail
 
 
 def create_app(agents_dir: str = "agents", model: str = "smollm2-135m-instruct", api_key: str | None = None,
-               protect_adk_routes: bool = False, trace_to_cloud: bool = False, otel_to_cloud: bool = False,
+               open_adk_routes: bool = False, trace_to_cloud: bool = False, otel_to_cloud: bool = False,
                host: str = "127.0.0.1",
                port: int = 8000, allow_origins: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY,
                max_tokens_limit: int = 4096, web: bool = True,
-               max_concurrent_per_client: int | None = None, session_service_uri: str | None = None) -> FastAPI:
+               max_concurrent_per_client: int | None = None, session_service_uri: str | None = None,
+               max_waiting: int | None = 512) -> FastAPI:
     """`session_service_uri`: ADK's forms (`memory://`, `sqlite:///path`, `postgresql://...`,
     `agentengine://...`; default `memory://`); replicas given one PostgreSQL URI share
-    sessions, one turn per session at a time (session_turns)."""
+    sessions, one turn per session at a time (session_turns). With `api_key` (or
+    ENGINE_API_KEY) every route but /health needs it; `open_adk_routes` leaves ADK's own
+    (dev UI, sessions, /run) open on purpose, /v1 and /metrics stay guarded."""
     from google.adk.cli.fast_api import get_fast_api_app
 
     # Not ADK's own default (a SQLite file in each agent's folder): its writers wait at most
@@ -74,7 +124,9 @@ def create_app(agents_dir: str = "agents", model: str = "smollm2-135m-instruct",
         session_service_uri = "postgresql+asyncpg://" + session_service_uri.split("://", 1)[1]
     served = [model_name(model)]
     engine = engine_for(served[0])
-    app = get_fast_api_app(agents_dir=str(Path(agents_dir).resolve()), web=web, host=host, port=port,
+    root = str(Path(agents_dir).resolve())
+    # bind_host: ADK's guard against DNS rebinding (a loopback server refuses other Host names)
+    app = get_fast_api_app(agents_dir=root, web=web, host=host, bind_host=host, port=port,
                            trace_to_cloud=trace_to_cloud, otel_to_cloud=otel_to_cloud, allow_origins=allow_origins,
                            session_service_uri=session_service_uri)
     from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
@@ -82,8 +134,13 @@ def create_app(agents_dir: str = "agents", model: str = "smollm2-135m-instruct",
     metrics = EngineMetrics()
     metrics.attach(served[0], engine)
     app.state.engine_metrics = metrics
-    app.include_router(make_router(served, max_tokens_limit, max_concurrent_per_client))
+    app.include_router(make_router(served, max_tokens_limit, max_concurrent_per_client, max_waiting))
     app.add_exception_handler(APIError, lambda request, exc: exc.response())
+
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return JSONResponse({"detail": _redacting(exc.detail, root)}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+    app.add_exception_handler(StarletteHTTPException, http_error)
 
     # ADK's app answers /health with 200 always; ours says whether the engine can serve.
     app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) != "/health"]
@@ -97,21 +154,10 @@ def create_app(agents_dir: str = "agents", model: str = "smollm2-135m-instruct",
     async def prometheus_metrics():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    app.add_middleware(SessionTurns, session_service_uri=session_service_uri)  # inside the key check
     key = api_key or os.environ.get("ENGINE_API_KEY")
     if key:
-        expected = f"Bearer {key}".encode()
-
-        @app.middleware("http")
-        async def require_key(request: Request, call_next):
-            path = request.url.path
-            guarded = path.startswith("/v1/") or (protect_adk_routes and path not in ("/health", "/metrics"))
-            if guarded:
-                given = request.headers.get("authorization", "").encode()
-                if not hmac.compare_digest(given, expected):  # constant time
-                    return error_response(401, "invalid or missing API key (Authorization: Bearer <key>)",
-                                          "authentication_error", code="invalid_api_key")
-            return await call_next(request)
-
-    app.add_middleware(SessionTurns, session_service_uri=session_service_uri)
+        app.add_middleware(ApiKeyGuard, key=key,
+                           open_path=lambda path: open_adk_routes and not path.startswith(("/v1/", "/metrics")))
     app.add_middleware(BodyLimit, limit=max_body_bytes)  # outermost: nothing reads an oversized body
     return app

@@ -6,7 +6,8 @@ turn (`POST /run`, `POST /run_sse`) holds the session's lock from before ADK loa
 session until its response has been sent, and a concurrent turn waits for it (then sees
 the first turn's events). With a PostgreSQL session store the lock is a PostgreSQL
 advisory lock, so replicas serialize too; otherwise an in-process lock. A turn that still
-loses the check (another writer, or a wait past `wait_timeout`) is a 409 that says to retry.
+loses the check (another writer, or a wait past `wait_timeout`) is a 409 that says to retry;
+one that finds no turn slot on its replica in time, a 503 (both with Retry-After).
 """
 from __future__ import annotations
 
@@ -49,11 +50,14 @@ class _LocalLocks:
 
 class _PostgresLocks:
     """Every replica on one PostgreSQL: a session-level advisory lock, held on a pooled
-    connection for the turn (polled with pg_try_advisory_lock, so a wait never leaves a
-    cancelled query on a connection)."""
+    connection for the turn. A waiter holds no connection: it borrows one for each try
+    (pg_try_advisory_lock, polled), so waiters on one busy session never starve the pool
+    of turns on other sessions; `max_turns` turns hold connections at once per replica (its
+    Cloud Run concurrency), and a turn finding none within the wait is refused with 503."""
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, max_turns: int = 64) -> None:
         self.dsn = dsn.replace("postgresql+asyncpg://", "postgresql://", 1)
+        self.max_turns = max_turns
         self.pool = None
         self._pool_lock = asyncio.Lock()  # the first turns arrive together: one pool, not one each
 
@@ -61,26 +65,35 @@ class _PostgresLocks:
         import asyncpg
         async with self._pool_lock:
             if self.pool is None:
-                self.pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=16)
-        conn = await self.pool.acquire()
+                self.pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=self.max_turns)
         deadline, pause = time.monotonic() + timeout, 0.01
-        try:
-            while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", key):
-                if time.monotonic() > deadline:
-                    await self.pool.release(conn)
-                    return None
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 0.2)
-        except BaseException:
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                conn = await self.pool.acquire(timeout=max(left, 0.01))
+            except asyncio.TimeoutError:
+                raise Busy("every turn slot of this replica is in use") from None
+            try:
+                if await conn.fetchval("SELECT pg_try_advisory_lock($1)", key):
+                    return conn
+            except BaseException:
+                await self.pool.release(conn)
+                raise
             await self.pool.release(conn)
-            raise
-        return conn
+            if time.monotonic() + pause > deadline:
+                return None
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.2)
 
     async def release(self, key: int, conn) -> None:
         try:
             await conn.execute("SELECT pg_advisory_unlock($1)", key)
         finally:
             await self.pool.release(conn)
+
+
+class Busy(Exception):
+    """No turn slot free in time: the client should retry shortly (503)."""
 
 
 def turn_locks(session_service_uri: str | None):
@@ -92,17 +105,18 @@ def turn_locks(session_service_uri: str | None):
 class SessionTurns:
     """ASGI middleware: serializes turns per session (see the module docstring)."""
 
-    def __init__(self, app: ASGIApp, session_service_uri: str | None = None, wait_timeout: float = 300.0) -> None:
+    def __init__(self, app: ASGIApp, session_service_uri: str | None = None, wait_timeout: float = 60.0) -> None:
         self.app, self.locks, self.wait_timeout = app, turn_locks(session_service_uri), wait_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in TURN_PATHS:
             return await self.app(scope, receive, send)
-        body, more = b"", True
+        parts, more = [], True
         while more:  # the whole body, to read the session and hand it on unchanged
             message = await receive()
-            body += message.get("body", b"")
+            parts.append(message.get("body", b""))
             more = message.get("more_body", False)
+        body = b"".join(parts)
         replayed = False
 
         async def replay() -> Message:
@@ -121,15 +135,18 @@ class SessionTurns:
             nonlocal started
             started = started or message["type"] == "http.response.start"
             await send(message)
-        held = await self.locks.acquire(key, self.wait_timeout)
+        try:
+            held = await self.locks.acquire(key, self.wait_timeout)
+        except Busy as exc:
+            return await _refuse(send, 503, f"{exc}; retry")
         if held is None:
-            return await _conflict(send, "another turn on this session is still running; retry")
+            return await _refuse(send, 409, "another turn on this session is still running; retry")
         try:
             await self.app(scope, replay, tracking_send)
         except StaleSessionError:
             if started:
                 raise
-            await _conflict(send, "the session changed while this turn ran; reload it and retry")
+            await _refuse(send, 409, "the session changed while this turn ran; reload it and retry")
         finally:
             await self.locks.release(key, held)
 
@@ -146,8 +163,9 @@ def _session_key(body: bytes) -> int | None:
     return _lock_id(app, user, session)
 
 
-async def _conflict(send: Send, detail: str) -> None:
+async def _refuse(send: Send, status: int, detail: str) -> None:
     body = json.dumps({"detail": detail}).encode()
-    await send({"type": "http.response.start", "status": 409,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"retry-after", b"1")]})
     await send({"type": "http.response.body", "body": body})

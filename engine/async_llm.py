@@ -165,16 +165,22 @@ class AsyncLLM:
 
     # -- caller side ----------------------------------------------------------------------
     async def _make_request(self, prompt, params, engine_id: str, priority: int) -> Request:
-        grammar = None
-        if isinstance(params, SamplingParams) and params.structured_outputs is not None:
-            grammar = await self.engine.grammars.compile_async(params.structured_outputs)
+        """On the input thread: render, tokenize and check the prompt (cheap, refused first);
+        then compile the grammar (its own workers); then the request."""
+        loop = asyncio.get_running_loop()
 
-        def make() -> Request:
+        def check():
             text = prompt
             if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
                 text = self.engine.apply_chat_template(prompt)
-            return self.engine.make_request(text, params, request_id=engine_id, priority=priority, grammar=grammar)
-        return await asyncio.get_running_loop().run_in_executor(self._input_pool, make)
+            return self.engine.check_prompt(text, params)
+        checked = await loop.run_in_executor(self._input_pool, check)
+        grammar = None
+        if checked.params.structured_outputs is not None:
+            grammar = await self.engine.grammars.compile_async(checked.params.structured_outputs)
+        return await loop.run_in_executor(
+            self._input_pool, lambda: self.engine.make_request(checked, request_id=engine_id, priority=priority,
+                                                               grammar=grammar))
 
     def _release(self, client_id: str, engine_id: str) -> None:
         with self._cond:

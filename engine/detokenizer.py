@@ -6,6 +6,8 @@ split across tokens), and the tail that could still grow into a stop string is h
 """
 from __future__ import annotations
 
+import re
+
 from engine.request import Request
 
 _CONTEXT = 5  # prompt tokens decoded before the output, so leading spaces come out right
@@ -15,6 +17,9 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer, req: Request) -> None:
         self.tokenizer = tokenizer
         self.stop = req.sampling_params.stop
+        # one automaton for every stop string: the earliest match (the longest one there)
+        self._stop_re = re.compile("|".join(re.escape(s) for s in sorted(self.stop, key=len, reverse=True))) \
+            if self.stop else None
         self.include_stop = req.sampling_params.include_stop_str_in_output
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.ids = list(req.prompt_token_ids[-_CONTEXT:])
@@ -42,20 +47,15 @@ class IncrementalDetokenizer:
         start = len(self.text)
         self.text += full[len(prefix):]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        if self.stop and check_stop:
+        if self._stop_re is not None and check_stop:
             return self._check_stop(start)
         return None
 
     def _check_stop(self, new_from: int) -> str | None:
-        search_from = max(0, new_from - self.hold)
-        best = None
-        for s in self.stop:
-            idx = self.text.find(s, search_from)
-            if idx != -1 and (best is None or idx < best[0]):
-                best = (idx, s)
-        if best is None:
+        match = self._stop_re.search(self.text, max(0, new_from - self.hold))
+        if match is None:
             return None
-        idx, s = best
+        idx, s = match.start(), match.group()
         self.text = self.text[:idx + len(s)] if self.include_stop else self.text[:idx]
         return s
 

@@ -125,7 +125,11 @@ class LLMEngine:
     def default_sampling_params(self) -> SamplingParams:
         return self.inputs.default_sampling_params()
 
-    def make_request(self, prompt: PromptType, params: SamplingParams | None = None,
+    def check_prompt(self, prompt: PromptType, params: SamplingParams | None = None):
+        """Tokenizes and checks a prompt without touching engine state (any one thread)."""
+        return self.inputs.check(prompt, params)
+
+    def make_request(self, prompt, params: SamplingParams | None = None,
                      request_id: str | None = None, priority: int = 0,
                      arrival_time: float | None = None, grammar=None) -> Request:
         """Validates and tokenizes a request without touching engine state (any one thread)."""
@@ -185,8 +189,11 @@ class LLMEngine:
                 req.num_computed_tokens += n
                 self.kv.cache_full_blocks(req)
         done: list[Request] = []
-        for req, token, lp in zip(result.sampled, result.token_ids, result.logprobs):
-            self._append_token(req, token, lp, now)
+        for i, (req, token, lp) in enumerate(zip(result.sampled, result.token_ids, result.logprobs)):
+            if token is None:  # this row alone could not be sampled: it alone fails
+                req.error, req.finish_reason = result.errors[i], "error"
+            else:
+                self._append_token(req, token, lp, now)
             if req.finish_reason is not None:
                 done.append(req)
         for req in result.sampled:

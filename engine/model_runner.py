@@ -20,10 +20,11 @@ from engine.scheduler import SchedulerOutput
 
 @dataclass
 class StepResult:
-    sampled: list[Request]                  # requests that got a new token, in order
-    token_ids: list[int]
+    sampled: list[Request]                  # requests sampled this step, in order
+    token_ids: list[int | None]             # None: this row could not be sampled (see errors)
     logprobs: list[dict | None]
     num_tokens: int                         # tokens computed in the forward pass
+    errors: dict[int, str]                  # row in `sampled` -> why it could not be sampled
 
 
 class ModelRunner:
@@ -75,10 +76,10 @@ class ModelRunner:
         input_ids, positions, meta, sample_rows, sample_reqs = self.prepare(sched)
         hidden = self.model(input_ids, positions, meta, self.kv_caches, self.attention)
         if not sample_reqs:
-            return StepResult([], [], [], len(input_ids))
+            return StepResult([], [], [], len(input_ids), {})
         logits = self.model.compute_logits(hidden[self._tensor(sample_rows)])
-        tokens, logprobs = self.sampler(logits, sample_reqs)
-        return StepResult(sample_reqs, tokens, logprobs, len(input_ids))
+        tokens, logprobs, errors = self.sampler(logits, sample_reqs)
+        return StepResult(sample_reqs, tokens, logprobs, len(input_ids), errors)
 
     @torch.inference_mode()
     def copy_blocks(self, src: list[int], dst: list[int]) -> None:

@@ -1,11 +1,20 @@
 """Batched sampling: penalties, grammar masks, min_tokens, temperature, top-k, top-p, min-p,
-per-request seeds."""
+per-request seeds.
+
+A batch that fails to sample (a value no validation foresaw) is sampled again row by row,
+and only the rows that fail again fail: one request's parameters never cost the others
+their step.
+"""
 from __future__ import annotations
+
+import logging
 
 import torch
 
 from engine.request import Logprob, Request
 from engine.structured_output import GrammarBitmask
+
+log = logging.getLogger(__name__)
 
 
 class Sampler:
@@ -14,12 +23,33 @@ class Sampler:
         self.platform = platform  # its argmax and grammar bitmask kernels
         self.grammar_bitmask: GrammarBitmask | None = None  # made at the first constrained step
 
-    def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[dict[int, Logprob] | None]]:
+    def __call__(self, logits: torch.Tensor, reqs: list[Request]
+                 ) -> tuple[list[int | None], list[dict[int, Logprob] | None], dict[int, str]]:
         """logits: [N, V] fp32, one row per request to sample. Returns token ids and, for
         requests that asked for them, the top-n logprobs (raw model distribution) plus the
-        sampled token's."""
+        sampled token's; and the rows that could not be sampled (token None) with why."""
+        try:
+            tokens, logprobs = self._sample_batch(logits, reqs)
+            return tokens, logprobs, {}
+        except Exception:
+            log.exception("sampling a batch of %d failed; sampling its rows apart", len(reqs))
+        tokens, logprobs, errors = [], [], {}
+        for i, r in enumerate(reqs):
+            try:
+                t, lp = self._sample_batch(logits[i:i + 1], [r])
+                tokens.append(t[0])
+                logprobs.append(lp[0])
+            except Exception as exc:
+                tokens.append(None)
+                logprobs.append(None)
+                errors[i] = f"sampling failed: {type(exc).__name__}: {exc}"
+        return tokens, logprobs, errors
+
+    def _sample_batch(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list]:
         logprobs_wanted = [r.sampling_params.logprobs is not None for r in reqs]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(logprobs_wanted) else None
+        if any(r.sampling_params.uses_penalties for r in reqs):
+            logits = logits.clone()  # penalties are not idempotent: a retried row starts afresh
         self._apply_penalties(logits, reqs)
         matchers = [r.grammar for r in reqs]
         if any(m is not None for m in matchers):
@@ -76,7 +106,7 @@ class Sampler:
                              device=logits.device, dtype=logits.dtype)
         logits = logits / temps[:, None]
         vocab = logits.shape[-1]
-        top_k = [p.top_k if p.top_k > 0 else vocab for p in params]
+        top_k = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
         top_p = [p.top_p for p in params]
         if any(k < vocab for k in top_k) or any(tp < 1.0 for tp in top_p):
             sorted_logits, order = logits.sort(dim=-1, descending=True)

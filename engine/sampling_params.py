@@ -7,6 +7,16 @@ from dataclasses import dataclass, field
 
 
 _KINDS = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")
+# Stop strings are searched in every new token's text on the shared step thread: a few, short
+# (OpenAI takes at most 4).
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
+MAX_STOP_TOKEN_IDS = 64
+# Grammar sizes (characters of the schema, EBNF or regex as sent): xgrammar compiles an EBNF
+# of 5,000 alternatives (170 KB) in about 10 s; these stay well under a second.
+MAX_GRAMMAR_CHARS = {"json": 32_768, "json_object": 16, "regex": 4_096, "choice": 16_384, "grammar": 16_384,
+                     "structural_tag": 65_536}
+MAX_CHOICES = 256
 
 
 @dataclass(frozen=True)
@@ -40,7 +50,14 @@ class StructuredOutputsParams:
         for kind in ("regex", "grammar"):
             value = getattr(self, kind)
             if value is not None and (not isinstance(value, str) or not value):
-                raise ValueError(f"structured_outputs.{kind} must be a non-empty string, got {value!r}")
+                raise ValueError(f"structured_outputs.{kind} must be a non-empty string, got {value!r}"[:300])
+        # Compiling grows with a grammar's size and runs beside everyone's requests: bounded.
+        size = len(self.key[1])
+        limit = MAX_GRAMMAR_CHARS[self.kind]
+        if size > limit:
+            raise ValueError(f"structured_outputs.{self.kind} is {size} characters; at most {limit}")
+        if self.choice is not None and len(self.choice) > MAX_CHOICES:
+            raise ValueError(f"structured_outputs.choice has {len(self.choice)} options; at most {MAX_CHOICES}")
 
     @classmethod
     def from_any(cls, value) -> "StructuredOutputsParams":
@@ -124,10 +141,17 @@ class SamplingParams:
                    f"<= max_tokens ({self.max_tokens})")
         for s in self.stop:
             if not isinstance(s, str) or not s:
-                raise ValueError(f"SamplingParams.stop must be a list of non-empty strings, got {self.stop!r}")
+                raise ValueError(f"SamplingParams.stop must be a list of non-empty strings, got {self.stop!r}"[:300])
+        _check(len(self.stop) <= MAX_STOP_STRINGS, "stop", f"<{len(self.stop)} strings>",
+               f"at most {MAX_STOP_STRINGS} strings")
+        longest = max((len(s) for s in self.stop), default=0)
+        _check(longest <= MAX_STOP_LENGTH, "stop", f"<a string of {longest} characters>",
+               f"strings of at most {MAX_STOP_LENGTH} characters")
+        _check(len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS, "stop_token_ids", f"<{len(self.stop_token_ids)} ids>",
+               f"at most {MAX_STOP_TOKEN_IDS} ids")
         for t in self.stop_token_ids:
             if not isinstance(t, int) or isinstance(t, bool) or t < 0:
-                raise ValueError(f"SamplingParams.stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}")
+                raise ValueError(f"SamplingParams.stop_token_ids must be non-negative ints, got {t!r}")
         _num("repetition_penalty", self.repetition_penalty)
         _check(self.repetition_penalty > 0, "repetition_penalty", self.repetition_penalty, "> 0")
         for name in ("presence_penalty", "frequency_penalty"):

@@ -3,7 +3,9 @@
 A request whose `SamplingParams.structured_outputs` is set carries a grammar matcher.
 Grammars compile off the step thread (AsyncLLM awaits `compile_async`; the offline LLM
 compiles while it adds requests), are cached by their key, and a grammar that fails or
-takes longer than `compile_timeout` seconds is a `ValueError` naming the problem.
+takes longer than `compile_timeout` seconds is a `ValueError` naming the problem. A compile
+runs in a child process (grammar_worker), killed at its deadline: xgrammar cannot stop a
+compile, and one left running would hold a core and a worker long after its client left.
 
 Each step, `GrammarBitmask.apply` fills one token bitmask for every constrained row of the
 batch and applies it to the logits in one vectorized op before sampling; free rows share
@@ -18,13 +20,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import tempfile
 import threading
+import weakref
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor, TimeoutError as FutureTimeout
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 import xgrammar as xgr
 
+from engine.grammar_worker import CompileProcess, CompileTimeout
 from engine.sampling_params import StructuredOutputsParams
 
 
@@ -32,32 +37,51 @@ class GrammarCompiler:
     """Compiles grammars for one tokenizer, off the caller's thread, with a cache and a timeout."""
 
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: tuple[int, ...],
-                 compile_timeout: float = 10.0, cache_size: int = 256) -> None:
+                 compile_timeout: float = 10.0, cache_size: int = 256, cache_bytes: int = 256 << 20) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.stop_token_ids = list(stop_token_ids)
         self.compile_timeout = compile_timeout
-        self.cache_size = cache_size
+        self.cache_size = cache_size    # grammars kept, and their bytes at most (least recently used go)
+        self.cache_bytes = cache_bytes
+        self._cached_bytes = 0
         self._cache: OrderedDict[tuple[str, str], xgr.CompiledGrammar] = OrderedDict()
         self._pending: dict[tuple[str, str], Future] = {}
         self._lock = threading.Lock()        # cache and pending compilations
         self._init_lock = threading.Lock()
-        self._compiler: xgr.GrammarCompiler | None = None
-        # A grammar that takes too long occupies a worker, never the step thread; several
-        # workers, so that one slow schema does not hold up everyone else's.
+        self._info: xgr.TokenizerInfo | None = None
+        self._info_file = tempfile.NamedTemporaryFile("w", suffix=".json", prefix="tokenizer-info-")
+        # Compiles run in child processes (grammar_worker), one per worker thread, so that one
+        # past its time is killed rather than left holding a core; several, so that one slow
+        # schema does not hold up everyone else's.
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="grammar-compile")
+        self._local = threading.local()
+        self._processes: list[CompileProcess] = []
+        weakref.finalize(self, _close_all, self._processes, self._info_file)
         self.cache_hits = 0
         self.cache_misses = 0
 
-    def _xgr_compiler(self) -> xgr.GrammarCompiler:
+    def _tokenizer_info(self) -> xgr.TokenizerInfo:
         with self._init_lock:  # reading the vocabulary takes ~0.2 s: once, on first use
-            if self._compiler is None:
+            if self._info is None:
                 if self.tokenizer is None:
                     raise ValueError("structured outputs need a tokenizer; this model has none")
-                info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
-                                                          stop_token_ids=self.stop_token_ids)
-                self._compiler = xgr.GrammarCompiler(info, max_threads=1)  # thread-safe; one thread per compile
-            return self._compiler
+                self._info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
+                                                                stop_token_ids=self.stop_token_ids)
+                self._info_file.write(self._info.serialize_json())  # for the compiler processes
+                self._info_file.flush()
+            return self._info
+
+    def _process(self, fresh: bool = False) -> CompileProcess:
+        """This worker thread's compiler process; `fresh`: start its next one now (after a
+        kill, so that it is ready by the next request)."""
+        proc = getattr(self._local, "proc", None)
+        if fresh or proc is None or not proc.alive():
+            self._tokenizer_info()
+            proc = self._local.proc = CompileProcess(self._info_file.name)
+            with self._lock:
+                self._processes[:] = [p for p in self._processes if p.alive()] + [proc]
+        return proc
 
     def submit(self, params: StructuredOutputsParams) -> Future:
         """A future of the compiled grammar; one compilation per key, however many ask."""
@@ -81,49 +105,73 @@ class GrammarCompiler:
     def _store(self, key: tuple[str, str], future: Future) -> None:
         with self._lock:
             self._pending.pop(key, None)
-            if future.exception() is None:
-                self._cache[key] = future.result()
-                while len(self._cache) > self.cache_size:
-                    self._cache.popitem(last=False)
+            if future.cancelled() or future.exception() is not None:
+                return
+            compiled = future.result()
+            self._cache[key] = compiled
+            self._cached_bytes += compiled.memory_size_bytes
+            while len(self._cache) > 1 and (len(self._cache) > self.cache_size
+                                            or self._cached_bytes > self.cache_bytes):
+                _, old = self._cache.popitem(last=False)
+                self._cached_bytes -= old.memory_size_bytes
 
     def compile(self, params: StructuredOutputsParams) -> xgr.CompiledGrammar:
-        """Blocking form (offline LLM): waits at most `compile_timeout` seconds."""
-        try:
-            return self.submit(params).result(timeout=self.compile_timeout)
-        except FutureTimeout:
-            raise ValueError(self._timeout_message(params)) from None
+        """Blocking form (offline LLM). Every compile ends: within `compile_timeout` seconds
+        of starting, or its process is killed (a ValueError)."""
+        return self.submit(params).result()
 
     async def compile_async(self, params: StructuredOutputsParams) -> xgr.CompiledGrammar:
-        try:
-            return await asyncio.wait_for(asyncio.wrap_future(self.submit(params)), self.compile_timeout)
-        except asyncio.TimeoutError:
-            raise ValueError(self._timeout_message(params)) from None
+        """As `compile`. Each waiter has a future of its own: one that gives up (its client
+        left) never cancels the compilation for the others waiting on the same grammar
+        (asyncio.wrap_future would)."""
+        shared = self.submit(params)
+        loop = asyncio.get_running_loop()
+        mine = loop.create_future()
+
+        def settle(done: Future) -> None:
+            if mine.done():
+                return
+            if done.cancelled():
+                mine.cancel()
+            elif done.exception() is not None:
+                mine.set_exception(done.exception())
+            else:
+                mine.set_result(done.result())
+
+        def settle_soon(done: Future) -> None:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(settle, done)
+        shared.add_done_callback(settle_soon)
+        return await mine
 
     def _timeout_message(self, params: StructuredOutputsParams) -> str:
         return (f"structured_outputs.{params.kind}: the grammar did not compile within "
                 f"{self.compile_timeout:g} s; simplify it")
 
     def _compile(self, params: StructuredOutputsParams) -> xgr.CompiledGrammar:
-        compiler = self._xgr_compiler()
         kind = params.kind
         try:
             if kind == "json":
                 schema = json.loads(params.json) if isinstance(params.json, str) else params.json
-                schema = json.dumps(strict_json_strings(schema))
-                # Fixed separators: a small model cannot run away into whitespace.
-                return compiler.compile_json_schema(schema, any_whitespace=False)
-            if kind == "json_object":
-                return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
-            if kind == "regex":
-                return compiler.compile_regex(params.regex)
-            if kind == "choice":
-                return compiler.compile_grammar(
-                    "root ::= " + " | ".join(json.dumps(c) for c in params.choice))
-            if kind == "grammar":
-                return compiler.compile_grammar(params.grammar)
-            tag = json.loads(params.structural_tag) if isinstance(params.structural_tag, str) else params.structural_tag
-            return compiler.compile_structural_tag(json.dumps(_strict_tag_schemas(tag)))
-        except (RuntimeError, ValueError, TypeError) as exc:
+                job = ("json_schema", json.dumps(strict_json_strings(schema)))
+            elif kind == "json_object":
+                job = ("json_schema", '{"type": "object"}')
+            elif kind == "regex":
+                job = ("regex", params.regex)
+            elif kind == "choice":
+                job = ("grammar", "root ::= " + " | ".join(json.dumps(c) for c in params.choice))
+            elif kind == "grammar":
+                job = ("grammar", params.grammar)
+            else:
+                tag = json.loads(params.structural_tag) if isinstance(params.structural_tag, str) \
+                    else params.structural_tag
+                job = ("structural_tag", json.dumps(_strict_tag_schemas(tag)))
+            return xgr.CompiledGrammar.deserialize_json(self._process().compile(*job, self.compile_timeout),
+                                                        self._tokenizer_info())
+        except CompileTimeout:
+            self._process(fresh=True)
+            raise ValueError(self._timeout_message(params)) from None
+        except (ValueError, TypeError) as exc:
             raise ValueError(f"structured_outputs.{kind} is invalid: {_first_line(exc)}") from None
 
     def matcher(self, compiled: xgr.CompiledGrammar) -> xgr.GrammarMatcher:
@@ -131,6 +179,13 @@ class GrammarCompiler:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        _close_all(self._processes, self._info_file)
+
+
+def _close_all(processes: list[CompileProcess], info_file) -> None:
+    for proc in list(processes):
+        proc.close()
+    info_file.close()  # removes it
 
 
 # A JSON string character that needs no escape; xgrammar's rule for strings with a length

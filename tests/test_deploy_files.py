@@ -21,6 +21,7 @@ def test_dockerfile_runs_the_documented_serve_command_on_port_from_env():
     assert args[args.index("--host") + 1] == "0.0.0.0"
     assert args[args.index("--port") + 1] == "$PORT"
     assert args[args.index("--agents-dir") + 1] == "agents"
+    assert "--no-web" in args  # no dev UI in production
     assert "--otel-to-cloud" in args  # OTLP to the Cloud Telemetry API, as adk web --otel_to_cloud
     assert "ENV" in text and "PORT=8080" in text
     for path in ("engine", "engine_kernels", "adk_backend", "agents"):
@@ -58,6 +59,7 @@ def test_cloudbuild_builds_pushes_and_deploys_to_cloud_run_with_a_gpu():
     assert steps["push"]["args"] == ["push", image]
     deploy = steps["deploy"]["args"]
     assert deploy[:3] == ["run", "deploy", "${_SERVICE}"]
+    assert "--no-allow-unauthenticated" in deploy  # Cloud Run's IAM admits callers
     assert deploy[deploy.index("--image") + 1] == image
     assert deploy[deploy.index("--gpu") + 1] == "1" and "--gpu-type" in deploy
     env = deploy[deploy.index("--set-env-vars") + 1]

@@ -81,11 +81,13 @@ def test_client_that_stops_reading_its_stream_is_aborted_and_its_blocks_come_bac
         body = json.dumps({"model": "fault-slow", "messages": [{"role": "user", "content": "hi"}],
                            "max_tokens": 3500, "ignore_eos": True, "stream": True}).encode()
         sock = socket.create_connection(("127.0.0.1", s.port))
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         received = b""
         while b"data:" not in received:
-            received += sock.recv(4096)
+            chunk = sock.recv(4096)
+            assert chunk, received  # the server answered and closed: no stream
+            received += chunk
         wait_until(lambda: engine.stats()["num_running"] == 1)
         sock.close()  # the client goes away mid-stream
         wait_until(lambda: engine.stats()["num_running"] == 0)

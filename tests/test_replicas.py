@@ -122,3 +122,46 @@ def test_a_replica_restarted_mid_conversation_picks_it_up(agents_dir, pg):
         assert history(url, sid) == [("user", "My name is Ada."), ("chat", first)]
         second = turn(url, sid, "What is my name?")
         assert history(url, sid)[-1] == ("chat", second)
+
+
+def test_waiters_on_one_busy_session_never_hold_up_turns_on_other_sessions(pg):
+    """(hostile input, item 8) A waiter holds no connection: 70 turns queued on one busy
+    session (more than a replica's Cloud Run concurrency) leave every other session free."""
+    from adk_backend.session_turns import turn_locks
+
+    async def main():
+        locks = turn_locks(pg.url)
+        busy = await locks.acquire(1, 1.0)
+        waiters = [asyncio.ensure_future(locks.acquire(1, 30.0)) for _ in range(70)]
+        await asyncio.sleep(0.5)
+        other = await asyncio.wait_for(locks.acquire(2, 5.0), 3.0)  # on main: stuck behind the waiters
+        assert other is not None
+        await locks.release(2, other)
+        for w in waiters:
+            w.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+        await locks.release(1, busy)
+        again = await locks.acquire(1, 1.0)
+        assert again is not None  # nothing leaked: the session is free again
+        await locks.release(1, again)
+        await locks.pool.close()
+    asyncio.run(main())
+
+
+def test_a_replica_with_every_turn_slot_taken_answers_busy_in_time(pg):
+    from adk_backend.session_turns import Busy, _PostgresLocks
+
+    async def main():
+        locks = _PostgresLocks(pg.url, max_turns=3)
+        held = [await locks.acquire(key, 1.0) for key in (11, 12, 13)]
+        start = asyncio.get_running_loop().time()
+        with pytest.raises(Busy):
+            await locks.acquire(14, 0.5)
+        assert asyncio.get_running_loop().time() - start < 2
+        for key, conn in zip((11, 12, 13), held):
+            await locks.release(key, conn)
+        conn = await locks.acquire(14, 0.5)
+        assert conn is not None
+        await locks.release(14, conn)
+        await locks.pool.close()
+    asyncio.run(main())

@@ -118,7 +118,7 @@ def test_metrics_health_and_dev_ui(server, client):
 
 def test_api_key_guards_v1_routes(server):
     app = create_app(agents_dir="agents", model=MODEL, api_key="s3cret", web=False)
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://localhost") as c:
         body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
         assert c.post("/v1/chat/completions", json=body).status_code == 401
         assert c.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
@@ -135,7 +135,7 @@ def test_sessions_default_to_memory_and_write_nothing_into_the_agents_folder(ser
     import shutil
     shutil.copytree(ROOT_DIR / "agents" / "assistant", tmp_path / "assistant", ignore=shutil.ignore_patterns(".adk"))
     app = create_app(agents_dir=str(tmp_path), model=MODEL, web=False)
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://localhost") as c:
         r = c.post("/apps/assistant/users/u/sessions/s1", json={"k": 1})  # the body is the state
         assert r.status_code == 200, r.text
         assert c.get("/apps/assistant/users/u/sessions/s1").json()["state"] == {"k": 1}

@@ -10,7 +10,8 @@ def check(report: dict, planned: int) -> None:
     assert report["num_errors"] == 0, "\n".join(report["errors"]) + "\n--- server log:\n" + report["server_log_tail"]
     assert report["num_wrong"] == 0, report["wrong"]
     outcomes = report["outcomes"]
-    assert outcomes.get("bad:refused", 0) > 0 and "bad:accepted" not in outcomes
+    # hostile requests (every kind in a short soak): refused with a 4xx, or harmless, never accepted
+    assert outcomes.get("bad:refused", 0) > 0 and "bad:accepted" not in outcomes, outcomes
     assert outcomes.get("stream:cancelled", 0) + outcomes.get("adk:cancelled", 0) > 0
     # The server saw the cancellations: its abort count, not only the clients' word.
     assert 0 < report["server_aborts"] <= report["client_cancels"], (report["server_aborts"], report["client_cancels"])
