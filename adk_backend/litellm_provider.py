@@ -20,7 +20,7 @@ from adk_backend.chat import ChatResult, chat_stream
 from adk_backend.engines import engine_for, model_name
 from adk_backend.openai_format import (finish_reason, openai_reply_spec, openai_sampling, openai_to_messages,
                                        openai_tool_calls, usage)
-from engine.errors import EngineDeadError, RequestFailedError
+from adk_backend.errors import ENGINE_ERRORS, classify
 
 PROVIDER = "engine"
 
@@ -38,12 +38,8 @@ class EngineLiteLLM(CustomLLM):
             template_kwargs = optional_params.get("chat_template_kwargs")
             async for item in chat_stream(engine, msgs, spec, params, template_kwargs):
                 yield item
-        except ValueError as exc:
-            raise CustomLLMError(status_code=400, message=str(exc)) from exc
-        except EngineDeadError as exc:
-            raise CustomLLMError(status_code=503, message=str(exc)) from exc
-        except RequestFailedError as exc:
-            raise CustomLLMError(status_code=500, message=str(exc)) from exc
+        except ENGINE_ERRORS as exc:
+            raise CustomLLMError(status_code=classify(exc)[0], message=str(exc)) from exc
 
     async def acompletion(self, model: str, messages: list, api_base=None, custom_prompt_dict=None,
                           model_response: ModelResponse | None = None, print_verbose=None, encoding=None,

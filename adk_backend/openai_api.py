@@ -15,14 +15,14 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from adk_backend.chat import ChatResult, chat_stream
+from adk_backend.chat import ChatResult, chat_stream, priority_of
 from adk_backend.engines import engine_for, model_name
 from adk_backend.openai_format import (chat_logprobs, chat_top_logprobs, completion_logprobs, finish_reason,
                                        openai_reply_spec, openai_sampling, openai_to_messages, openai_tool_calls,
                                        response_schema, token_usage, usage)
 from engine import StructuredOutputsParams
 from engine.chat_template import untrusted
-from engine.errors import EngineDeadError, RequestFailedError
+from adk_backend.errors import ENGINE_ERRORS, classify
 from engine.output_stream import merge
 
 
@@ -80,13 +80,13 @@ async def _body(request: Request) -> dict:
 # The fields each route honours; any other is refused by name, never silently ignored.
 _COMMON_FIELDS = {"model", "stream", "stream_options", "temperature", "top_p", "top_k", "min_p", "max_tokens",
                   "seed", "stop", "presence_penalty", "frequency_penalty", "n", "user", "ignore_eos", "min_tokens",
-                  "repetition_penalty", "structured_outputs", "response_format"}
+                  "repetition_penalty", "structured_outputs", "response_format", "priority", "service_tier"}
 CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "tools", "tool_choice", "parallel_tool_calls",
                                 "logprobs", "top_logprobs", "chat_template_kwargs"}
 COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "logprobs"}
 # Fields accepted only at a value that asks for nothing.
 _NO_OP_VALUES = {"logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}), "echo": (None, False),
-                 "suffix": (None, ""), "best_of": (None, 1), "store": (None, False), "service_tier": (None, "auto", "default")}
+                 "suffix": (None, ""), "best_of": (None, 1), "store": (None, False)}
 
 
 def _check_fields(body: dict, known: set[str]) -> None:
@@ -233,7 +233,7 @@ def make_router(served: list[str], max_tokens_limit: int, max_concurrent_per_cli
             raise APIError(400, "'chat_template_kwargs' must be an object", param="chat_template_kwargs")
         engine = engine_for(model)  # a dead engine refuses in generate(): 503 through _guarded
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        events = _guarded(chat_stream(engine, messages, spec, params, template_kwargs))
+        events = _guarded(chat_stream(engine, messages, spec, params, template_kwargs, _priority(body)))
 
         def logprobs(token_ids: list[int], entries) -> dict | None:
             return chat_logprobs(token_ids, entries, top_n) if top_n is not None else None
@@ -320,7 +320,7 @@ def make_router(served: list[str], max_tokens_limit: int, max_concurrent_per_cli
         engine = engine_for(model)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
-        stream_outputs = _guarded(engine.generate(prompt, params))
+        stream_outputs = _guarded(engine.generate(prompt, params, priority=_priority(body)))
         first = await _first(stream_outputs)
         offsets = [0] * params.n  # text already returned per choice (for logprobs' text_offset)
 
@@ -357,20 +357,27 @@ def make_router(served: list[str], max_tokens_limit: int, max_concurrent_per_cli
     return router
 
 
+def _priority(body: dict) -> int:
+    """vLLM's `priority` or OpenAI's `service_tier` (flex, priority...) as the engine's."""
+    try:
+        if body.get("priority") is not None and body.get("service_tier") not in (None, "auto", "default"):
+            raise ValueError("give priority or service_tier, not both")
+        return priority_of(body.get("service_tier"), body.get("priority"))
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="priority" if "priority" in str(exc) else "service_tier") from None
+
+
 def _as_api_error(exc: Exception) -> APIError:
     """The engine's exceptions as OpenAI errors: refused input 400, engine down 503, failed step 500."""
-    if isinstance(exc, ValueError):
-        return APIError(400, str(exc))
-    if isinstance(exc, EngineDeadError):
-        return APIError(503, str(exc), "service_unavailable")
-    return APIError(500, str(exc), "server_error")
+    status, type_, _ = classify(exc)
+    return APIError(status, str(exc), type_)
 
 
 async def _guarded(events):
     try:
         async for item in events:
             yield item
-    except (ValueError, EngineDeadError, RequestFailedError) as exc:
+    except ENGINE_ERRORS as exc:
         raise _as_api_error(exc) from exc
 
 

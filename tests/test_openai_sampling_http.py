@@ -95,3 +95,17 @@ def test_completions_n_streams_every_choice_to_its_finish(smollm2_server):
     assert usage["completion_tokens"] == 24
     whole = httpx.post(smollm2_server.url + "/v1/completions", json=body | {"stream": False}, timeout=60).json()
     assert [c["text"] for c in whole["choices"]] == [texts[i] for i in range(3)]
+
+
+@pytest.mark.parametrize("fields,status,says", [
+    ({"priority": -1}, 200, None), ({"service_tier": "flex"}, 200, None), ({"service_tier": "priority"}, 200, None),
+    ({"priority": 1000}, 400, "priority must be an integer in [-10, 10]"),
+    ({"service_tier": "ultra"}, 400, "service_tier must be one of"),
+    ({"priority": 1, "service_tier": "flex"}, 400, "not both"),
+])
+def test_priority_and_service_tiers_are_taken_and_bounded(smollm2_server, fields, status, says):
+    r = httpx.post(smollm2_server.url + "/v1/chat/completions", timeout=60, json={
+        "model": MODEL, "messages": MESSAGES, "max_tokens": 2} | fields)
+    assert r.status_code == status, r.text
+    if says:
+        assert says in r.json()["error"]["message"]

@@ -140,3 +140,37 @@ def test_stats_report_batch_sizes(policy):
     assert max(stats["batch_size_history"]) == 3
     assert stats["num_running"] == stats["num_waiting"] == 0
     assert stats["kv_blocks_free"] == stats["kv_blocks_total"] == 64
+
+
+def _admission_order(engine: LLMEngine) -> list[str]:
+    reqs = list(engine.scheduler.waiting) + list(engine.scheduler.running)
+    while engine.has_unfinished():
+        engine.step()
+    return [r.request_id for r in sorted(reqs, key=lambda r: r.metrics.first_scheduled_time)]
+
+
+def test_under_a_full_batch_a_priority_request_is_admitted_before_earlier_default_ones():
+    engine = tiny_engine(max_num_seqs=1)
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    engine.add_request([5, 6, 7], params, request_id="running")
+    engine.step()
+    for name in ("default-1", "default-2"):
+        engine.add_request([8, 9], params, request_id=name)
+    engine.add_request([10, 11], params, request_id="flex", priority=1)
+    engine.add_request([12, 13], params, request_id="priority", priority=-1)
+    assert _admission_order(engine) == ["running", "priority", "default-1", "default-2", "flex"]
+    assert_all_blocks_free(engine)
+
+
+def test_a_low_priority_request_ages_ahead_of_fresh_ones_and_is_never_starved():
+    import time
+    from engine.scheduler import PRIORITY_AGING_S
+    engine = tiny_engine(max_num_seqs=1)
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    engine.add_request([5, 6, 7], params, request_id="running")
+    engine.step()
+    # waited 3 aging periods: as urgent now as a fresh request two levels above it
+    engine.add_request([8, 9], params, request_id="old-flex", priority=1,
+                       arrival_time=time.time() - 3 * PRIORITY_AGING_S)
+    engine.add_request([10, 11], params, request_id="fresh-default")
+    assert _admission_order(engine) == ["running", "old-flex", "fresh-default"]

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from conftest import isa_param
+from helpers import decode_one_by_one
 from engine import EngineConfig, LLMEngine
-from engine.attention_backends import Seq
 from engine.platform import Platform, supported_isas
 from engine_kernels.cpu import ISA_LEVELS
 
@@ -94,32 +94,6 @@ def transformers_reference(real_model_dir):
     return run
 
 
-def _decode_one_by_one(engine: LLMEngine, ids: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Teacher-forced logits [n, vocab] and each layer's residual stream [n, hidden], one
-    token per forward pass over the paged cache (blocks 0.. in order: the engine is idle)."""
-    runner, model, bs = engine.runner, engine.runner.model, engine.config.block_size
-    streams: list[list[torch.Tensor]] = [[] for _ in model.layers]
-    for i, layer in enumerate(model.layers):
-        def capture(*args, _forward=layer.forward, _i=i):
-            h, residual = _forward(*args)
-            streams[_i].append((h.float() + residual.float()).squeeze(0))
-            return h, residual
-        layer.forward = capture
-    block_ids = list(range(-(-len(ids) // bs)))
-    logits = []
-    try:
-        for pos, tok in enumerate(ids):
-            seq = Seq(block_ids, context_len=pos + 1, num_tokens=1, start=0)
-            t = lambda x: torch.tensor([x])  # noqa: E731
-            meta = runner.attention.build_metadata(t(pos), [seq], [])
-            hidden = model(t(tok), t(pos), meta, runner.kv_caches, runner.attention)
-            logits.append(model.compute_logits(hidden)[0])
-    finally:
-        for layer in model.layers:
-            del layer.forward
-    return torch.stack(logits), [torch.stack(s) for s in streams]
-
-
 def test_each_served_weight_format_agrees_with_transformers_fp32(served_engine, transformers_reference):
     path, engine = served_engine
     _, min_agreement, max_kl, max_layer_error = GUARANTEES[path]
@@ -135,7 +109,7 @@ def test_each_served_weight_format_agrees_with_transformers_fp32(served_engine, 
         assert linear.qweight.format == ("int8" if path == "int8" else "q4_1")
     ids = engine.tokenizer.encode(TEXT, add_special_tokens=False)
     assert len(ids) >= 250
-    ours, our_streams = _decode_one_by_one(engine, ids)
+    ours, our_streams = decode_one_by_one(engine, ids)
 
     out = transformers_reference(ids)
     ref = out.logits[0].float()
