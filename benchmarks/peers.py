@@ -22,6 +22,7 @@ from benchmarks.systems import run_engine
 from benchmarks.workloads import load_workload
 from engine import LLM
 from engine.loader import gguf_source, resolve_model_dir
+from engine.platform import current_platform
 
 RUNNERS = Path(__file__).parent / "peer_runners"
 
@@ -120,7 +121,11 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.skip_bf16:
             data["systems"].append(measure_engine(args, "engine (bf16)", {"quantization": "none"}, prompts, max_tokens))
         data["systems"].append(run_peer("llama-cpp", args.llama_cpp_python, job | {"model": str(gguf)}))
-        data["systems"].append(run_peer("vllm", args.vllm_python, job | {"model": str(resolve_model_dir(args.model))}))
+        # vLLM computes in the dtype our platform picks for this CPU: bf16 where it is native,
+        # float32 on AVX2 (where bf16 would be emulated, and slow)
+        dtype = str(current_platform("cpu").default_dtype()).removeprefix("torch.")
+        data["systems"].append(run_peer("vllm", args.vllm_python,
+                                        job | {"model": str(resolve_model_dir(args.model)), "dtype": dtype}))
     return report(args, data)
 
 

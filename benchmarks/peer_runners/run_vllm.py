@@ -28,7 +28,7 @@ def params(n: int, **kw) -> SamplingParams:
 
 
 def peers(job: dict) -> dict:
-    llm = LLM(model=job["model"], dtype="bfloat16", seed=0, enable_prefix_caching=False,
+    llm = LLM(model=job["model"], dtype=job.get("dtype", "bfloat16"), seed=0, enable_prefix_caching=False,
               kv_cache_memory_bytes=KV_CACHE_BYTES)
     llm.generate([TokensPrompt(prompt_token_ids=job["single_prompt"])], params(8), use_tqdm=False)  # warm-up
     rates = []
@@ -40,7 +40,7 @@ def peers(job: dict) -> dict:
     start = time.perf_counter()
     llm.generate(prompts, [params(n) for n in job["max_tokens"]], use_tqdm=False)
     seconds = time.perf_counter() - start
-    return {"system": f"vLLM {__version__}", "kernels": "vLLM CPU backend, bf16",
+    return {"system": f"vLLM {__version__}", "kernels": f"vLLM CPU backend, {job.get('dtype', 'bfloat16')}",
             "one_stream_tok_s": statistics.median(rates), "one_stream_runs": rates,
             "one_stream_note": "end to end, prefill included",
             "mixed_output_tok_s": sum(job["max_tokens"]) / seconds, "mixed_seconds": seconds,
