@@ -49,7 +49,9 @@ def serve(args: argparse.Namespace) -> None:
                      otel_to_cloud=args.otel_to_cloud, session_service_uri=args.session_service_uri, host=args.host,
                      port=args.port, allow_origins=args.allow_origins,
                      max_concurrent_per_client=args.max_concurrent_per_client, web=not args.no_web,
-                     max_waiting=args.max_waiting)
+                     max_waiting=args.max_waiting, artifact_service_uri=args.artifact_service_uri,
+                     memory_service_uri=args.memory_service_uri, eval_storage_uri=args.eval_storage_uri,
+                     extra_plugins=args.extra_plugins, a2a=args.a2a)
     server = DrainingServer(uvicorn_config(app, args))
     server.ready_message = (f"serving {args.model} on http://{args.host}:{args.port} "
                             "(dev UI at /dev-ui/, OpenAI API at /v1, metrics at /metrics)")
@@ -125,6 +127,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--session-service-uri", default=os.environ.get("SESSION_SERVICE_URI"),
                    help="ADK session store: memory://, sqlite:///path, postgresql://user:pass@host/db, "
                         "agentengine://... (default: in memory; or SESSION_SERVICE_URI)")
+    s.add_argument("--artifact-service-uri", default=os.environ.get("ARTIFACT_SERVICE_URI"),
+                   help="ADK artifact store: memory://, file:///path, gs://bucket (replicas share one: gs://)")
+    s.add_argument("--memory-service-uri", default=None, help="ADK memory service (as adk api_server)")
+    s.add_argument("--eval-storage-uri", default=None, help="ADK eval sets and results in gs:// (as adk api_server)")
+    s.add_argument("--extra-plugins", nargs="*", default=None, help="qualified names of ADK plugins to load")
+    s.add_argument("--a2a", action="store_true", help="serve the agents over A2A too (needs ADK's a2a extra)")
     s.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
                    help="how the model writes tool calls (default: read from its chat template)")
     s.add_argument("--reasoning-parser", default=None, choices=["qwen3", "deepseek_r1", "none"],

@@ -97,7 +97,8 @@ def final_response(result: ChatResult, show_thoughts: bool = True) -> LlmRespons
     usage = types.GenerateContentResponseUsageMetadata(
         prompt_token_count=result.num_prompt_tokens, candidates_token_count=result.num_output_tokens,
         total_token_count=result.num_prompt_tokens + result.num_output_tokens,
-        cached_content_token_count=result.num_cached_tokens)
+        cached_content_token_count=result.num_cached_tokens,
+        thoughts_token_count=result.num_reasoning_tokens or None)
     return LlmResponse(
         content=types.Content(role="model", parts=parts) if parts else None,
         partial=False,

@@ -80,6 +80,7 @@ class ChatChoice:
     reply: ParsedReply
     finish_reason: str  # the engine's: "stop" | "length" | "abort"
     num_output_tokens: int
+    num_reasoning_tokens: int = 0  # of them, the thinking's (its text re-encoded)
 
 
 @dataclass
@@ -101,6 +102,10 @@ class ChatResult:
     @property
     def num_output_tokens(self) -> int:
         return sum(c.num_output_tokens for c in self.choices)
+
+    @property
+    def num_reasoning_tokens(self) -> int:
+        return sum(c.num_reasoning_tokens for c in self.choices)
 
 
 # Service tiers (ADK's RunConfig.service_tier, OpenAI's service_tier) as engine priorities:
@@ -178,6 +183,7 @@ async def chat_stream(engine, messages: list[dict], spec: ReplySpec, params: Sam
         reply.reasoning = thinking
         if reply.text.startswith(streamed[i]) and len(reply.text) > len(streamed[i]):
             yield ChatDelta(i, reply.text[len(streamed[i]):], [])  # held back as a possible call, and not one
-        choices.append(ChatChoice(i, reply, finish[i], num_output[i]))
+        thought_tokens = await engine.count_tokens(thinking) if thinking else 0
+        choices.append(ChatChoice(i, reply, finish[i], num_output[i], min(thought_tokens, num_output[i])))
     yield ChatResult(choices=choices, request_id=last.request_id, num_prompt_tokens=len(last.prompt_token_ids),
                      num_cached_tokens=last.metrics.num_cached_tokens)

@@ -82,7 +82,7 @@ _COMMON_FIELDS = {"model", "stream", "stream_options", "temperature", "top_p", "
                   "seed", "stop", "presence_penalty", "frequency_penalty", "n", "user", "ignore_eos", "min_tokens",
                   "repetition_penalty", "structured_outputs", "response_format", "priority", "service_tier"}
 CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "tools", "tool_choice", "parallel_tool_calls",
-                                "logprobs", "top_logprobs", "chat_template_kwargs"}
+                                "logprobs", "top_logprobs", "chat_template_kwargs", "reasoning_effort"}
 COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "logprobs"}
 # Fields accepted only at a value that asks for nothing.
 _NO_OP_VALUES = {"logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}), "echo": (None, False),
@@ -231,6 +231,7 @@ def make_router(served: list[str], max_tokens_limit: int, max_concurrent_per_cli
         template_kwargs = body.get("chat_template_kwargs")
         if template_kwargs is not None and not isinstance(template_kwargs, dict):
             raise APIError(400, "'chat_template_kwargs' must be an object", param="chat_template_kwargs")
+        template_kwargs = _with_reasoning_effort(template_kwargs, body.get("reasoning_effort"))
         engine = engine_for(model)  # a dead engine refuses in generate(): 503 through _guarded
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         events = _guarded(chat_stream(engine, messages, spec, params, template_kwargs, _priority(body)))
@@ -355,6 +356,20 @@ def make_router(served: list[str], max_tokens_limit: int, max_concurrent_per_cli
         return StreamingResponse(_sse_stream(events_out()), media_type="text/event-stream")
 
     return router
+
+
+_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
+
+
+def _with_reasoning_effort(template_kwargs: dict | None, effort) -> dict | None:
+    """OpenAI's reasoning_effort as the template's thinking switch (Qwen3's enable_thinking;
+    dropped where the template reads none): "none"/"minimal" off, any other level on."""
+    if effort is None:
+        return template_kwargs
+    if effort not in _EFFORTS:
+        raise APIError(400, f"reasoning_effort must be one of {', '.join(_EFFORTS)}, got {effort!r}",
+                       param="reasoning_effort")
+    return {"enable_thinking": effort not in ("none", "minimal")} | (template_kwargs or {})
 
 
 def _priority(body: dict) -> int:

@@ -156,7 +156,10 @@ def token_usage(num_prompt_tokens: int, num_output_tokens: int) -> dict:
 
 
 def usage(result: ChatResult) -> dict:
-    return token_usage(result.num_prompt_tokens, result.num_output_tokens)
+    """OpenAI's usage, with the prompt tokens the prefix cache held and the thinking's tokens."""
+    return token_usage(result.num_prompt_tokens, result.num_output_tokens) | {
+        "prompt_tokens_details": {"cached_tokens": result.num_cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": result.num_reasoning_tokens}}
 
 
 def chat_top_logprobs(body: dict) -> int | None:

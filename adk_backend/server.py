@@ -106,12 +106,17 @@ def create_app(agents_dir: str = "agents", model: str = "smollm2-135m-instruct",
                port: int = 8000, allow_origins: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY,
                max_tokens_limit: int = 4096, web: bool = True,
                max_concurrent_per_client: int | None = None, session_service_uri: str | None = None,
-               max_waiting: int | None = 512) -> FastAPI:
+               max_waiting: int | None = 512, artifact_service_uri: str | None = None,
+               memory_service_uri: str | None = None, eval_storage_uri: str | None = None,
+               extra_plugins: list[str] | None = None, a2a: bool = False) -> FastAPI:
     """`session_service_uri`: ADK's forms (`memory://`, `sqlite:///path`, `postgresql://...`,
     `agentengine://...`; default `memory://`); replicas given one PostgreSQL URI share
     sessions, one turn per session at a time (session_turns). With `api_key` (or
     ENGINE_API_KEY) every route but /health needs it; `open_adk_routes` leaves ADK's own
-    (dev UI, sessions, /run) open on purpose, /v1 and /metrics stay guarded."""
+    (dev UI, sessions, /run) open on purpose, /v1 and /metrics stay guarded.
+    `artifact_service_uri` (`memory://`, `file:///path`, `gs://bucket`), `memory_service_uri`,
+    `eval_storage_uri`, `extra_plugins` (qualified names) and `a2a` are `adk api_server`'s;
+    replicas must share sessions and artifacts (a `gs://` bucket)."""
     from google.adk.cli.fast_api import get_fast_api_app
 
     # Not ADK's own default (a SQLite file in each agent's folder): its writers wait at most
@@ -130,7 +135,9 @@ def create_app(agents_dir: str = "agents", model: str = "smollm2-135m-instruct",
                            trace_to_cloud=trace_to_cloud, otel_to_cloud=otel_to_cloud, allow_origins=allow_origins,
                            session_service_uri=session_service_uri,
                            # RunConfig.service_tier reaches the engine's queue (priority, flex)
-                           extra_plugins=["adk_backend.adk_model.ServiceTierPlugin"])
+                           extra_plugins=["adk_backend.adk_model.ServiceTierPlugin", *(extra_plugins or [])],
+                           artifact_service_uri=artifact_service_uri, memory_service_uri=memory_service_uri,
+                           eval_storage_uri=eval_storage_uri, a2a=a2a)
     from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
     FastAPIInstrumentor.instrument_app(app, excluded_urls="/health,/metrics,/dev-ui")
     metrics = EngineMetrics()

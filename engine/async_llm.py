@@ -85,6 +85,11 @@ class AsyncLLM:
         return await asyncio.get_running_loop().run_in_executor(
             self._input_pool, self.engine.apply_chat_template, messages, tools, template_kwargs)
 
+    async def count_tokens(self, text: str) -> int:
+        """Tokens `text` encodes to (no special tokens), on the input thread (the tokenizer's own)."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._input_pool, lambda: len(self.engine.tokenizer.encode(text, add_special_tokens=False)))
+
     def is_healthy(self) -> bool:
         return self._dead is None and not self._stopping and self._thread.is_alive()
 

@@ -225,6 +225,8 @@ def test_qwen3_thinking_arrives_as_reasoning_content_streamed_and_not(family_mod
     assert r.status_code == 200, r.text
     message = r.json()["choices"][0]["message"]
     assert message["reasoning_content"] and "<think>" not in message["reasoning_content"]
+    details = r.json()["usage"]["completion_tokens_details"]
+    assert 0 < details["reasoning_tokens"] < r.json()["usage"]["completion_tokens"]
     assert message["content"] and "think>" not in message["content"] and message["content"].endswith(".")
     reasoning = content = ""
     with httpx.stream("POST", url + "/v1/chat/completions", json=body | {"stream": True}, timeout=60) as s:
@@ -298,3 +300,14 @@ def test_a_named_tool_call_parser_overrides_the_template(family_models):
     assert [c.name for c in result.reply.tool_calls] == ["get_weather"]
     with pytest.raises(ValueError, match="unknown tool call parser"):
         configure_engine("bad-parser", model="dummy-tiny", tool_call_parser="pythonic")
+
+
+def test_reasoning_effort_switches_qwen3_thinking_and_is_bounded(family_models, family_servers):
+    url, model = family_servers["qwen3"].url, family_models["qwen3"]
+    body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}
+    off = httpx.post(url + "/v1/chat/completions", json=body | {"reasoning_effort": "none"}, timeout=60)
+    assert off.status_code == 200, off.text
+    assert not off.json()["choices"][0]["message"].get("reasoning_content")
+    assert off.json()["usage"]["completion_tokens_details"]["reasoning_tokens"] == 0
+    bad = httpx.post(url + "/v1/chat/completions", json=body | {"reasoning_effort": "maximal"}, timeout=60)
+    assert bad.status_code == 400 and "reasoning_effort must be one of" in bad.json()["error"]["message"]

@@ -109,3 +109,18 @@ def test_priority_and_service_tiers_are_taken_and_bounded(smollm2_server, fields
     assert r.status_code == status, r.text
     if says:
         assert says in r.json()["error"]["message"]
+
+
+def test_usage_names_the_prompt_tokens_the_prefix_cache_held(smollm2_server):
+    messages = [{"role": "user", "content": "Describe, in detail, the water cycle of a temperate forest " * 4}]
+
+    def usage() -> dict:
+        r = httpx.post(smollm2_server.url + "/v1/chat/completions", timeout=60,
+                       json={"model": MODEL, "messages": messages, "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]
+    usage()
+    again = usage()
+    cached = again["prompt_tokens_details"]["cached_tokens"]
+    assert 0 < cached < again["prompt_tokens"]  # whole blocks of the same prompt, from the first request
+    assert again["completion_tokens_details"] == {"reasoning_tokens": 0}

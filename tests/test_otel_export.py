@@ -190,6 +190,8 @@ def test_adk_web_with_otel_to_cloud_exports_our_agents_engine_spans(agents_dir, 
         wait_for(up, timeout=180)
         adk_turn(url)
         engine = wait_for(lambda: [s for s in list(receiver.spans) if s["name"] == "llm_request"], timeout=30)
+        # ADK's parent spans end (and are exported) after the engine's: wait for the whole chain
+        wait_for(lambda: "invoke_agent traced" in ancestors(engine[0], list(receiver.spans)), timeout=30)
         spans = list(receiver.spans)
     finally:
         proc.terminate()

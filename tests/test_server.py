@@ -163,3 +163,20 @@ def test_an_idle_keep_alive_connection_outlives_the_clients_own_expiry():
         conn.request("GET", "/health")  # the same socket, idle past 5 s
         r = conn.getresponse()
         assert r.status == 200 and json.loads(r.read())["status"] == "ok"
+
+def test_serve_takes_adks_server_options_artifacts_in_a_file_store(tmp_path):
+    """`adk api_server`'s options pass through (here: artifacts in a file:// store, which a
+    new app on the same folder reads back)."""
+    from adk_backend.__main__ import parser
+    args = parser().parse_args(["serve", "--artifact-service-uri", f"file://{tmp_path}", "--memory-service-uri",
+                                "memory://", "--extra-plugins", "adk_backend.adk_model.ServiceTierPlugin"])
+    assert args.artifact_service_uri == f"file://{tmp_path}" and args.extra_plugins
+    app = create_app(agents_dir="agents", model="dummy-tiny", web=False, artifact_service_uri=args.artifact_service_uri,
+                     memory_service_uri=args.memory_service_uri)
+    url = "/apps/assistant/users/u/sessions/s1/artifacts"
+    with TestClient(app, base_url="http://localhost") as c:
+        assert c.post("/apps/assistant/users/u/sessions/s1", json={}).status_code == 200
+        r = c.post(url, json={"filename": "note.txt", "artifact": {"inlineData": {"mimeType": "text/plain",
+                                                                                  "data": "aGVsbG8="}}})
+        assert r.status_code == 200, r.text
+    assert any(tmp_path.rglob("*")), "the artifact went to the file store"
