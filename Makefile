@@ -41,8 +41,9 @@ install: $(STAMP)
 run: $(STAMP)
 	$(PY) -m adk_backend serve --agents-dir agents --model smollm2-135m-instruct
 
+# Unbuffered: a CI log that is cut off still shows how far the suite got.
 test: $(STAMP) $(VENV)/.chromium $(VENV)/.postgresql
-	$(PY) -m pytest -q --durations=15
+	PYTHONUNBUFFERED=1 $(PY) -m pytest -q --durations=15
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.throughput

@@ -1,5 +1,5 @@
-"""The C++ CPU kernels (engine_kernels/csrc/), built on first use and cached by torch under
-~/.cache/torch_extensions.
+"""The C++ CPU kernels (engine_kernels/csrc/), built on first use and cached under torch's
+extensions folder (~/.cache/torch_extensions), one binary per sources, flags, torch and Python.
 
 One build holds every ISA level: level_<isa>.cpp compiles the same kernel sources for its
 level under GCC's target pragma (avx512: AVX-512 F/BW/VL/DQ + VNNI + BF16; avx2: AVX2 +
@@ -15,11 +15,15 @@ built (no compiler, or ENGINE_CPU_KERNELS=0): the engine then runs the plain-tor
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import importlib.util
 import logging
 import os
-import time
+import platform
+import sys
+import tempfile
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -39,16 +43,53 @@ def module():
     if os.environ.get("ENGINE_CPU_KERNELS", "1") == "0":
         return None
     try:
-        from torch.utils.cpp_extension import load as load_ext
-        digest = hashlib.sha1(b"".join(p.read_bytes() for p in _SOURCES + _INCLUDED) + " ".join(_FLAGS).encode())
-        name = f"engine_cpu_ops_{digest.hexdigest()[:10]}"
-        _clear_stale_build_lock(name)
-        log.info("building the C++ CPU kernels (once per machine, about a minute)")
-        return load_ext(name=name, sources=[str(p) for p in _SOURCES], extra_cflags=_FLAGS,
-                        extra_ldflags=["-fopenmp"], extra_include_paths=[str(_CSRC)], verbose=False)
+        import torch
+        # What the binary depends on: sources, flags, torch's ABI and Python's; never where it was built
+        key = b"".join(p.read_bytes() for p in _SOURCES + _INCLUDED) + \
+            " ".join(_FLAGS + [torch.__version__, sys.version, platform.machine()]).encode()
+        return _cached_build(f"engine_cpu_ops_{hashlib.sha1(key).hexdigest()[:10]}")
     except Exception as exc:  # no compiler, no ninja: the torch paths
         log.warning("C++ CPU kernels unavailable (%s); using the torch reference paths", exc)
         return None
+
+
+def _cached_build(name: str):
+    """The extension `name` from the cache, or built into a private folder and moved there
+    whole. Builders take turns on an flock, which the kernel drops when a process dies: a
+    build killed midway leaves nothing a later start waits on (torch's own `lock` file did,
+    and every later process waited on it forever, silently)."""
+    from torch.utils.cpp_extension import _get_build_directory, load as load_ext
+    cache = Path(_get_build_directory(name, False))
+    built = cache / f"{name}.so"
+    with _exclusive(cache / "build.flock"):
+        if not built.is_file():
+            log.info("building the C++ CPU kernels (once per machine, about a minute)")
+            with tempfile.TemporaryDirectory(dir=cache) as tmp:
+                ext = load_ext(name=name, sources=[str(p) for p in _SOURCES], extra_cflags=_FLAGS,
+                               extra_ldflags=["-fopenmp"], extra_include_paths=[str(_CSRC)], build_directory=tmp,
+                               verbose=False)
+                os.replace(Path(tmp) / f"{name}.so", built)  # loaded already; the next process finds it
+                return ext
+    spec = importlib.util.spec_from_file_location(name, built)
+    ext = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ext)
+    return ext
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path):
+    """Held by one process at a time (POSIX flock; elsewhere no lock: a duplicate build at worst)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @functools.cache
@@ -66,22 +107,3 @@ def load(isa: str):
     kernels = ext.Kernels(isa)
     assert kernels.isa_level() == isa
     return kernels
-
-
-_STALE_LOCK_S = 15 * 60  # a build takes about a minute here
-
-
-def _clear_stale_build_lock(name: str) -> None:
-    """torch holds a `lock` file in the build folder while it compiles, and a process killed
-    mid-build leaves it behind: every later start then waits on it forever, silently. A lock
-    older than any build is removed (with a warning)."""
-    from torch.utils.cpp_extension import _get_build_directory
-
-    lock = Path(_get_build_directory(name, False)) / "lock"
-    try:
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
-        return
-    if age > _STALE_LOCK_S:
-        log.warning("removing a stale build lock left %.0f min ago by an interrupted build: %s", age / 60, lock)
-        lock.unlink(missing_ok=True)

@@ -176,24 +176,29 @@ def test_fused_decode_layer_gives_the_per_op_path_tokens(cpu_isa, quantization):
     assert [o.outputs[0].token_ids for o in fused.generate(prompts, params)] == got
 
 
-def test_a_build_lock_left_by_a_killed_build_is_cleared_not_waited_on(tmp_path, monkeypatch):
-    """A process killed while compiling leaves torch's `lock` file; the next start must not
-    wait on it forever (it did: the engine hung with no message)."""
+def test_a_builder_killed_midway_leaves_nothing_a_later_start_waits_on(tmp_path):
+    """A process killed while compiling held the build's lock; the next start must take it at
+    once (torch's lock file outlived a killed build, and every later start hung on it)."""
+    import subprocess
+    import sys
     import time
 
     from engine_kernels import cpu
 
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    build = tmp_path / "engine_cpu_ops_test"
-    build.mkdir()
-    lock = build / "lock"
-    lock.touch()
-    cpu._clear_stale_build_lock("engine_cpu_ops_test")
-    assert lock.exists()  # a fresh lock: a build may be running
-    old = time.time() - cpu._STALE_LOCK_S - 60
-    os.utime(lock, (old, old))
-    cpu._clear_stale_build_lock("engine_cpu_ops_test")
-    assert not lock.exists()
+    flock = tmp_path / "build.flock"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from engine_kernels.cpu import _exclusive\n"
+                               f"with _exclusive(Path({str(flock)!r})):\n print('held', flush=True); time.sleep(600)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+    finally:
+        holder.kill()  # SIGKILL: no clean-up of its own
+        holder.wait()
+    begin = time.perf_counter()
+    with cpu._exclusive(flock):
+        pass
+    assert time.perf_counter() - begin < 1.0
 
 
 def _longest_stall_of_another_thread_during(call) -> tuple[float, float]:
