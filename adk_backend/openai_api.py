@@ -1,5 +1,6 @@
 """OpenAI-compatible routes on the shared engine: /v1/chat/completions (streaming or not,
 tools with tool_choice and parallel_tool_calls, response_format, vLLM's structured_outputs),
+/v1/responses (the same path in the Responses API's shapes, openai_responses.py),
 /v1/completions, /v1/models. Errors use OpenAI's error shape; a field a route does not
 honour is a 400 that names it."""
 from __future__ import annotations
@@ -23,6 +24,8 @@ from adk_backend.openai_format import (chat_logprobs, chat_top_logprobs, complet
 from engine import StructuredOutputsParams
 from engine.chat_template import untrusted
 from adk_backend.errors import ENGINE_ERRORS, classify
+from adk_backend.openai_responses import NO_OP_VALUES as RESPONSES_NO_OP_VALUES
+from adk_backend.openai_responses import RESPONSES_FIELDS, FieldError, ResponseWriter, as_chat_body
 from engine.output_stream import merge
 
 
@@ -62,6 +65,12 @@ async def _sse_stream(events):
     yield "data: [DONE]\n\n"
 
 
+async def _named_sse_stream(events):
+    """Server-sent events named by their type, as the Responses API streams them (no [DONE])."""
+    async for event in events:
+        yield f"event: {event['type']}\n" + _sse(event)
+
+
 async def _body(request: Request) -> dict:
     raw = await request.body()
     try:
@@ -89,12 +98,12 @@ _NO_OP_VALUES = {"logprobs": (None, False), "top_logprobs": (None, 0), "logit_bi
                  "suffix": (None, ""), "best_of": (None, 1), "store": (None, False)}
 
 
-def _check_fields(body: dict, known: set[str]) -> None:
+def _check_fields(body: dict, known: set[str], no_op_values: dict = _NO_OP_VALUES) -> None:
     for key, value in body.items():
         if key in known:
             continue
-        if key in _NO_OP_VALUES:
-            if any(value == ok and type(value) is type(ok) for ok in _NO_OP_VALUES[key]):
+        if key in no_op_values:
+            if any(value == ok and type(value) is type(ok) for ok in no_op_values[key]):
                 continue
             raise APIError(400, f"'{key}'={json.dumps(value)[:80]} is not supported by this server", param=key)
         raise APIError(400, f"unsupported field '{key}'", param=key)
@@ -216,8 +225,8 @@ def make_router(served: list[str], max_tokens_limit: int, max_concurrent_per_cli
         model = resolve(body)
         return body, model, sampling(body, model)
 
-    async def _chat_completions(request: Request):
-        body, model, params = await parse(request, CHAT_FIELDS)
+    def start_chat(body: dict, model: str, params):
+        """A chat completions body running: its ChatDeltas then ChatResult, and top_logprobs."""
         try:
             messages = openai_to_messages(body.get("messages"))
             spec = openai_reply_spec(body)
@@ -233,8 +242,12 @@ def make_router(served: list[str], max_tokens_limit: int, max_concurrent_per_cli
             raise APIError(400, "'chat_template_kwargs' must be an object", param="chat_template_kwargs")
         template_kwargs = _with_reasoning_effort(template_kwargs, body.get("reasoning_effort"))
         engine = engine_for(model)  # a dead engine refuses in generate(): 503 through _guarded
+        return _guarded(chat_stream(engine, messages, spec, params, template_kwargs, _priority(body))), top_n
+
+    async def _chat_completions(request: Request):
+        body, model, params = await parse(request, CHAT_FIELDS)
+        events, top_n = start_chat(body, model, params)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        events = _guarded(chat_stream(engine, messages, spec, params, template_kwargs, _priority(body)))
 
         def logprobs(token_ids: list[int], entries) -> dict | None:
             return chat_logprobs(token_ids, entries, top_n) if top_n is not None else None
@@ -289,6 +302,35 @@ def make_router(served: list[str], max_tokens_limit: int, max_concurrent_per_cli
                     yield chunk([], usage=usage(item))
 
         return StreamingResponse(_sse_stream(events_out()), media_type="text/event-stream")
+
+    @router.post("/responses")
+    async def responses(request: Request):
+        return await limited(request, _responses)
+
+    async def _responses(request: Request):
+        body = await _body(request)
+        _check_fields(body, RESPONSES_FIELDS, RESPONSES_NO_OP_VALUES)
+        try:
+            chat = as_chat_body(body)
+        except FieldError as exc:
+            raise APIError(400, str(exc), param=exc.param) from exc
+        model = resolve(chat)
+        events, _ = start_chat(chat, model, sampling(chat, model))
+        writer = ResponseWriter(body, model)
+        if not body.get("stream"):
+            result = None
+            async for item in while_connected(request, events):
+                result = item if isinstance(item, ChatResult) else result
+            return writer.response(result)
+        first = await _first(events)  # errors before the first token still get a proper status
+
+        async def events_out():
+            try:
+                async for event in writer.events(_prepend(first, events)):
+                    yield event
+            except APIError as exc:
+                yield writer.failed(exc.message, exc.type)
+        return StreamingResponse(_named_sse_stream(events_out()), media_type="text/event-stream")
 
     @router.post("/completions")
     async def completions(request: Request):

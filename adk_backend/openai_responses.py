@@ -1,0 +1,299 @@
+"""OpenAI's Responses API (/v1/responses) as a shape over the chat path: a request's input
+items, instructions, function tools, text format and reasoning effort become a chat
+completions body (`as_chat_body`), which runs as /v1/chat/completions does; the reply comes
+back as a Response object or as its stream of typed events (`ResponseWriter`).
+
+Responses are not stored (`store` true, `previous_response_id` and `background` are refused
+by name): a client sends the whole conversation each turn, as ADK's OpenAIResponsesLlm does.
+Reasoning items of earlier turns are accepted and not replayed (chat templates drop past
+thinking); a reply's thinking comes back as a reasoning item with `reasoning_text` content.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from adk_backend.chat import ChatDelta, ChatResult
+
+# The fields /v1/responses honours besides the sampling fields it shares with chat.
+RESPONSES_FIELDS = {"model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "text",
+                    "reasoning", "max_output_tokens", "stream", "metadata",
+                    # shared with chat; `stop` and the rest are vLLM's extensions, as ADK sends them
+                    "temperature", "top_p", "top_k", "min_p", "seed", "stop", "presence_penalty",
+                    "frequency_penalty", "repetition_penalty", "user", "service_tier", "priority"}
+# Accepted only at a value that asks for nothing this server does not do.
+NO_OP_VALUES = {"store": (None, False), "previous_response_id": (None,), "truncation": (None, "disabled"),
+                "include": (None, []), "background": (None, False)}
+_SHARED = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "presence_penalty", "frequency_penalty",
+           "repetition_penalty", "user", "service_tier", "priority", "parallel_tool_calls", "stream")
+
+
+class FieldError(ValueError):
+    """A request field this server cannot honour; `param` names it."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _text_of(content, param: str) -> str:
+    """A message's content: a string, or input_text / output_text parts (text-only model)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise FieldError("message content must be a string or a list of content parts", param)
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in ("input_text", "output_text") or not isinstance(part.get("text"), str):
+            raise FieldError(f"content parts of type {kind!r} are not supported: the model reads text only "
+                             f"(input_text, output_text)", param)
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _messages(body: dict) -> list[dict]:
+    """instructions and input items as chat completions messages."""
+    out: list[dict] = []
+    if body.get("instructions") is not None:
+        if not isinstance(body["instructions"], str):
+            raise FieldError("'instructions' must be a string", "instructions")
+        out.append({"role": "system", "content": body["instructions"]})
+    items = body.get("input")
+    if isinstance(items, str):
+        return out + [{"role": "user", "content": items}]
+    if not isinstance(items, list) or not items:
+        raise FieldError("'input' must be a string or a non-empty list of input items", "input")
+    for i, item in enumerate(items):
+        param = f"input[{i}]"
+        kind = item.get("type", "message") if isinstance(item, dict) else None
+        if kind == "message":
+            role = item.get("role")
+            if role not in ("user", "assistant", "system", "developer"):
+                raise FieldError(f"a message's role must be user, assistant, system or developer, got {role!r}", param)
+            out.append({"role": role, "content": _text_of(item.get("content"), param)})
+        elif kind == "function_call":
+            call = {"id": item.get("call_id"), "type": "function",
+                    "function": {"name": item.get("name"), "arguments": item.get("arguments") or "{}"}}
+            last = out[-1] if out else None
+            if last is not None and last["role"] == "assistant":  # one assistant turn: its text, then its calls
+                last.setdefault("tool_calls", []).append(call)
+            else:
+                out.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        elif kind == "function_call_output":
+            output = item.get("output")
+            out.append({"role": "tool", "tool_call_id": item.get("call_id"),
+                        "content": output if isinstance(output, str) else _text_of(output, param)})
+        elif kind == "reasoning":
+            continue  # earlier thinking: chat templates do not replay it
+        else:
+            raise FieldError(f"input items of type {kind!r} are not supported (message, function_call, "
+                             f"function_call_output, reasoning)", param)
+    return out
+
+
+def _tools(tools) -> list[dict] | None:
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        raise FieldError("'tools' must be a list", "tools")
+    out = []
+    for t in tools:
+        if not isinstance(t, dict) or t.get("type") != "function":
+            kind = t.get("type") if isinstance(t, dict) else t
+            raise FieldError(f"only function tools are supported, got {kind!r}"[:200], "tools")
+        out.append({"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters")
+                                                      if t.get(k) is not None}})
+    return out
+
+
+def _tool_choice(choice):
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        return {"type": "function", "function": {"name": choice.get("name")}}
+    return choice  # none | auto | required, checked with chat's
+
+
+def _response_format(text) -> dict | None:
+    if text is None:
+        return None
+    if not isinstance(text, dict) or set(text) - {"format"}:
+        raise FieldError("'text' must be an object like {\"format\": {\"type\": \"json_schema\", ...}}", "text")
+    fmt = text.get("format")
+    if fmt is None or (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        return None
+    if isinstance(fmt, dict) and fmt.get("type") == "json_object":
+        return {"type": "json_object"}
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        return {"type": "json_schema", "json_schema": {"name": fmt.get("name", "schema"), "schema": fmt.get("schema")}}
+    raise FieldError("text.format type must be 'text', 'json_object' or 'json_schema'", "text")
+
+
+def as_chat_body(body: dict) -> dict:
+    """The chat completions body that runs this Responses request."""
+    chat = {k: body[k] for k in _SHARED if k in body}
+    chat["model"] = body.get("model")
+    chat["messages"] = _messages(body)
+    if body.get("max_output_tokens") is not None:
+        chat["max_completion_tokens"] = body["max_output_tokens"]
+    tools = _tools(body.get("tools"))
+    if tools:
+        chat["tools"] = tools
+        if body.get("tool_choice") is not None:
+            chat["tool_choice"] = _tool_choice(body["tool_choice"])
+    fmt = _response_format(body.get("text"))
+    if fmt is not None:
+        chat["response_format"] = fmt
+    reasoning = body.get("reasoning")
+    if reasoning is not None:
+        if not isinstance(reasoning, dict) or set(reasoning) - {"effort", "summary"}:
+            raise FieldError("'reasoning' must be an object like {\"effort\": \"low\"}", "reasoning")
+        if reasoning.get("effort") is not None:
+            chat["reasoning_effort"] = reasoning["effort"]
+    return chat
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+class ResponseWriter:
+    """One reply as a Response object (`response`) or as the events that stream it (`events`)."""
+
+    def __init__(self, body: dict, model: str) -> None:
+        self.body, self.model = body, model
+        self.id, self.created_at = _id("resp"), int(time.time())
+        self.sequence = 0
+
+    def response(self, result: ChatResult | None, error: dict | None = None) -> dict:
+        """The Response object: in progress (no result yet), completed, incomplete or failed."""
+        status, output, usage, incomplete = "in_progress", [], None, None
+        if error is not None:
+            status = "failed"
+        elif result is not None:
+            choice = result.choices[0]
+            output = self.output_items(result)
+            status = "incomplete" if choice.finish_reason == "length" else "completed"
+            incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
+            usage = {"input_tokens": result.num_prompt_tokens,
+                     "input_tokens_details": {"cached_tokens": result.num_cached_tokens},
+                     "output_tokens": result.num_output_tokens,
+                     "output_tokens_details": {"reasoning_tokens": result.num_reasoning_tokens},
+                     "total_tokens": result.num_prompt_tokens + result.num_output_tokens}
+        b = self.body
+        return {"id": self.id, "object": "response", "created_at": self.created_at, "status": status,
+                "model": self.model, "output": output, "usage": usage, "error": error,
+                "incomplete_details": incomplete, "instructions": b.get("instructions"),
+                "metadata": b.get("metadata") or {}, "max_output_tokens": b.get("max_output_tokens"),
+                "parallel_tool_calls": b.get("parallel_tool_calls", True), "previous_response_id": None,
+                "reasoning": b.get("reasoning"), "service_tier": b.get("service_tier") or "default",
+                "store": False, "temperature": b.get("temperature"), "top_p": b.get("top_p"),
+                "text": b.get("text") or {"format": {"type": "text"}}, "tool_choice": b.get("tool_choice", "auto"),
+                "tools": b.get("tools") or [], "truncation": "disabled", "user": b.get("user")}
+
+    def output_items(self, result: ChatResult) -> list[dict]:
+        reply = result.choices[0].reply
+        items = []
+        if reply.reasoning:
+            items.append(self._reasoning_item(reply.reasoning))
+        if reply.text:
+            items.append(self._message_item(reply.text))
+        items += [self._call_item(c) for c in reply.tool_calls]
+        return items
+
+    # -- items, with the ids their stream events name --------------------------------------
+    def _reasoning_item(self, text: str, item_id: str | None = None) -> dict:
+        return {"type": "reasoning", "id": item_id or _id("rs"), "summary": [],
+                "content": [{"type": "reasoning_text", "text": text}]}
+
+    def _message_item(self, text: str, item_id: str | None = None, status: str = "completed") -> dict:
+        return {"type": "message", "id": item_id or _id("msg"), "status": status, "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if text or
+                status == "completed" else []}
+
+    def _call_item(self, call, arguments: str | None = None) -> dict:
+        return {"type": "function_call", "id": _id("fc"), "call_id": call.id, "name": call.name,
+                "arguments": json.dumps(call.arguments) if arguments is None else arguments, "status": "completed"}
+
+    # -- the stream --------------------------------------------------------------------------
+    def _event(self, kind: str, **fields) -> dict:
+        self.sequence += 1
+        return {"type": kind, "sequence_number": self.sequence - 1, **fields}
+
+    async def events(self, chat_events):
+        """Responses stream events for the chat path's ChatDeltas and final ChatResult."""
+        yield self._event("response.created", response=self.response(None))
+        yield self._event("response.in_progress", response=self.response(None))
+        output: list[dict] = []  # items done so far
+        open_item: dict | None = None  # the reasoning or message item streaming now
+        text = ""
+
+        def close():
+            nonlocal open_item, text
+            if open_item is None:
+                return
+            index, item_id = len(output), open_item["id"]
+            if open_item["type"] == "reasoning":
+                yield self._event("response.reasoning_text.done", item_id=item_id, output_index=index,
+                                  content_index=0, text=text)
+                done = self._reasoning_item(text, item_id)
+            else:
+                part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+                yield self._event("response.output_text.done", item_id=item_id, output_index=index,
+                                  content_index=0, text=text, logprobs=[])
+                yield self._event("response.content_part.done", item_id=item_id, output_index=index,
+                                  content_index=0, part=part)
+                done = self._message_item(text, item_id)
+            yield self._event("response.output_item.done", output_index=index, item=done)
+            output.append(done)
+            open_item, text = None, ""
+
+        def opening(kind: str):
+            nonlocal open_item
+            if open_item is not None and open_item["type"] == kind:
+                return
+            yield from close()
+            index = len(output)
+            if kind == "reasoning":
+                open_item = self._reasoning_item("")
+                open_item["content"] = []
+                yield self._event("response.output_item.added", output_index=index, item=open_item)
+            else:
+                open_item = self._message_item("", status="in_progress")
+                yield self._event("response.output_item.added", output_index=index, item=open_item)
+                yield self._event("response.content_part.added", item_id=open_item["id"], output_index=index,
+                                  content_index=0, part={"type": "output_text", "text": "", "annotations": []})
+
+        async for item in chat_events:
+            if isinstance(item, ChatDelta):
+                for kind, piece in (("reasoning", item.reasoning), ("message", item.text)):
+                    if not piece:
+                        continue
+                    for event in opening(kind):
+                        yield event
+                    text += piece
+                    delta = "response.reasoning_text.delta" if kind == "reasoning" else "response.output_text.delta"
+                    yield self._event(delta, item_id=open_item["id"], output_index=len(output), content_index=0,
+                                      delta=piece, **({"logprobs": []} if kind == "message" else {}))
+                continue
+            for event in close():
+                yield event
+            for call in item.reply.tool_calls:
+                index, arguments = len(output), json.dumps(call.arguments)
+                added = self._call_item(call, arguments="") | {"status": "in_progress"}
+                yield self._event("response.output_item.added", output_index=index, item=added)
+                yield self._event("response.function_call_arguments.delta", item_id=added["id"],
+                                  output_index=index, delta=arguments)
+                yield self._event("response.function_call_arguments.done", item_id=added["id"],
+                                  output_index=index, name=call.name, arguments=arguments)
+                done = added | {"arguments": arguments, "status": "completed"}
+                yield self._event("response.output_item.done", output_index=index, item=done)
+                output.append(done)
+            final = self.response(item)
+            final["output"] = output  # the ids the events named
+            kind = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
+            yield self._event(kind, response=final)
+
+    def failed(self, message: str, code: str) -> dict:
+        """The event that ends a stream whose generation failed after it began."""
+        return self._event("response.failed", response=self.response(None, {"code": code, "message": message}))
