@@ -19,7 +19,7 @@ from google.adk.models.llm_response import LlmResponse
 from google.genai import types
 from pydantic import TypeAdapter
 
-from adk_backend.chat import ChatResult, chat_stream, priority_of
+from adk_backend.chat import ChatResult, chat_stream, finite_logprob, priority_of, top_candidates
 from adk_backend.chat_format import ToolCall, assistant_message, tool_message
 from adk_backend.engines import PREFIX, engine_for
 from adk_backend.errors import ENGINE_ERRORS, EngineModelError
@@ -61,10 +61,17 @@ class EngineLlm(BaseLlm):
             params = sampling_params(llm_request.config, engine.sampling_defaults)
             template_kwargs, show_thoughts = thinking_options(llm_request.config)
             priority = priority_of(getattr(llm_request, "service_tier", None))
+            tokens: list[tuple[int, dict]] = []  # (token id, its logprobs) when asked for
             async for item in chat_stream(engine, messages, spec, params, template_kwargs, priority):
                 if isinstance(item, ChatResult):
-                    yield final_response(item, show_thoughts)
-                elif stream and (item.text or (item.reasoning and show_thoughts)):
+                    response = final_response(item, show_thoughts)
+                    if params.logprobs is not None:
+                        response.logprobs_result, response.avg_logprobs = logprobs_result(tokens, params.logprobs)
+                    yield response
+                    continue
+                if item.logprobs:
+                    tokens += zip(item.token_ids, item.logprobs)
+                if stream and (item.text or (item.reasoning and show_thoughts)):
                     parts = [types.Part(text=item.reasoning, thought=True)] if item.reasoning and show_thoughts else []
                     parts += [types.Part(text=item.text)] if item.text else []
                     yield LlmResponse(content=types.Content(role="model", parts=parts), partial=True)
@@ -106,6 +113,20 @@ def final_response(result: ChatResult, show_thoughts: bool = True) -> LlmRespons
         usage_metadata=usage,
         custom_metadata={"engine_request_id": result.request_id, "num_cached_tokens": result.num_cached_tokens},
     )
+
+
+def logprobs_result(tokens: list[tuple[int, dict]], top_n: int) -> tuple[types.LogprobsResult, float | None]:
+    """Gemini's logprobs of the generated tokens (thinking included): each chosen token, its
+    `top_n` most likely candidates, and their mean log probability."""
+    def candidate(token_id: int, lp) -> types.LogprobsResultCandidate:
+        return types.LogprobsResultCandidate(token=lp.decoded_token, token_id=token_id,
+                                             log_probability=finite_logprob(lp))
+    chosen = [candidate(t, entry[t]) for t, entry in tokens]
+    top = [types.LogprobsResultTopCandidates(candidates=[candidate(*c) for c in top_candidates(entry, top_n)])
+           for _, entry in tokens] if top_n else None
+    total = sum(c.log_probability for c in chosen)
+    result = types.LogprobsResult(chosen_candidates=chosen, top_candidates=top, log_probability_sum=total)
+    return result, total / len(chosen) if chosen else None
 
 
 # -- request conversion -----------------------------------------------------------------
@@ -253,6 +274,8 @@ def sampling_params(config: types.GenerateContentConfig | None, defaults: dict |
     generation_config default (`defaults`), else greedy decoding and DEFAULT_MAX_TOKENS."""
     c = config or types.GenerateContentConfig()
     d = defaults or {}
+    if c.logprobs is not None and not c.response_logprobs:
+        raise ValueError("logprobs (the number of top candidates) needs response_logprobs=True")
     return SamplingParams(
         temperature=d.get("temperature", 0.0) if c.temperature is None else c.temperature,
         top_p=d.get("top_p", 1.0) if c.top_p is None else c.top_p,
@@ -264,4 +287,5 @@ def sampling_params(config: types.GenerateContentConfig | None, defaults: dict |
         seed=c.seed,
         presence_penalty=c.presence_penalty or 0.0,
         frequency_penalty=c.frequency_penalty or 0.0,
+        logprobs=(c.logprobs or 0) if c.response_logprobs else None,
     )

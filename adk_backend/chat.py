@@ -108,6 +108,16 @@ class ChatResult:
         return sum(c.num_reasoning_tokens for c in self.choices)
 
 
+def finite_logprob(lp: Logprob) -> float:
+    return max(lp.logprob, -9999.0)  # JSON has no -inf
+
+
+def top_candidates(entry: dict[int, Logprob], n: int) -> list[tuple[int, Logprob]]:
+    """A token's `n` most likely candidates (token id, logprob), most likely first."""
+    return sorted(((t, lp) for t, lp in entry.items() if lp.rank is not None and lp.rank <= n),
+                  key=lambda item: item[1].rank)
+
+
 # Service tiers (ADK's RunConfig.service_tier, OpenAI's service_tier) as engine priorities:
 # lower is admitted first; a waiting request gains a level every few seconds (scheduler).
 TIER_PRIORITY = {"priority": -1, "standard": 0, "default": 0, "auto": 0, "flex": 1, "deferred": 2}

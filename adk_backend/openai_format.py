@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from adk_backend.chat import ChatChoice, ChatResult
+from adk_backend.chat import ChatChoice, ChatResult, finite_logprob, top_candidates
 from adk_backend.chat_format import ToolCall, assistant_message, tool_message
 from adk_backend.reply_grammar import ReplySpec
 from engine import SamplingParams, StructuredOutputsParams
@@ -172,20 +172,12 @@ def chat_top_logprobs(body: dict) -> int | None:
     return (top or 0) if wanted else None
 
 
-def _logprob(lp: Logprob) -> float:
-    return max(lp.logprob, -9999.0)  # JSON has no -inf
-
-
-def _top(entry: dict[int, Logprob], n: int) -> list[Logprob]:
-    return sorted((lp for lp in entry.values() if lp.rank is not None and lp.rank <= n), key=lambda lp: lp.rank)
-
-
 def chat_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]], top_n: int) -> dict:
     """OpenAI's chat `logprobs` object for the given tokens."""
     def token(lp: Logprob) -> dict:
         text = lp.decoded_token or ""
-        return {"token": text, "logprob": _logprob(lp), "bytes": list(text.encode("utf-8"))}
-    return {"content": [token(entry[t]) | {"top_logprobs": [token(lp) for lp in _top(entry, top_n)]}
+        return {"token": text, "logprob": finite_logprob(lp), "bytes": list(text.encode("utf-8"))}
+    return {"content": [token(entry[t]) | {"top_logprobs": [token(lp) for _, lp in top_candidates(entry, top_n)]}
                         for t, entry in zip(token_ids, logprobs)], "refusal": None}
 
 
@@ -198,6 +190,7 @@ def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]]
         tokens.append(entry[t].decoded_token or "")
         text_offset += len(tokens[-1])
     return {"tokens": tokens,
-            "token_logprobs": [_logprob(entry[t]) for t, entry in zip(token_ids, logprobs)],
-            "top_logprobs": [{lp.decoded_token or "": _logprob(lp) for lp in _top(entry, top_n)} for entry in logprobs],
+            "token_logprobs": [finite_logprob(entry[t]) for t, entry in zip(token_ids, logprobs)],
+            "top_logprobs": [{lp.decoded_token or "": finite_logprob(lp) for _, lp in top_candidates(entry, top_n)}
+                             for entry in logprobs],
             "text_offset": offsets}

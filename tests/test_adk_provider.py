@@ -128,6 +128,7 @@ async def _collect(model, req):
     (f"engine/{ALIAS}", _request("word " * 9000), 400, "max_model_len"),
     (f"engine/{ALIAS}", _request("hi", temperature=-1), 400, "temperature"),
     ("engine/no-such-model", _request("hi"), 400, "unknown model 'no-such-model'"),
+    (f"engine/{ALIAS}", _request("hi", logprobs=3), 400, "needs response_logprobs"),
 ])
 def test_a_refusal_is_raised_with_its_status(model, req, status, says):
     with pytest.raises(EngineModelError) as caught:
@@ -223,3 +224,24 @@ def test_cancelled_adk_run_aborts_its_engine_request():
         time.sleep(0.01)
     stats = engine.stats()
     assert stats["num_running"] == 0 and stats["kv_blocks_free"] == stats["kv_blocks_total"]
+
+
+def test_response_logprobs_give_each_chosen_token_its_top_candidates_and_their_mean():
+    config = types.GenerateContentConfig(max_output_tokens=10, response_logprobs=True, logprobs=3, temperature=0)
+    agent = LlmAgent(name="assistant", model=f"engine/{ALIAS}", generate_content_config=config)
+    events = asyncio.run(run_session(InMemoryRunner(agent=agent, app_name="t"), "Name a fruit.",
+                                     RunConfig(streaming_mode=StreamingMode.NONE)))
+    final = [e for e in events if e.content and e.content.parts][-1]
+    result = final.logprobs_result
+    chosen = result.chosen_candidates
+    assert 0 < len(chosen) <= 10 and "".join(c.token for c in chosen) == final_text(events)
+    tokenizer = engine_for(ALIAS).tokenizer
+    assert tokenizer.decode([c.token_id for c in chosen]) == final_text(events)
+    for picked, top in zip(chosen, result.top_candidates, strict=True):
+        assert len(top.candidates) == 3
+        assert top.candidates[0].token_id == picked.token_id  # greedy: the chosen token is the most likely
+        assert top.candidates[0].log_probability == picked.log_probability
+        assert [c.log_probability for c in top.candidates] == sorted((c.log_probability for c in top.candidates),
+                                                                     reverse=True)
+        assert all(c.log_probability <= 0 for c in top.candidates)
+    assert final.avg_logprobs == pytest.approx(sum(c.log_probability for c in chosen) / len(chosen))
