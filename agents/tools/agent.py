@@ -8,6 +8,7 @@ answer from their results.
 from adk_backend.adk_model import EngineLlm
 from adk_backend.tool_policy import call_tools_then_answer
 from google.adk.agents import LlmAgent
+from google.genai import types
 
 CAPITALS = {"france": "Paris", "japan": "Tokyo", "italy": "Rome", "kenya": "Nairobi", "peru": "Lima",
             "canada": "Ottawa", "egypt": "Cairo", "norway": "Oslo"}
@@ -46,4 +47,6 @@ root_agent = LlmAgent(
                 "'The capital of France is Paris.' or 'The sum is 12.'",
     tools=[get_capital, add_numbers],
     before_model_callback=call_tools_then_answer,
+    # a 135M model's one-sentence answer can run on into a lecture: 64 tokens hold the sentence
+    generate_content_config=types.GenerateContentConfig(max_output_tokens=64),
 )
