@@ -108,15 +108,16 @@ def test_sharded_checkpoint_loads_and_its_generation_config_sets_the_defaults(tm
 
 
 @pytest.mark.parametrize("family", ["qwen3"])
-def test_a_gguf_file_of_the_family_loads_and_gives_transformers_tokens(tmp_path, family, monkeypatch):
+def test_a_gguf_file_of_the_family_loads_and_gives_its_checkpoints_transformers_tokens(tmp_path, family,
+                                                                                      monkeypatch):
     """LLM(model="x.gguf"): converted once through transformers, then served; its tokens are
-    transformers' own on the same file. (Gemma 3's: the published checkpoint, in
-    tests/test_real_gemma3.py.)"""
+    transformers' own on the checkpoint the file was written from (F32: lossless). (Gemma 3's:
+    the published checkpoint, in tests/test_real_gemma3.py.)"""
     monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path / "cache"))
     # transformers reads no head size from a Qwen3 GGUF: it takes Qwen3's own, 128.
     hf_dir = save_tiny(family, tmp_path / "hf", vocab_size=49152, **({"head_dim": 128} if family == "qwen3" else {}))
     path = write_gguf(family, hf_dir, tmp_path / f"tiny-{family}.gguf")
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     llm = LLM(model=str(path), dtype="float32", num_kv_blocks=64, max_model_len=1024)
     assert llm.engine.model_config.architecture == ("gemma3" if family == "gemma3" else "llama")
     prompts = [list(range(100, 140)), [7, 8, 9]]
