@@ -33,7 +33,8 @@ def serve(args: argparse.Namespace) -> None:
                     "" if args.api_key or os.environ.get("ENGINE_API_KEY") else " with NO API key")
     options = {k: v for k, v in (("kv_cache_memory", args.kv_cache_memory), ("dtype", args.dtype),
                                  ("max_num_seqs", args.max_num_seqs), ("tool_call_parser", args.tool_call_parser),
-                                 ("quantization", args.quantization), ("kv_cache_dtype", args.kv_cache_dtype))
+                                 ("quantization", args.quantization), ("kv_cache_dtype", args.kv_cache_dtype),
+                                 ("program_scheduling", args.program_scheduling))
                if v}
     if args.reasoning_parser is not None:
         options["reasoning_parser"] = None if args.reasoning_parser == "none" else args.reasoning_parser
@@ -120,6 +121,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default=None, help="activation dtype: auto (the default: bfloat16 where the CPU "
                    "computes it natively, else float32), bfloat16 or float32")
     s.add_argument("--max-num-seqs", type=int, default=None, help="most requests in one batch")
+    s.add_argument("--program-scheduling", action="store_true",
+                   help="admit waiting calls by their agent run's attained service, least first (docs/agent-scheduling.md)")
     s.add_argument("--quantization", default=None, choices=["gguf", "int8", "none"],
                    help="weights: a GGUF's own blocks (default for GGUF models), per-channel int8, or dense")
     s.add_argument("--kv-cache-dtype", default=None, choices=["auto", "int8"],

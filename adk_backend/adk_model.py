@@ -9,6 +9,7 @@ always have the declared shape.
 """
 from __future__ import annotations
 
+import contextvars
 import json
 from typing import AsyncGenerator
 
@@ -62,7 +63,8 @@ class EngineLlm(BaseLlm):
             template_kwargs, show_thoughts = thinking_options(llm_request.config)
             priority = priority_of(getattr(llm_request, "service_tier", None))
             tokens: list[tuple[int, dict]] = []  # (token id, its logprobs) when asked for
-            async for item in chat_stream(engine, messages, spec, params, template_kwargs, priority):
+            async for item in chat_stream(engine, messages, spec, params, template_kwargs, priority,
+                                          CURRENT_PROGRAM.get()):
                 if isinstance(item, ChatResult):
                     response = final_response(item, show_thoughts)
                     if params.logprobs is not None:
@@ -79,9 +81,15 @@ class EngineLlm(BaseLlm):
             raise EngineModelError.of(exc) from exc
 
 
+# The agent program of the model call being made: "<app>/<session>/<invocation>", set by
+# ServiceTierPlugin in the task that then calls the model
+CURRENT_PROGRAM: contextvars.ContextVar[str | None] = contextvars.ContextVar("engine_program", default=None)
+
+
 class ServiceTierPlugin(BasePlugin):
-    """Carries `RunConfig.service_tier` to every model call of a run (ADK itself copies it
-    into the LlmRequest only for Gemini's interactions API): `Runner(...,
+    """Carries what a run knows to every model call of it: `RunConfig.service_tier` (ADK
+    itself copies it into the LlmRequest only for Gemini's interactions API) and the run's
+    identity, its agent program (EngineConfig.program_scheduling). `Runner(...,
     plugins=[ServiceTierPlugin()])` or `App(plugins=[...])`; `serve` adds it."""
 
     def __init__(self, name: str = "engine_service_tier") -> None:
@@ -91,6 +99,8 @@ class ServiceTierPlugin(BasePlugin):
         run_config = callback_context.run_config
         if llm_request.service_tier is None and run_config is not None and run_config.service_tier:
             llm_request.service_tier = run_config.service_tier
+        session = callback_context.session
+        CURRENT_PROGRAM.set(f"{session.app_name}/{session.id}/{callback_context.invocation_id}")
         return None
 
 

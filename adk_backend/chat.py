@@ -140,10 +140,10 @@ def priority_of(tier: str | None = None, priority: int | None = None) -> int:
 
 
 async def chat_stream(engine, messages: list[dict], spec: ReplySpec, params: SamplingParams,
-                      template_kwargs: dict | None = None, priority: int = 0):
+                      template_kwargs: dict | None = None, priority: int = 0, program: str | None = None):
     """Runs one chat request on an AsyncLLM. Yields ChatDeltas as the reply is generated,
     then one ChatResult. `template_kwargs` reach the chat template (e.g. enable_thinking);
-    `priority`: the engine's (priority_of).
+    `priority`: the engine's (priority_of); `program`: the agent run the call belongs to.
     Raises the engine's ValueError / EngineDeadError / RequestFailedError."""
     formats = await chat_formats(engine)
     messages, tools = messages_with_tools(messages, spec.tools, formats.native_tools, formats.tool_role, formats.tools)
@@ -170,7 +170,7 @@ async def chat_stream(engine, messages: list[dict], spec: ReplySpec, params: Sam
         streamed[i] += piece
         return piece
 
-    async for out in engine.generate(prompt, params, priority=priority):
+    async for out in engine.generate(prompt, params, priority=priority, program=program):
         last = out
         for c in out.outputs:
             i = c.index

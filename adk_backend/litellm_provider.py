@@ -36,7 +36,8 @@ class EngineLiteLLM(CustomLLM):
             engine = engine_for(model_name(model))
             params = openai_sampling(optional_params, engine.sampling_defaults)
             template_kwargs = optional_params.get("chat_template_kwargs")
-            async for item in chat_stream(engine, msgs, spec, params, template_kwargs):
+            program = optional_params.get("prompt_cache_key")  # as on /v1: the agent program
+            async for item in chat_stream(engine, msgs, spec, params, template_kwargs, program=program):
                 yield item
         except ENGINE_ERRORS as exc:
             raise CustomLLMError(status_code=classify(exc)[0], message=str(exc)) from exc

@@ -89,7 +89,8 @@ async def _body(request: Request) -> dict:
 # The fields each route honours; any other is refused by name, never silently ignored.
 _COMMON_FIELDS = {"model", "stream", "stream_options", "temperature", "top_p", "top_k", "min_p", "max_tokens",
                   "seed", "stop", "presence_penalty", "frequency_penalty", "n", "user", "ignore_eos", "min_tokens",
-                  "repetition_penalty", "structured_outputs", "response_format", "priority", "service_tier"}
+                  "repetition_penalty", "structured_outputs", "response_format", "priority", "service_tier",
+                  "prompt_cache_key"}
 CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "tools", "tool_choice", "parallel_tool_calls",
                                 "logprobs", "top_logprobs", "chat_template_kwargs", "reasoning_effort"}
 COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "logprobs"}
@@ -225,7 +226,7 @@ def make_router(served: list[str], max_tokens_limit: int, max_concurrent_per_cli
         model = resolve(body)
         return body, model, sampling(body, model)
 
-    def start_chat(body: dict, model: str, params):
+    def start_chat(request: Request, body: dict, model: str, params):
         """A chat completions body running: its ChatDeltas then ChatResult, and top_logprobs."""
         try:
             messages = openai_to_messages(body.get("messages"))
@@ -242,11 +243,12 @@ def make_router(served: list[str], max_tokens_limit: int, max_concurrent_per_cli
             raise APIError(400, "'chat_template_kwargs' must be an object", param="chat_template_kwargs")
         template_kwargs = _with_reasoning_effort(template_kwargs, body.get("reasoning_effort"))
         engine = engine_for(model)  # a dead engine refuses in generate(): 503 through _guarded
-        return _guarded(chat_stream(engine, messages, spec, params, template_kwargs, _priority(body))), top_n
+        return _guarded(chat_stream(engine, messages, spec, params, template_kwargs, _priority(body),
+                                    program(request, body))), top_n
 
     async def _chat_completions(request: Request):
         body, model, params = await parse(request, CHAT_FIELDS)
-        events, top_n = start_chat(body, model, params)
+        events, top_n = start_chat(request, body, model, params)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def logprobs(token_ids: list[int], entries) -> dict | None:
@@ -315,7 +317,7 @@ def make_router(served: list[str], max_tokens_limit: int, max_concurrent_per_cli
         except FieldError as exc:
             raise APIError(400, str(exc), param=exc.param) from exc
         model = resolve(chat)
-        events, _ = start_chat(chat, model, sampling(chat, model))
+        events, _ = start_chat(request, chat, model, sampling(chat, model))
         writer = ResponseWriter(body, model)
         if not body.get("stream"):
             result = None
@@ -363,7 +365,8 @@ def make_router(served: list[str], max_tokens_limit: int, max_concurrent_per_cli
         engine = engine_for(model)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
-        stream_outputs = _guarded(engine.generate(prompt, params, priority=_priority(body)))
+        stream_outputs = _guarded(engine.generate(prompt, params, priority=_priority(body),
+                                                  program=program(request, body)))
         first = await _first(stream_outputs)
         offsets = [0] * params.n  # text already returned per choice (for logprobs' text_offset)
 
@@ -422,6 +425,17 @@ def _priority(body: dict) -> int:
         return priority_of(body.get("service_tier"), body.get("priority"))
     except ValueError as exc:
         raise APIError(400, str(exc), param="priority" if "priority" in str(exc) else "service_tier") from None
+
+
+def program(request: Request, body: dict) -> str | None:
+    """The agent program a call belongs to: OpenAI's `prompt_cache_key`, within the client's
+    own namespace (its address), so no client can spend another's program service."""
+    key = body.get("prompt_cache_key")
+    if key is None:
+        return None
+    if not isinstance(key, str) or not 0 < len(key) <= 256:
+        raise APIError(400, "'prompt_cache_key' must be a string of 1 to 256 characters", param="prompt_cache_key")
+    return f"{request.client.host if request.client else 'unknown'}/{key}"
 
 
 def _as_api_error(exc: Exception) -> APIError:

@@ -18,7 +18,7 @@ from adk_backend.chat import ChatDelta, ChatResult
 
 # The fields /v1/responses honours besides the sampling fields it shares with chat.
 RESPONSES_FIELDS = {"model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "text",
-                    "reasoning", "max_output_tokens", "stream", "metadata",
+                    "reasoning", "max_output_tokens", "stream", "metadata", "prompt_cache_key",
                     # shared with chat; `stop` and the rest are vLLM's extensions, as ADK sends them
                     "temperature", "top_p", "top_k", "min_p", "seed", "stop", "presence_penalty",
                     "frequency_penalty", "repetition_penalty", "user", "service_tier", "priority"}
@@ -26,7 +26,8 @@ RESPONSES_FIELDS = {"model", "input", "instructions", "tools", "tool_choice", "p
 NO_OP_VALUES = {"store": (None, False), "previous_response_id": (None,), "truncation": (None, "disabled"),
                 "include": (None, []), "background": (None, False)}
 _SHARED = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "presence_penalty", "frequency_penalty",
-           "repetition_penalty", "user", "service_tier", "priority", "parallel_tool_calls", "stream")
+           "repetition_penalty", "user", "service_tier", "priority", "parallel_tool_calls", "stream",
+           "prompt_cache_key")
 
 
 class FieldError(ValueError):

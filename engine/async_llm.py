@@ -94,12 +94,14 @@ class AsyncLLM:
         return self._dead is None and not self._stopping and self._thread.is_alive()
 
     async def generate(self, prompt: str | list[int] | list[dict], params: SamplingParams | None = None,
-                       request_id: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, priority: int = 0,
+                       program: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yields a RequestOutput per step with the new text and token ids (deltas; several
         steps' deltas merged when the caller reads slower than the engine steps); the last
         one has `finished=True`, the finish reason and the request's metrics. With
         `params.n > 1` each output holds the sequences (by `index`) that changed. A list of
-        {'role', 'content'} dicts is rendered with the model's chat template."""
+        {'role', 'content'} dicts is rendered with the model's chat template. `program`: the
+        agent run this call belongs to (EngineConfig.program_scheduling)."""
         self._check_alive()
         client_id = request_id if request_id is not None else f"async-{next(self._seq)}"
         engine_id = f"{client_id}#{next(self._seq)}"
@@ -108,7 +110,7 @@ class AsyncLLM:
                 raise ValueError(f"request id {client_id!r} is already in use")
             self._engine_ids[client_id] = engine_id
         try:
-            req = await self._make_request(prompt, params, engine_id, priority)
+            req = await self._make_request(prompt, params, engine_id, priority, program)
         except BaseException:
             self._release(client_id, engine_id)
             raise
@@ -170,7 +172,7 @@ class AsyncLLM:
         self.engine.grammars.shutdown()
 
     # -- caller side ----------------------------------------------------------------------
-    async def _make_request(self, prompt, params, engine_id: str, priority: int) -> Request:
+    async def _make_request(self, prompt, params, engine_id: str, priority: int, program: str | None) -> Request:
         """On the input thread: render, tokenize and check the prompt (cheap, refused first);
         then compile the grammar (its own workers); then the request."""
         loop = asyncio.get_running_loop()
@@ -186,7 +188,7 @@ class AsyncLLM:
             grammar = await self.engine.grammars.compile_async(checked.params.structured_outputs)
         return await loop.run_in_executor(
             self._input_pool, lambda: self.engine.make_request(checked, request_id=engine_id, priority=priority,
-                                                               grammar=grammar))
+                                                               grammar=grammar, program=program))
 
     def _release(self, client_id: str, engine_id: str) -> None:
         with self._cond:

@@ -79,6 +79,9 @@ class EngineConfig:
     preemption_mode: Literal["swap", "recompute"] = "recompute"
     swap_space: int = 1 << 30                 # bytes of CPU memory for swapped-out blocks
     scheduling_policy: Literal["continuous", "static"] = "continuous"
+    # Admit waiting requests by their agent program's attained service, least first (Autellix's
+    # PLAS): a program is the calls of one agent run (ADK's invocation; /v1's prompt_cache_key)
+    program_scheduling: bool = False
     attention_backend: Literal["cpu", "torch", "triton"] | None = None  # default: triton on CUDA, cpu on CPU
     # None: a GGUF's own quantized blocks run natively, other checkpoints in `dtype`; "gguf":
     # the same, required; "int8": weight-only per-channel int8 of a dense checkpoint;

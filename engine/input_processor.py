@@ -106,7 +106,7 @@ class InputProcessor:
 
     def make_request(self, prompt: PromptType | CheckedPrompt, params: SamplingParams | None = None,
                      request_id: str | None = None, priority: int = 0,
-                     arrival_time: float | None = None, grammar=None) -> Request:
+                     arrival_time: float | None = None, grammar=None, program: str | None = None) -> Request:
         """`prompt` checked here, or already (`check`); `grammar`: its structured_outputs
         already compiled (AsyncLLM compiles them off the event loop), else compiled here."""
         checked = prompt if isinstance(prompt, CheckedPrompt) else self.check(prompt, params)
@@ -122,7 +122,7 @@ class InputProcessor:
             seq = Request(request_id=request_id if index == 0 else f"{request_id}/{index}",
                           prompt_token_ids=ids, sampling_params=p, prompt=text,
                           eos_token_ids=self.model_config.eos_token_ids, max_total_tokens=self.max_model_len,
-                          priority=priority, arrival_time=arrival_time)
+                          priority=priority, program=program, arrival_time=arrival_time)
             seq.group_id, seq.index = request_id, index
             if grammar is not None:
                 seq.grammar = self.grammars.matcher(grammar)

@@ -131,9 +131,9 @@ class LLMEngine:
 
     def make_request(self, prompt, params: SamplingParams | None = None,
                      request_id: str | None = None, priority: int = 0,
-                     arrival_time: float | None = None, grammar=None) -> Request:
+                     arrival_time: float | None = None, grammar=None, program: str | None = None) -> Request:
         """Validates and tokenizes a request without touching engine state (any one thread)."""
-        return self.inputs.make_request(prompt, params, request_id, priority, arrival_time, grammar)
+        return self.inputs.make_request(prompt, params, request_id, priority, arrival_time, grammar, program)
 
     def enqueue(self, req: Request, delta: bool = False) -> Request:
         """Queues a request made by make_request (the thread that steps the engine only).
@@ -150,10 +150,10 @@ class LLMEngine:
 
     def add_request(self, prompt: PromptType, params: SamplingParams | None = None,
                     request_id: str | None = None, priority: int = 0,
-                    arrival_time: float | None = None) -> Request:
+                    arrival_time: float | None = None, program: str | None = None) -> Request:
         if request_id is not None and request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        return self.enqueue(self.make_request(prompt, params, request_id, priority, arrival_time))
+        return self.enqueue(self.make_request(prompt, params, request_id, priority, arrival_time, program=program))
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stops every sequence of a request; returns its final output (None if unknown)."""

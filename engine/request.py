@@ -93,6 +93,7 @@ class Request:
     eos_token_ids: tuple[int, ...] = ()
     max_total_tokens: int = 0            # prompt + output cap (max_model_len)
     priority: int = 0                    # lower runs first; ties by arrival
+    program: str | None = None           # the agent program (run) this call belongs to, if known
     arrival_time: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:

@@ -11,6 +11,13 @@ Waiting requests are admitted by priority (lower first: vLLM's convention), then
 A request gains one priority level per `PRIORITY_AGING_S` seconds waited, so a low tier
 (ADK's flex) waits longer under load but is never starved.
 
+With `program_scheduling`, between priority and arrival comes the service its agent program
+(the calls of one agent run) has attained: tokens computed for the program so far, in
+levels that double (Autellix's PLAS over multilevel queues). A short run's next call gets
+ahead of a long run's, so the short one finishes soon instead of queueing behind every
+call of the long one; waiting lowers the level too (one per `PRIORITY_AGING_S`), so a long
+program is delayed, never starved. Preemption takes the most-served program's call first.
+
 The static-batching baseline is `engine.static_scheduler.StaticScheduler`.
 """
 from __future__ import annotations
@@ -24,6 +31,8 @@ from engine.config import EngineConfig
 from engine.request import Request, RequestStatus
 
 PRIORITY_AGING_S = 5.0
+SERVICE_QUANTUM = 256      # tokens of a program's first service level; each next level doubles
+PROGRAM_IDLE_S = 300.0     # a program not seen this long is forgotten
 
 
 @dataclass
@@ -51,6 +60,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.program_service: dict[str, list[float]] = {}  # program -> [tokens computed, last seen]
+        self._pruned_at = time.time()
 
     # -- queue ---------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -103,7 +114,7 @@ class Scheduler:
             if num_new == 0:
                 continue
             while not self.kv.allocate(req, num_new):
-                victim = max(self.running, key=lambda r: (r.priority, r.arrival_time))
+                victim = max(self.running, key=lambda r: (r.priority, self._service_level(r), r.arrival_time))
                 budget += self._preempt(victim, out)
                 if victim is req:
                     break
@@ -112,7 +123,27 @@ class Scheduler:
                 budget -= num_new
         if not out.preempted:  # under memory pressure, admit nobody new this step
             self._admit(out, budget)
+        if self.config.program_scheduling:
+            self._account(out)
         return out
+
+    # -- agent programs ------------------------------------------------------------------
+    def _service_level(self, req: Request) -> int:
+        """0 for a program's first SERVICE_QUANTUM tokens, then one more per doubling (0
+        without program scheduling, or for a call of no known program)."""
+        entry = self.program_service.get(req.program) if self.config.program_scheduling else None
+        return int(entry[0] // SERVICE_QUANTUM).bit_length() if entry else 0
+
+    def _account(self, out: SchedulerOutput) -> None:
+        now = time.time()
+        for req, n in out.scheduled:
+            if req.program is not None:
+                entry = self.program_service.setdefault(req.program, [0.0, now])
+                entry[0] += n
+                entry[1] = now
+        if now - self._pruned_at > PROGRAM_IDLE_S / 10:  # bounded memory: forget idle programs
+            self._pruned_at = now
+            self.program_service = {p: e for p, e in self.program_service.items() if now - e[1] < PROGRAM_IDLE_S}
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -141,12 +172,19 @@ class Scheduler:
                 budget -= num_new
 
     def _next_waiting(self) -> Request:
-        """The waiting request to admit next: by priority, aged, then by arrival."""
+        """The waiting request to admit next: by priority, aged; then (program scheduling)
+        by its program's service level, aged; then by arrival."""
         first = self.waiting[0]  # FIFO, preempted requests put back in front
-        if all(r.priority == first.priority for r in self.waiting):
+        levels = [self._service_level(r) for r in self.waiting]
+        if all(r.priority == first.priority for r in self.waiting) and all(lv == levels[0] for lv in levels):
             return first
         now = time.time()
-        return min(self.waiting, key=lambda r: r.priority - (now - r.arrival_time) / PRIORITY_AGING_S)
+
+        def key(i: int) -> tuple[int, int, int]:
+            r = self.waiting[i]
+            aged = int((now - r.arrival_time) // PRIORITY_AGING_S)  # whole levels gained by waiting
+            return r.priority - aged, levels[i] - aged, i
+        return self.waiting[min(range(len(self.waiting)), key=key)]
 
     def _start(self, req: Request) -> None:
         req.status = RequestStatus.RUNNING

@@ -245,3 +245,33 @@ def test_response_logprobs_give_each_chosen_token_its_top_candidates_and_their_m
                                                                      reverse=True)
         assert all(c.log_probability <= 0 for c in top.candidates)
     assert final.avg_logprobs == pytest.approx(sum(c.log_probability for c in chosen) / len(chosen))
+
+
+def test_every_model_call_of_one_adk_run_carries_that_runs_program(monkeypatch):
+    """The plugin names the run (app/session/invocation): a tool call and the answer after
+    it are one program; the next run is another."""
+    from adk_backend.tool_policy import call_tools_then_answer
+    from agents.tools.agent import add_numbers
+    engine, seen = engine_for(ALIAS), []
+    original = engine.generate
+
+    def spy(prompt, params, *args, program=None, **kwargs):
+        seen.append(program)
+        return original(prompt, params, *args, program=program, **kwargs)
+    monkeypatch.setattr(engine, "generate", spy)
+    agent = LlmAgent(name="calc", model=f"engine/{ALIAS}", tools=[add_numbers],
+                     before_model_callback=call_tools_then_answer,
+                     generate_content_config=types.GenerateContentConfig(max_output_tokens=48))
+    runner = InMemoryRunner(agent=agent, app_name="t", plugins=[adk_backend.ServiceTierPlugin()])
+
+    async def two_runs():
+        session = await runner.session_service.create_session(app_name="t", user_id="u")
+        runs = []
+        for text in ("What is 2 plus 3?", "And 4 plus 5?"):
+            runs.append([e async for e in runner.run_async(user_id="u", session_id=session.id, new_message=types.Content(
+                role="user", parts=[types.Part(text=text)]))])
+        return session, runs
+    session, runs = asyncio.run(two_runs())
+    first, second = ({e.invocation_id for e in events} for events in runs)
+    assert len(first) == len(second) == 1
+    assert seen == [f"t/{session.id}/{first.pop()}"] * 2 + [f"t/{session.id}/{second.pop()}"] * 2

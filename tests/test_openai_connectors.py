@@ -137,7 +137,7 @@ def test_responses_stream_events_and_json_format_with_the_openai_sdk(smollm2_ser
               "additionalProperties": False}
     fmt = {"format": {"type": "json_schema", "name": "fruit", "schema": schema, "strict": True}}
     whole = client.responses.create(model=MODEL, input="Name a fruit.", text=fmt, max_output_tokens=40,
-                                    temperature=0, store=False)
+                                    temperature=0, store=False, prompt_cache_key="fruit-run")  # the program
     assert whole.status == "completed" and whole.id.startswith("resp_")
     assert set(json.loads(whole.output_text)) == {"fruit"}
     events = list(client.responses.create(model=MODEL, input="Name a fruit.", text=fmt, max_output_tokens=40,
@@ -156,6 +156,7 @@ def test_responses_stream_events_and_json_format_with_the_openai_sdk(smollm2_ser
     ("tools", [{"type": "web_search"}], "tools"), ("background", True, "background"),
     ("input", [{"role": "user", "content": [{"type": "input_image", "image_url": "data:,"}]}], "input[0]"),
     ("input", [{"type": "item_reference", "id": "msg_1"}], "input[0]"), ("seedless", 1, "seedless"),
+    ("prompt_cache_key", "", "prompt_cache_key"), ("prompt_cache_key", "k" * 257, "prompt_cache_key"),
 ])
 def test_responses_refuses_what_it_cannot_honour_by_name(smollm2_server, field, value, param):
     import httpx

@@ -174,3 +174,31 @@ def test_a_low_priority_request_ages_ahead_of_fresh_ones_and_is_never_starved():
                        arrival_time=time.time() - 3 * PRIORITY_AGING_S)
     engine.add_request([10, 11], params, request_id="fresh-default")
     assert _admission_order(engine) == ["running", "old-flex", "fresh-default"]
+
+
+@pytest.mark.parametrize("program_scheduling", [False, True])
+def test_a_short_programs_next_call_is_admitted_before_a_long_programs_that_came_first(program_scheduling):
+    """Autellix's PLAS: with program scheduling, a waiting call of the program that has had
+    less service (tokens computed) goes first; without, arrival order."""
+    engine = tiny_engine(max_num_seqs=1, program_scheduling=program_scheduling, max_model_len=512)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    engine.add_request(list(range(10, 110)), SamplingParams(temperature=0, max_tokens=200, ignore_eos=True),
+                       program="long")
+    while engine.has_unfinished():  # the long program's first call: ~300 tokens of service
+        engine.step()
+    blocker = engine.add_request(list(range(5, 20)), params)  # holds the only slot
+    engine.step()
+    long_next = engine.add_request(list(range(200, 220)), params, program="long")
+    short_first = engine.add_request(list(range(30, 50)), params, program="short")
+    admitted = []
+    while engine.has_unfinished():
+        engine.step()
+        admitted += [rid for rid in engine.step_history[-1].scheduled if rid not in admitted]
+    order = [rid for rid in admitted if rid in (long_next.request_id, short_first.request_id)]
+    expected = [short_first, long_next] if program_scheduling else [long_next, short_first]
+    assert order == [r.request_id for r in expected] and blocker.request_id == admitted[0]
+    if program_scheduling:
+        service = engine.scheduler.program_service
+        assert service["long"][0] == 100 + 200 - 1 + 20 + 4 - 1 and service["short"][0] == 20 + 4 - 1
+    else:
+        assert engine.scheduler.program_service == {}
