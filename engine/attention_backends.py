@@ -18,6 +18,7 @@ import torch
 from engine import attention as torch_attention
 from engine.attention import AttentionMetadata, PrefillSeq
 from engine_kernels import reference
+from engine_kernels import GPU_BLOCK_SIZES
 
 # Which devices and dtypes each backend runs (what the platform allows on top: engine/platform.py)
 _SUPPORT = {
@@ -32,7 +33,12 @@ def default_backend(device_type: str) -> str:
     return "triton" if device_type == "cuda" else "cpu"
 
 
-def check_backend(name: str | None, device: str, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> None:
+# Block sizes the Triton kernels compile for within a GPU's limits (`python -m benchmarks gpu-compile`)
+TRITON_BLOCK_SIZES = GPU_BLOCK_SIZES
+
+
+def check_backend(name: str | None, device: str, dtype: torch.dtype, kv_cache_dtype: str = "auto",
+                  block_size: int = 16) -> None:
     kind = torch.device(device).type
     name = name or default_backend(kind)
     if kv_cache_dtype == "int8" and name == "triton":
@@ -46,6 +52,10 @@ def check_backend(name: str | None, device: str, dtype: torch.dtype, kv_cache_dt
     if dtype not in devices[kind]:
         raise ValueError(f"EngineConfig.dtype {str(dtype).removeprefix('torch.')!r} is not supported "
                          f"by the {name!r} attention backend on {kind.upper()}")
+    if name == "triton" and kind == "cuda" and block_size not in TRITON_BLOCK_SIZES:
+        raise ValueError(f"EngineConfig.block_size {block_size} with the 'triton' attention backend on CUDA: its "
+                         f"kernels compile within the GPU's shared-memory and register limits at block_size "
+                         f"{', '.join(map(str, TRITON_BLOCK_SIZES))} only")
 
 
 class Seq:

@@ -99,7 +99,7 @@ class EngineConfig:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         # the name of what runs: "auto" resolved, aliases ("bf16", "fp32", ...) spelled out
         self.dtype = current_platform(self.device).resolve_dtype(self.dtype)
-        check_backend(self.attention_backend, self.device, DTYPES[self.dtype], self.kv_cache_dtype)
+        check_backend(self.attention_backend, self.device, DTYPES[self.dtype], self.kv_cache_dtype, self.block_size)
         _check(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size", self.block_size,
                "a power of two from 1 to 128")
         _check(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, ">= 1")

@@ -143,6 +143,15 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def tile_rows(group: int, head_dim: int, decode: bool) -> int:
+    """Query rows per program (tokens x the G heads sharing a KV head). Prefill tiles of 64
+    rows, 32 at head dim 256: 64 rows of fp32 at D=256 need 103 KB of shared memory, past
+    an L4's 99 KB per block (engine_kernels/triton_compile.py measures it)."""
+    if decode:
+        return max(16, _pow2(group))
+    return max(64 if head_dim <= 128 else 32, _pow2(group))
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, query_start_loc: torch.Tensor,
                     seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, max_query_len: int,
                     max_seq_len: int, num_kv_splits: int | None = None, out: torch.Tensor | None = None,
@@ -170,13 +179,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         part_out = torch.empty(num_seqs * H * num_kv_splits, D, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(num_seqs * H * num_kv_splits, dtype=torch.float32, device=q.device)
         _paged_attention_kernel[(num_seqs, Hkv, num_kv_splits)](
-            q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, ROWS=max(16, _pow2(G)),
+            q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, ROWS=tile_rows(G, D, decode=True),
             TOKENS_PER_TILE=1, KV_SPLIT_LEN=split_len, part_out_ptr=part_out, part_lse_ptr=part_lse,
             NUM_SPLITS=num_kv_splits, **common)
         _merge_splits_kernel[(num_seqs, H)](part_out, part_lse, out, query_start_loc, out.stride(0), out.stride(1),
                                             H=H, D=D, NUM_SPLITS=num_kv_splits)
         return out
-    rows = max(16, _pow2(G)) if max_query_len == 1 else max(64, _pow2(G))
+    rows = tile_rows(G, D, decode=max_query_len == 1)
     tokens_per_tile = rows // G
     grid = (num_seqs, Hkv, -(-max_query_len // tokens_per_tile))
     _paged_attention_kernel[grid](q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, ROWS=rows,

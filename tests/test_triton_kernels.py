@@ -45,9 +45,10 @@ def test_mixed_prefill_and_decode_batch_matches_reference(G, dtype):
 
 
 @pytest.mark.parametrize("D, block_size, dtype", [(128, 16, torch.float16), (64, 32, torch.float32),
-                                                  (128, 32, torch.bfloat16)])
+                                                  (128, 32, torch.bfloat16), (256, 16, torch.float32)])
 def test_head_dims_block_sizes_and_dtypes(D, block_size, dtype):
-    q, kc, vc, starts, lens, tables, mq, ms = make_batch([3, 1], [block_size + 2, 2 * block_size], 1, 4, D,
+    # 11 query tokens: two prefill tiles at head dim 256 (32 rows = 8 tokens x G=4)
+    q, kc, vc, starts, lens, tables, mq, ms = make_batch([11, 1], [block_size + 2, 2 * block_size], 1, 4, D,
                                                          block_size, dtype, num_blocks=16)
     out = ta.paged_attention(q, kc, vc, starts, lens, tables, D ** -0.5, mq, ms)
     ref = paged_attention_ref(q.cpu(), kc.cpu(), vc.cpu(), starts.cpu(), lens.cpu(), tables.cpu(), D ** -0.5)

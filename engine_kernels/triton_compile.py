@@ -1,0 +1,158 @@
+"""Every Triton kernel the engine can launch, compiled ahead of time for a named GPU (sm_89:
+L4, the Cloud Run GPU; sm_90: H100) on a machine without one, with the ptxas Triton ships.
+The interpreter (TRITON_INTERPRET=1, how the kernels run on CPU) hides what only a real
+compile shows: tl.dot's minimum tile of 16, shared memory past the block limit, register
+spills. `compile_all()` reports each configuration's shared memory, registers and stack (spills);
+`problems()` names what breaks a limit. Run it in a process without TRITON_INTERPRET
+(`python -m benchmarks gpu-compile`).
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine_kernels import GPU_BLOCK_SIZES
+
+# Shared memory one block may use (bytes, the opt-in maximum): CUDA's compute capability tables
+TARGETS = {"sm_89": (89, 99 * 1024), "sm_90": (90, 227 * 1024)}
+# Spills go to local memory. Up to 32 words per thread is register pressure at the edge: a few
+# values stored once per KV block and read back from L1. Past it the tile is too big for the
+# register file (block 32 spills up to 296 bytes in the prefill tile at head dim 256)
+MAX_SPILL_BYTES = 128
+HEAD_DIMS = (64, 128, 256)
+DTYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+BLOCK_SIZES = GPU_BLOCK_SIZES  # what EngineConfig lets the triton backend use on CUDA
+MAX_KV_SPLITS = 16  # paged_attention's most KV slices
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    kernel: str       # the launcher's name: paged_attention, merge_splits, write_kv, copy_blocks
+    variant: str      # prefill | decode | split-KV, or the sizes
+    dtype: str
+    signature: tuple  # ((name, type), ...)
+    constexprs: tuple  # ((name, value), ...)
+
+    @property
+    def name(self) -> str:
+        return f"{self.kernel}[{self.variant}, {self.dtype}]"
+
+
+@dataclass(frozen=True)
+class Compiled:
+    config: KernelConfig
+    target: str
+    shared_bytes: int
+    registers: int
+    spill_bytes: int
+
+
+def _attention(head_dim: int, dtype: str, block_size: int, group: int, mode: str) -> KernelConfig:
+    """paged_attention's launch for one configuration, as the launcher chooses its tiles."""
+    from engine_kernels.triton_attention import tile_rows
+    p = DTYPES[dtype]
+    rows = tile_rows(group, head_dim, decode=mode != "prefill")
+    splits = MAX_KV_SPLITS if mode == "split-KV" else 1
+    sig = (("q_ptr", p), ("k_cache_ptr", p), ("v_cache_ptr", p), ("out_ptr", p), ("block_tables_ptr", "*i32"),
+           ("query_start_ptr", "*i32"), ("seq_lens_ptr", "*i32"), ("scale", "fp32"), *[(s, "i32") for s in (
+               "stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_kb", "stride_ks", "stride_kh", "stride_bt")],
+           ("G", "constexpr"), ("D", "constexpr"), ("BLOCK_SIZE", "constexpr"), ("ROWS", "constexpr"),
+           ("TOKENS_PER_TILE", "constexpr"), ("KV_SPLIT_LEN", "constexpr"), ("part_out_ptr", "*fp32"),
+           ("part_lse_ptr", "*fp32"), ("NUM_SPLITS", "constexpr"), ("window", "i32"))
+    consts = (("G", group), ("D", head_dim), ("BLOCK_SIZE", block_size), ("ROWS", rows),
+              ("TOKENS_PER_TILE", 1 if mode == "split-KV" else rows // group),
+              ("KV_SPLIT_LEN", 1024 if mode == "split-KV" else 0), ("NUM_SPLITS", splits))
+    return KernelConfig("paged_attention", f"{mode}, D={head_dim}, block={block_size}, G={group}", dtype, sig, consts)
+
+
+def kernel_configs(head_dims=HEAD_DIMS, dtypes=tuple(DTYPES), block_sizes=BLOCK_SIZES, groups=(1, 4, 8),
+                   modes=("prefill", "decode", "split-KV")) -> list[KernelConfig]:
+    """Every launch the engine can make over these choices (sliding windows are a run-time
+    argument of the same kernels)."""
+    out = [_attention(d, t, b, g, m) for d, t, b, g, m in itertools.product(head_dims, dtypes, block_sizes, groups,
+                                                                             modes)]
+    for d, t in itertools.product(head_dims, dtypes):
+        p = DTYPES[t]
+        out.append(KernelConfig("merge_splits", f"D={d}, splits={MAX_KV_SPLITS}", t, (
+            ("part_out_ptr", "*fp32"), ("part_lse_ptr", "*fp32"), ("out_ptr", p), ("query_start_ptr", "*i32"),
+            ("stride_ot", "i32"), ("stride_oh", "i32"), ("H", "constexpr"), ("D", "constexpr"),
+            ("NUM_SPLITS", "constexpr")), (("H", 32), ("D", d), ("NUM_SPLITS", MAX_KV_SPLITS))))
+        row = 8 * d  # 8 KV heads
+        out.append(KernelConfig("write_kv", f"row={row}", t, (
+            ("k_ptr", p), ("v_ptr", p), ("k_cache_ptr", p), ("v_cache_ptr", p), ("slot_ptr", "*i64"),
+            ("stride_kt", "i32"), ("stride_vt", "i32"), ("ROW", "constexpr"), ("ROW_POW2", "constexpr")),
+            (("ROW", row), ("ROW_POW2", row))))
+    for t in dtypes:
+        out.append(KernelConfig("copy_blocks", "block of 16 x 8 x 128", t, (
+            ("cache_ptr", DTYPES[t]), ("src_ptr", "*i64"), ("dst_ptr", "*i64"), ("LAYER_STRIDE", "constexpr"),
+            ("BLOCK_NUMEL", "constexpr"), ("CHUNK", "constexpr")),
+            (("LAYER_STRIDE", 1024 * 16 * 8 * 128), ("BLOCK_NUMEL", 16 * 8 * 128), ("CHUNK", 1024))))
+    return out
+
+
+_KERNELS = {"paged_attention": "_paged_attention_kernel", "merge_splits": "_merge_splits_kernel",
+            "write_kv": "_write_kv_kernel", "copy_blocks": "_copy_blocks_kernel"}
+
+
+def compile_one(config: KernelConfig, target: str) -> Compiled:
+    """Compiles `config` for `target` (a key of TARGETS); raises what the compiler raised."""
+    assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "the interpreter compiles nothing: unset it"
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from engine_kernels import triton_attention
+    arch, _ = TARGETS[target]
+    fn = getattr(triton_attention, _KERNELS[config.kernel])
+    kernel = triton.compile(ASTSource(fn, dict(config.signature), constexprs=dict(config.constexprs)),
+                            target=GPUTarget("cuda", arch, 32))
+    registers, spills = _resource_usage(kernel.asm["cubin"])
+    return Compiled(config, target, kernel.metadata.shared, registers, spills)
+
+
+def _resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers per thread, stack bytes: spills and local arrays), as the cuobjdump Triton
+    ships reads them off the cubin."""
+    import triton
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(cubin)
+        usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(path)], capture_output=True, text=True,
+                               check=True).stdout
+    match = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    assert match, usage
+    return int(match.group(1)), int(match.group(2))
+
+
+def problems(result: Compiled) -> list[str]:
+    """What breaks a limit of the target: shared memory per block, spills."""
+    _, smem_limit = TARGETS[result.target]
+    out = []
+    if result.shared_bytes > smem_limit:
+        out.append(f"{result.config.name} on {result.target}: {result.shared_bytes} bytes of shared memory, "
+                   f"over the {smem_limit} a block may use")
+    if result.spill_bytes > MAX_SPILL_BYTES:
+        out.append(f"{result.config.name} on {result.target}: spills {result.spill_bytes} bytes to local memory")
+    return out
+
+
+def compile_all(configs: list[KernelConfig], targets=tuple(TARGETS), progress=None) -> tuple[list[Compiled], list[str]]:
+    """(what compiled, what failed or broke a limit), for every config on every target."""
+    done, failures = [], []
+    for config, target in itertools.product(configs, targets):
+        try:
+            result = compile_one(config, target)
+        except Exception as exc:  # noqa: BLE001 - a compile error is the finding
+            failures.append(f"{config.name} on {target}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+        else:
+            done.append(result)
+            failures += problems(result)
+        if progress is not None:
+            progress()
+    return done, failures
