@@ -186,21 +186,26 @@ def test_bad_request_is_refused_at_once_and_others_carry_on(engine, reference):
 
 
 _OPENMP_PROBE = """
-import os, torch
+import os, time, torch
 from engine import AsyncLLM
 from engine.platform import current_platform
 ops = current_platform("cpu").ops
 torch.set_num_threads(2)
 tasks = lambda: len(os.listdir('/proc/self/task'))
+
+def ended_by_release(before):  # a thread's exit is asynchronous: wait for it, on a busy machine too
+    ops.release_openmp_pool()
+    deadline = time.time() + 2
+    while tasks() >= before and time.time() < deadline:
+        time.sleep(0.01)
+    return before - tasks()
+
 torch.ones(1 << 24).sum()  # a parallel region on this thread: libgomp starts its pool
-before = tasks()
-ops.release_openmp_pool()
-released = before - tasks()
+released = ended_by_release(tasks())
 torch.ones(1 << 24).sum()  # and again
 llm = AsyncLLM(model="dummy-tiny", dtype="float32", num_kv_blocks=16, max_model_len=64)
-after_init = tasks()
-ops.release_openmp_pool()
-print(released, after_init - tasks())
+time.sleep(0.2)
+print(released, ended_by_release(tasks()))
 llm.shutdown()
 """
 
