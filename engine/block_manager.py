@@ -5,6 +5,11 @@ A full block is named by a chained hash of (parent block's hash, its token ids),
 hashes mean equal prefixes. Freed blocks keep their hash and stay reusable until the pool
 hands them out again (least recently freed first); a request whose prompt starts with
 cached blocks shares them (ref count + 1) and computes only the rest.
+
+A finished call of an agent program can leave its full blocks pinned for the program's next
+call (`pin`): held by a reference of their own, so no other traffic evicts them, until the
+next call takes them, the pin expires, or an allocation would fail without them (pins yield
+to memory pressure, oldest first: pinning never refuses or preempts anyone).
 """
 from __future__ import annotations
 
@@ -83,6 +88,8 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.prefix_cache_queries = 0  # prompt tokens looked up
         self.prefix_cache_hits = 0     # of those, tokens found cached
+        # program -> (its pinned blocks, when the pin expires, when it was made); oldest first
+        self.pins: OrderedDict[str, tuple[list[Block], float, float]] = OrderedDict()
 
     @property
     def num_free_blocks(self) -> int:
@@ -130,8 +137,11 @@ class KVCacheManager:
         have = len(req.block_ids) + len(cached_prefix)
         need = self.blocks_for(req.num_computed_tokens + num_new_tokens) - have
         # Cached blocks sitting in the free list stop being free once shared.
-        reclaimed = sum(1 for b in cached_prefix if b.ref_count == 0)
-        if need > self.pool.num_free - reclaimed:
+        def short() -> bool:
+            return need > self.pool.num_free - sum(1 for b in cached_prefix if b.ref_count == 0)
+        while short() and self.pins:  # pins yield to memory pressure, oldest first
+            self.unpin(next(iter(self.pins)))
+        if short():
             return False
         for block in cached_prefix:
             self.pool.share(block)
@@ -170,6 +180,28 @@ class KVCacheManager:
         block = self.pool.allocate()
         child.block_ids.append(block.block_id)
         return [(parent.block_ids[full], block.block_id)]
+
+    def pin(self, key: str, req: Request, until: float, now: float) -> None:
+        """Keeps `req`'s full cached blocks (about to be freed) for `key`'s next call."""
+        self.unpin(key)
+        blocks = [self.pool.blocks[b] for b in req.block_ids[:len(req.block_hashes)]]
+        for block in blocks:
+            self.pool.share(block)
+        if blocks:
+            self.pins[key] = (blocks, until, now)
+
+    def unpin(self, key: str) -> float | None:
+        """Lets `key`'s pinned blocks go (evictable again, still cached); when it was pinned."""
+        entry = self.pins.pop(key, None)
+        if entry is None:
+            return None
+        for block in reversed(entry[0]):
+            self.pool.release(block)
+        return entry[2]
+
+    def expire_pins(self, now: float) -> None:
+        for key in [k for k, (_, until, _) in self.pins.items() if until <= now]:
+            self.unpin(key)
 
     def free(self, req: Request) -> None:
         # Release the tail first so that, among this request's blocks, the shared prefix

@@ -17,6 +17,10 @@ levels that double (Autellix's PLAS over multilevel queues). A short run's next 
 ahead of a long run's, so the short one finishes soon instead of queueing behind every
 call of the long one; waiting lowers the level too (one per `PRIORITY_AGING_S`), so a long
 program is delayed, never starved. Preemption takes the most-served program's call first.
+And a program's finished call leaves its KV blocks pinned for the program's next call (the
+one after its tool calls) for a time-to-live: twice the gap observed between a program's
+calls (its tools' time), averaged over programs, within 2-60 s; pins yield to any
+allocation that would fail without them (block_manager).
 
 The static-batching baseline is `engine.static_scheduler.StaticScheduler`.
 """
@@ -33,6 +37,7 @@ from engine.request import Request, RequestStatus
 PRIORITY_AGING_S = 5.0
 SERVICE_QUANTUM = 256      # tokens of a program's first service level; each next level doubles
 PROGRAM_IDLE_S = 300.0     # a program not seen this long is forgotten
+PIN_TTL_S = (2.0, 60.0)    # bounds of a program's KV pin between its calls
 
 
 @dataclass
@@ -62,6 +67,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.program_service: dict[str, list[float]] = {}  # program -> [tokens computed, last seen]
         self._pruned_at = time.time()
+        self.call_gap_s = 5.0  # moving average of the time between a program's calls (its tool time)
 
     # -- queue ---------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -85,6 +91,10 @@ class Scheduler:
             self.waiting.remove(req)
         if req.status == RequestStatus.SWAPPED and self.swapper is not None:
             self.swapper.discard(req)
+        if self.config.program_scheduling and req.program is not None and reason in ("stop", "length"):
+            now = time.time()
+            ttl = min(max(2 * self.call_gap_s, PIN_TTL_S[0]), PIN_TTL_S[1])
+            self.kv.pin(req.program, req, now + ttl, now)
         self.kv.free(req)
         req.status = RequestStatus.FINISHED
         req.finish_reason = req.finish_reason or reason
@@ -106,6 +116,8 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        if self.kv.pins:
+            self.kv.expire_pins(time.time())
         # Decodes (one token left) before prompt chunks; stable, so arrival order is kept.
         for req in sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1):
             if req.status != RequestStatus.RUNNING:
@@ -166,6 +178,9 @@ class Scheduler:
                 if req.metrics.first_scheduled_time is None:
                     req.metrics.num_cached_tokens = req.num_computed_tokens
             self.waiting.remove(req)
+            if req.program is not None and req.program in self.kv.pins:  # its blocks are shared now
+                pinned_at = self.kv.unpin(req.program)
+                self.call_gap_s = 0.8 * self.call_gap_s + 0.2 * (time.time() - pinned_at)
             self._start(req)
             if num_new:
                 out.scheduled.append((req, num_new))

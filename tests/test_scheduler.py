@@ -202,3 +202,40 @@ def test_a_short_programs_next_call_is_admitted_before_a_long_programs_that_came
         assert service["long"][0] == 100 + 200 - 1 + 20 + 4 - 1 and service["short"][0] == 20 + 4 - 1
     else:
         assert engine.scheduler.program_service == {}
+
+
+@pytest.mark.parametrize("program_scheduling", [False, True])
+def test_a_programs_kv_outlives_other_traffic_until_its_next_call(program_scheduling):
+    """The call before a tool call leaves its blocks pinned for its program: other requests
+    that churn the whole cache in between do not evict them, so the next call (the same
+    prompt, the reply, the tool's result) computes only what is new. Without program
+    scheduling, least-recently-freed eviction takes them."""
+    engine = tiny_engine(num_kv_blocks=24, max_model_len=384, program_scheduling=program_scheduling)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    first = engine.add_request(list(range(100, 164)), params, program="agent-run")
+    while engine.has_unfinished():
+        engine.step()
+    for start in (1000, 2000, 3000):  # 13 blocks each, freed after: every unpinned block is reused
+        engine.add_request(list(range(start, start + 200)), params)
+        while engine.has_unfinished():
+            engine.step()
+    follow_up = first.all_token_ids[:-1] + list(range(500, 520))  # + the tool's result
+    nxt = engine.add_request(follow_up, params, program="agent-run")
+    while engine.has_unfinished():
+        engine.step()
+    assert nxt.metrics.num_cached_tokens == (64 if program_scheduling else 0)
+    assert "agent-run" in engine.kv.pins if program_scheduling else not engine.kv.pins  # pinned again, for its next
+
+
+def test_pinned_kv_yields_to_a_request_that_needs_the_memory():
+    engine = tiny_engine(num_kv_blocks=24, max_model_len=384, program_scheduling=True)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    engine.add_request(list(range(100, 164)), params, program="agent-run")
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.kv.num_free_blocks == 24 - 4
+    big = engine.add_request(list(range(1000, 1370)), params)  # 24 blocks: all of them
+    while engine.has_unfinished():
+        engine.step()
+    assert big.finish_reason == "length" and big.metrics.num_preemptions == 0
+    assert "agent-run" not in engine.kv.pins and engine.kv.num_free_blocks == 24
