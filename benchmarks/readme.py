@@ -1,14 +1,14 @@
-"""Regenerates README's measured figures on this machine: runs the throughput, latency,
-agent and ADK scenarios with README's settings, copies their plots to docs/, and rewrites
-the block between README's `<!-- benchmarks:begin -->` and `<!-- benchmarks:end -->`; the
-tool-calling scenario goes to its own block (`<!-- tools:begin -->`, in the structured
-outputs section).
+"""Regenerates the documentation's measured figures on this machine: runs the throughput,
+latency, agent and ADK scenarios with the documented settings, copies their plots to docs/,
+and rewrites the block between `<!-- benchmarks:begin -->` and `<!-- benchmarks:end -->` in
+docs/performance.md; the tool-calling scenario goes to its own block (`<!-- tools:begin -->`,
+in docs/structured-outputs.md).
 
     python -m benchmarks readme                # about 35 minutes on 2 CPU cores
     python -m benchmarks readme --tools-only   # the tool-calling block alone, about 5 minutes
 
-Ctrl-C stops it: every scenario that ran keeps its results in benchmarks/results/, and
-README is left as it was.
+Ctrl-C stops it: every scenario that ran keeps its results in benchmarks/results/, and the
+pages are left as they were.
 """
 from __future__ import annotations
 
@@ -22,12 +22,12 @@ from benchmarks import adk_concurrency, agent_prefix, latency, throughput, tool_
 from benchmarks.report import RESULTS_DIR, machine
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
 DOCS = ROOT / "docs"
+PERFORMANCE, STRUCTURED = DOCS / "performance.md", DOCS / "structured-outputs.md"  # where the blocks stand
 BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
 TOOLS_BEGIN, TOOLS_END = "<!-- tools:begin -->", "<!-- tools:end -->"
 
-# (module, arguments, command shown in README, plots)
+# (module, arguments, command shown in the docs, plots)
 SCENARIOS = [
     (throughput, [], "python -m benchmarks throughput", ["throughput", "batch_size"]),
     (latency, ["--rates", "1,2,3,4,6"], "python -m benchmarks latency --rates 1,2,3,4,6", ["latency"]),
@@ -45,14 +45,14 @@ def _section(name: str, command: str, plots: list[str], minutes: float) -> str:
     took = f"{minutes:.0f} min" if minutes >= 1 else "under a minute"
     parts = [head, f"```bash\n.venv/bin/python -m {command.removeprefix('python -m ')}    # {took}\n```",
              body.strip()]
-    parts += [f"![{plot}](docs/{plot}.png)" for plot in plots]
+    parts += [f"![{plot}]({plot}.png)" for plot in plots]  # beside the page, in docs/
     return "\n\n".join(parts)
 
 
 def splice(readme: str, block: str, begin: str = BEGIN, end: str = END) -> str:
-    """README with the text between the markers replaced by `block`."""
+    """The page with the text between the markers replaced by `block`."""
     if begin not in readme or end not in readme:
-        raise ValueError(f"README.md has no {begin} ... {end} block")
+        raise ValueError(f"the page has no {begin} ... {end} block")
     head, rest = readme.split(begin, 1)
     _, tail = rest.split(end, 1)
     return f"{head}{begin}\n{block}\n{end}{tail}"
@@ -77,14 +77,12 @@ def main(argv: list[str] | None = None) -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tools-only", action="store_true", help="regenerate the tool-calling block alone")
     args = ap.parse_args(argv)
-    readme = README.read_text()
     if not args.tools_only:
         sections = [_run(scenario) for scenario in SCENARIOS]
-        readme = splice(readme, _generated() + "\n\n" + "\n\n".join(sections))
+        PERFORMANCE.write_text(splice(PERFORMANCE.read_text(), _generated() + "\n\n" + "\n\n".join(sections)))
     tools = _run(TOOLS)
-    readme = splice(readme, _generated() + "\n\n" + tools, TOOLS_BEGIN, TOOLS_END)
-    README.write_text(readme)
-    print(f"README.md updated; plots in {DOCS}")
+    STRUCTURED.write_text(splice(STRUCTURED.read_text(), _generated() + "\n\n" + tools, TOOLS_BEGIN, TOOLS_END))
+    print(f"{PERFORMANCE} and {STRUCTURED} updated; plots in {DOCS}")
 
 
 if __name__ == "__main__":

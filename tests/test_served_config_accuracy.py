@@ -14,7 +14,7 @@ weights, teacher-forced over a few hundred positions of the real model:
 
 Every position is run as a decode (one row per forward pass over the paged cache, exactly
 as a served request's tokens are) and compared with the reference's next-token
-distribution: top-1 agreement and mean KL(fp32 || ours). The bounds are README's stated
+distribution: top-1 agreement and mean KL(fp32 || ours). The bounds are docs/quantization.md's stated
 guarantees; the measured figures (this machine kind, 276 positions) are in GUARANTEES.
 Per layer, the mean relative error of the residual stream is bounded too, so an error in
 one layer cannot hide behind a robust argmax.

@@ -1,4 +1,4 @@
-"""The soak, short form (the long form: `python -m benchmarks.soak`, figures in README)."""
+"""The soak, short form (the long form: `python -m benchmarks.soak`, figures in docs/reliability.md)."""
 import pytest
 
 from benchmarks.soak import run_soak
