@@ -10,6 +10,8 @@ SCENARIOS = {
     "throughput": ("benchmarks.throughput", "every system on mixed_chat_128: continuous, static, transformers, ..."),
     "latency": ("benchmarks.latency", "sustained Poisson rates (or clients), continuous vs static; goodput at the SLO"),
     "agent": ("benchmarks.agent_prefix", "multi-turn agent workload, prefix caching on vs off"),
+    "programs": ("benchmarks.agent_programs", "agent programs with tool calls: job completion time, "
+                 "program scheduling off vs on"),
     "tools": ("benchmarks.tool_calling", "tool-call accuracy per tool_choice, constrained vs not; grammar cost"),
     "adk": ("benchmarks.adk_concurrency", "ADK sessions one by one vs asyncio.gather at 1-64"),
     "kernels": ("benchmarks.kernels", "Triton paged attention on a GPU"),

@@ -226,3 +226,14 @@ def test_peers_scenario_reports_a_missing_peer_instead_of_failing(results_dir):
     assert engine["one_stream_tok_s"] > 0 and engine["mixed_output_tok_s"] > 0
     assert "not installed" in llama["missing"] and "not installed" in vllm["missing"]
     assert "vs llama.cpp" in (results_dir / "peers.md").read_text()
+
+
+def test_agent_programs_scenario_reports_job_completion_times_off_and_on(results_dir):
+    data = __import__("benchmarks.agent_programs", fromlist=["main"]).main(
+        ["--model", "dummy-tiny", "--short", "2", "--long", "1", "--tool-s", "0.01", "--max-tokens", "4",
+         "--num-kv-blocks", "64"])
+    for key in ("off", "on"):
+        run = data[key]
+        assert 0 < run["short"]["mean_s"] <= run["short"]["p90_s"] and run["long"]["mean_s"] > 0
+        assert 0 < run["cached_share"] < 1  # later calls re-send the conversation: the cache holds some
+    assert (results_dir / "agent_programs.md").stat().st_size > 0
