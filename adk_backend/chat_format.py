@@ -16,7 +16,7 @@ import json
 
 from adk_backend.tool_formats import HERMES, ParsedReply, ToolCall, ToolCallFormat  # noqa: F401 (re-exported)
 
-TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+TOOL_CALL_OPEN = "<tool_call>"
 
 HERMES_SYSTEM = (
     "You are a function calling AI model. You are provided with function signatures within <tools></tools> "
@@ -33,10 +33,6 @@ LLAMA3_JSON_SYSTEM = (
     "\n\n{tools}"
 )
 _DECLARATIONS = {"hermes": HERMES_SYSTEM, "llama3_json": LLAMA3_JSON_SYSTEM}
-
-
-def tool_call_text(name: str, arguments: dict) -> str:
-    return HERMES.call_text(name, arguments)
 
 
 def tool_response_text(name: str, response) -> str:

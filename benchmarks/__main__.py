@@ -6,7 +6,7 @@ import importlib
 import sys
 
 SCENARIOS = {
-    "readme": ("benchmarks.readme", "all of docs/performance.md's figures and plots, in one run (about an hour)"),
+    "readme": ("benchmarks.readme", "all of docs/performance.md's figures and plots, in one run (about 35 minutes)"),
     "throughput": ("benchmarks.throughput", "every system on mixed_chat_128: continuous, static, transformers, ..."),
     "latency": ("benchmarks.latency", "sustained Poisson rates (or clients), continuous vs static; goodput at the SLO"),
     "agent": ("benchmarks.agent_prefix", "multi-turn agent workload, prefix caching on vs off"),

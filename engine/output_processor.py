@@ -52,10 +52,6 @@ class OutputProcessor:
         detok = self.states[req.group_id].seqs[req.index].detok
         return detok.add_token(token, check_stop=check_stop) if detok is not None else None
 
-    def text(self, req: Request) -> str:
-        detok = self.states[req.group_id].seqs[req.index].detok
-        return detok.text if detok is not None else ""
-
     def make_output(self, group_id: str) -> RequestOutput:
         """The request's output: in delta mode what is new since the last call (only the
         sequences that changed), else all of it. The finished output forgets the request."""
@@ -104,5 +100,3 @@ class OutputProcessor:
                         text = self._token_text[token] = self.tokenizer.decode([token])
                     lp.decoded_token = text
 
-    def forget(self, group_id: str) -> None:
-        self.states.pop(group_id, None)
