@@ -28,6 +28,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 WORKERS = 4  # compiles at once: one slow schema does not hold up everyone else's
+STARTUP_TIMEOUT_S = 120.0  # a child that has not imported xgrammar by then never will: nothing waits forever
 _TOKENIZERS_KEPT = 4
 
 
@@ -76,9 +77,12 @@ class CompileProcess:
     def compile(self, tokenizer_info_path: str, kind: str, source: str, timeout: float) -> str:
         """The serialized compiled grammar. ValueError: xgrammar refused the source, with its
         message; CompileTimeout: not compiled within `timeout` seconds, and the child is dead."""
-        if not self.ready:  # started moments ago: its start-up is not this compile's time
-            if self.proc.stdout.readline().strip() != "ready":
-                raise RuntimeError(f"the grammar compiler process failed to start ({self.proc.wait()})")
+        if not self.ready:  # started moments ago: its start-up is not this compile's time (but bounded)
+            started, _, _ = select.select([self.proc.stdout], [], [], STARTUP_TIMEOUT_S)
+            if not started or self.proc.stdout.readline().strip() != "ready":
+                self.close()
+                raise RuntimeError(f"the grammar compiler process failed to start within {STARTUP_TIMEOUT_S:.0f} s "
+                                   f"(exit status {self.proc.returncode})")
             self.ready = True
         request = {"tokenizer": tokenizer_info_path, "kind": kind, "source": source}
         self.proc.stdin.write(json.dumps(request) + "\n")
