@@ -6,6 +6,14 @@ sequence i owning rows query_start_loc[i]:query_start_loc[i+1] (its newest token
 decode is one row and a prefill chunk many, with earlier context already in the cache).
 Each program takes one KV head and the G = H / Hkv query heads that share it, so every K/V
 tile loaded from the cache serves G heads. Accumulation is fp32 whatever the input dtype.
+
+Matmul precision, chosen per dtype (tl.dot's default on fp32 inputs is TF32, which would
+round fp32 attention to 10 mantissa bits on a GPU without a word): on a GPU, bf16/fp16
+q.K^T and P.V run on their own dtype's tensor cores (products exact in fp32; P rounded to
+the value dtype, as FlashAttention does: about 2^-8 relative for bf16, below the bf16
+output's own rounding); fp32 runs IEEE fp32 (`input_precision="ieee"`), as the reference
+does. The interpreter cannot multiply bf16 (numpy has no such type), so on CPU every dtype
+takes the fp32 IEEE path; the GPU's bf16 path is compiled (triton_compile.py), not run, here.
 On CPU these run under TRITON_INTERPRET=1 (set before triton is imported).
 """
 from __future__ import annotations
@@ -20,6 +28,7 @@ def _paged_attention_kernel(
     scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bt,
     G: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr, TOKENS_PER_TILE: tl.constexpr,
     KV_SPLIT_LEN: tl.constexpr, part_out_ptr, part_lse_ptr, NUM_SPLITS: tl.constexpr, window,
+    HALF_DOT: tl.constexpr,  # bf16/fp16 matmuls on their tensor cores (a GPU), else IEEE fp32
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -66,7 +75,10 @@ def _paged_attention_kernel(
         kv_off = block * stride_kb + offs[:, None] * stride_ks + kvh * stride_kh + d[None, :]
         k = tl.load(k_cache_ptr + kv_off, mask=kv_ok[:, None], other=0.0)
         v = tl.load(v_cache_ptr + kv_off, mask=kv_ok[:, None], other=0.0)
-        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32))) * scale
+        if HALF_DOT:
+            s = tl.dot(q, tl.trans(k)) * scale
+        else:
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee") * scale
         visible = kv_ok[None, :] & (pos[None, :] <= q_pos[:, None]) & row_ok[:, None]
         visible = visible & ((pos[None, :] > q_pos[:, None] - window) | (window == 0))
         s = tl.where(visible, s, float("-inf"))
@@ -75,7 +87,10 @@ def _paged_attention_kernel(
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(tl.where(m_i == float("-inf"), float("-inf"), m_i - m_safe))
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32))
+        if HALF_DOT:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
         m_i = m_new
 
     if NUM_SPLITS > 1:  # partial result of this slice: unnormalized out and its log-sum-exp
@@ -170,7 +185,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     common = dict(scale=scale, stride_qt=q.stride(0), stride_qh=q.stride(1), stride_ot=out.stride(0),
                   stride_oh=out.stride(1), stride_kb=k_cache.stride(0), stride_ks=k_cache.stride(1),
                   stride_kh=k_cache.stride(2), stride_bt=block_tables.stride(0), G=G, D=D, BLOCK_SIZE=block_size,
-                  window=window or 0)
+                  window=window or 0, HALF_DOT=q.is_cuda and q.dtype != torch.float32)
     if num_kv_splits > 1:
         assert max_query_len == 1, "split-KV is for decode-only batches"
         assert num_kv_splits == _pow2(num_kv_splits)

@@ -63,10 +63,10 @@ def _attention(head_dim: int, dtype: str, block_size: int, group: int, mode: str
                "stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_kb", "stride_ks", "stride_kh", "stride_bt")],
            ("G", "constexpr"), ("D", "constexpr"), ("BLOCK_SIZE", "constexpr"), ("ROWS", "constexpr"),
            ("TOKENS_PER_TILE", "constexpr"), ("KV_SPLIT_LEN", "constexpr"), ("part_out_ptr", "*fp32"),
-           ("part_lse_ptr", "*fp32"), ("NUM_SPLITS", "constexpr"), ("window", "i32"))
+           ("part_lse_ptr", "*fp32"), ("NUM_SPLITS", "constexpr"), ("window", "i32"), ("HALF_DOT", "constexpr"))
     consts = (("G", group), ("D", head_dim), ("BLOCK_SIZE", block_size), ("ROWS", rows),
               ("TOKENS_PER_TILE", 1 if mode == "split-KV" else rows // group),
-              ("KV_SPLIT_LEN", 1024 if mode == "split-KV" else 0), ("NUM_SPLITS", splits))
+              ("KV_SPLIT_LEN", 1024 if mode == "split-KV" else 0), ("NUM_SPLITS", splits), ("HALF_DOT", dtype != "fp32"))
     return KernelConfig("paged_attention", f"{mode}, D={head_dim}, block={block_size}, G={group}", dtype, sig, consts)
 
 
