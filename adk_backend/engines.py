@@ -67,6 +67,15 @@ def running_engines() -> dict[str, AsyncLLM]:
         return dict(_engines)
 
 
+def shutdown_engine(name: str) -> None:
+    """Stops `name`'s engine and forgets it (its memory goes with the last reference); the
+    next engine_for(name) starts a new one with the configured options."""
+    with _lock:
+        engine = _engines.pop(model_name(name), None)
+    if engine is not None:
+        engine.shutdown()
+
+
 def shutdown_all() -> None:
     with _lock:
         engines = list(_engines.values())

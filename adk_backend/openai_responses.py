@@ -14,7 +14,12 @@ import json
 import time
 import uuid
 
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
 from adk_backend.chat import ChatDelta, ChatResult
+from adk_backend.openai_http import (APIError, check_fields, first_item, named_sse_stream, prepend, read_body,
+                                     while_connected)
 
 # The fields /v1/responses honours besides the sampling fields it shares with chat.
 RESPONSES_FIELDS = {"model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "text",
@@ -298,3 +303,35 @@ class ResponseWriter:
     def failed(self, message: str, code: str) -> dict:
         """The event that ends a stream whose generation failed after it began."""
         return self._event("response.failed", response=self.response(None, {"code": code, "message": message}))
+
+
+def add_responses_route(router, ctx) -> None:
+    """/v1/responses on `router`, sharing the other routes' context (openai_http.V1Context)."""
+    @router.post("/responses")
+    async def responses(request: Request):
+        return await ctx.limited(request, _responses)
+
+    async def _responses(request: Request):
+        body = await read_body(request)
+        check_fields(body, RESPONSES_FIELDS, NO_OP_VALUES)
+        try:
+            chat = as_chat_body(body)
+        except FieldError as exc:
+            raise APIError(400, str(exc), param=exc.param) from exc
+        model = ctx.resolve(chat)
+        events, _ = ctx.start_chat(request, chat, model, ctx.sampling(chat, model))
+        writer = ResponseWriter(body, model)
+        if not body.get("stream"):
+            result = None
+            async for item in while_connected(request, events):
+                result = item if isinstance(item, ChatResult) else result
+            return writer.response(result)
+        first = await first_item(events)  # errors before the first token still get a proper status
+
+        async def events_out():
+            try:
+                async for event in writer.events(prepend(first, events)):
+                    yield event
+            except APIError as exc:
+                yield writer.failed(exc.message, exc.type)
+        return StreamingResponse(named_sse_stream(events_out()), media_type="text/event-stream")

@@ -20,7 +20,6 @@ call named while thinking is neither constrained nor parsed).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Literal
 

@@ -22,7 +22,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from adk_backend import sqlite_sessions
 from adk_backend.engines import engine_for, model_name
 from adk_backend.metrics import EngineMetrics
-from adk_backend.openai_api import APIError, error_response, make_router
+from adk_backend.openai_api import make_router
+from adk_backend.openai_http import APIError, error_response
 from adk_backend.session_turns import SessionTurns
 
 log = logging.getLogger(__name__)

@@ -55,6 +55,21 @@ def smollm2_server():
         yield s
 
 
+@pytest.fixture(scope="module", autouse=True)
+def engines_end_with_their_module():
+    """An engine a test module started ends with the module: the registry would keep every
+    alias's weights and KV cache for the whole session (the suite's process reached 17 GB
+    and was killed for memory). The session's shared ones stay."""
+    import gc
+
+    from adk_backend.engines import running_engines, shutdown_engine
+    before = set(running_engines())
+    yield
+    for name in set(running_engines()) - before - {SERVER_MODEL, DEFAULT_MODEL}:
+        shutdown_engine(name)
+    gc.collect()
+
+
 # -- the ISA levels of the C++ CPU kernels ---------------------------------------------------
 # Every level this CPU runs is tested (an AVX-512 machine runs all three); a level it lacks
 # is skipped with the reason. engine/platform.py decides levels; engine_kernels/cpu.py builds.
