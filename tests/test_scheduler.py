@@ -239,3 +239,32 @@ def test_pinned_kv_yields_to_a_request_that_needs_the_memory():
         engine.step()
     assert big.finish_reason == "length" and big.metrics.num_preemptions == 0
     assert "agent-run" not in engine.kv.pins and engine.kv.num_free_blocks == 24
+
+
+def test_a_pin_past_its_time_to_live_gives_its_blocks_back():
+    import time as _time
+    engine = tiny_engine(num_kv_blocks=24, max_model_len=384, program_scheduling=True)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    engine.add_request(list(range(100, 164)), params, program="agent-run")
+    while engine.has_unfinished():
+        engine.step()
+    blocks, until, _ = engine.kv.pins["agent-run"]
+    assert engine.kv.num_free_blocks == 24 - len(blocks) and until > _time.time()
+    engine.kv.expire_pins(until + 0.001)  # what each step does with the clock past the pin's end
+    assert not engine.kv.pins and engine.kv.num_free_blocks == 24
+
+
+@pytest.mark.parametrize("preemption_mode", ["recompute", "swap"])
+def test_program_scheduling_changes_no_token(preemption_mode):
+    """The same programs' calls, under memory pressure, give the same greedy tokens with and
+    without program scheduling (order and retention change, outputs do not)."""
+    def run(on: bool) -> list[list[int]]:
+        engine = tiny_engine(num_kv_blocks=24, max_model_len=384, max_num_seqs=3, program_scheduling=on,
+                             preemption_mode=preemption_mode)
+        params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+        reqs = [engine.add_request(list(range(10 * i, 10 * i + 40 + 7 * i)), params, program=f"p{i % 3}")
+                for i in range(8)]
+        while engine.has_unfinished():
+            engine.step()
+        return [r.output_token_ids for r in reqs]
+    assert run(True) == run(False)
