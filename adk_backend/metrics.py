@@ -38,13 +38,19 @@ class EngineMetrics:
         self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated", label, registry=r)
         self.finished = Counter("vllm:request_success", "Finished requests", ["model_name", "finished_reason"],
                                 registry=r)
+        # agent programs' KV kept across tool calls (docs/agent-scheduling.md); not vLLM's
+        self.kv_pinned = Gauge("engine:kv_blocks_pinned", "KV blocks kept for agent programs' next calls", label,
+                               registry=r)
+        self.kv_pins = Counter("engine:kv_pins", "Program KV pins, by how they ended", ["model_name", "outcome"],
+                               registry=r)
         self._last: dict[str, dict] = {}
 
     def attach(self, model: str, engine: AsyncLLM) -> None:
         for metric in (self.ttft, self.itl, self.e2e, self.queue, self.running, self.waiting, self.swapped,
                        self.kv_usage, self.preemptions, self.prefix_queries, self.prefix_hits, self.prompt_tokens,
-                       self.generation_tokens):
+                       self.generation_tokens, self.kv_pinned):
             metric.labels(model)  # every series exists (at 0) from the first scrape
+        pins_counted = {outcome: 0 for outcome in ("made", "taken", "expired", "yielded")}
         last_token: dict[str, float] = {}
         counted = {"num_preemptions": 0, "prefix_cache_queries": 0, "prefix_cache_hits": 0,
                    "prompt_tokens_total": 0, "generation_tokens_total": 0}
@@ -79,5 +85,10 @@ class EngineMetrics:
                 if stats[key] > counted[key]:
                     counter.labels(model).inc(stats[key] - counted[key])
                     counted[key] = stats[key]
+            self.kv_pinned.labels(model).set(stats["kv_blocks_pinned"])
+            for outcome, n in stats["kv_pins"].items():
+                if n > pins_counted[outcome]:
+                    self.kv_pins.labels(model, outcome).inc(n - pins_counted[outcome])
+                    pins_counted[outcome] = n
 
         engine.step_listeners.append(on_step)

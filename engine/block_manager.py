@@ -90,6 +90,7 @@ class KVCacheManager:
         self.prefix_cache_hits = 0     # of those, tokens found cached
         # program -> (its pinned blocks, when the pin expires, when it was made); oldest first
         self.pins: OrderedDict[str, tuple[list[Block], float, float]] = OrderedDict()
+        self.pin_counts = {"made": 0, "taken": 0, "expired": 0, "yielded": 0}  # taken: by the next call
 
     @property
     def num_free_blocks(self) -> int:
@@ -140,7 +141,7 @@ class KVCacheManager:
         def short() -> bool:
             return need > self.pool.num_free - sum(1 for b in cached_prefix if b.ref_count == 0)
         while short() and self.pins:  # pins yield to memory pressure, oldest first
-            self.unpin(next(iter(self.pins)))
+            self.unpin(next(iter(self.pins)), "yielded")
         if short():
             return False
         for block in cached_prefix:
@@ -189,19 +190,27 @@ class KVCacheManager:
             self.pool.share(block)
         if blocks:
             self.pins[key] = (blocks, until, now)
+            self.pin_counts["made"] += 1
 
-    def unpin(self, key: str) -> float | None:
-        """Lets `key`'s pinned blocks go (evictable again, still cached); when it was pinned."""
+    @property
+    def num_pinned_blocks(self) -> int:
+        return sum(len(blocks) for blocks, _, _ in self.pins.values())
+
+    def unpin(self, key: str, why: str | None = None) -> float | None:
+        """Lets `key`'s pinned blocks go (evictable again, still cached), counted under `why`
+        (taken, expired, yielded); returns when it was pinned."""
         entry = self.pins.pop(key, None)
         if entry is None:
             return None
+        if why is not None:
+            self.pin_counts[why] += 1
         for block in reversed(entry[0]):
             self.pool.release(block)
         return entry[2]
 
     def expire_pins(self, now: float) -> None:
         for key in [k for k, (_, until, _) in self.pins.items() if until <= now]:
-            self.unpin(key)
+            self.unpin(key, "expired")
 
     def free(self, req: Request) -> None:
         # Release the tail first so that, among this request's blocks, the shared prefix

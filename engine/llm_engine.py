@@ -321,6 +321,8 @@ class LLMEngine:
             "num_preemptions": sched.num_preemptions,
             "prefix_cache_queries": self.kv.prefix_cache_queries,
             "prefix_cache_hits": self.kv.prefix_cache_hits,
+            "kv_blocks_pinned": self.kv.num_pinned_blocks,   # kept for agent programs' next calls
+            "kv_pins": dict(self.kv.pin_counts),              # made; taken by the next call, expired, yielded
             "peak_batch_size": self.peak_batch_size,
             "batch_size_history": history,
             "num_steps": self.step_count,

@@ -179,7 +179,7 @@ class Scheduler:
                     req.metrics.num_cached_tokens = req.num_computed_tokens
             self.waiting.remove(req)
             if req.program is not None and req.program in self.kv.pins:  # its blocks are shared now
-                pinned_at = self.kv.unpin(req.program)
+                pinned_at = self.kv.unpin(req.program, "taken")
                 self.call_gap_s = 0.8 * self.call_gap_s + 0.2 * (time.time() - pinned_at)
             self._start(req)
             if num_new:

@@ -225,6 +225,10 @@ def test_a_programs_kv_outlives_other_traffic_until_its_next_call(program_schedu
         engine.step()
     assert nxt.metrics.num_cached_tokens == (64 if program_scheduling else 0)
     assert "agent-run" in engine.kv.pins if program_scheduling else not engine.kv.pins  # pinned again, for its next
+    stats = engine.stats()
+    assert stats["kv_pins"] == ({"made": 2, "taken": 1, "expired": 0, "yielded": 0} if program_scheduling else
+                                {"made": 0, "taken": 0, "expired": 0, "yielded": 0})
+    assert stats["kv_blocks_pinned"] == (len(engine.kv.pins["agent-run"][0]) if program_scheduling else 0)
 
 
 def test_pinned_kv_yields_to_a_request_that_needs_the_memory():
@@ -239,6 +243,7 @@ def test_pinned_kv_yields_to_a_request_that_needs_the_memory():
         engine.step()
     assert big.finish_reason == "length" and big.metrics.num_preemptions == 0
     assert "agent-run" not in engine.kv.pins and engine.kv.num_free_blocks == 24
+    assert engine.stats()["kv_pins"]["yielded"] == 1
 
 
 def test_a_pin_past_its_time_to_live_gives_its_blocks_back():
@@ -252,6 +257,7 @@ def test_a_pin_past_its_time_to_live_gives_its_blocks_back():
     assert engine.kv.num_free_blocks == 24 - len(blocks) and until > _time.time()
     engine.kv.expire_pins(until + 0.001)  # what each step does with the clock past the pin's end
     assert not engine.kv.pins and engine.kv.num_free_blocks == 24
+    assert engine.stats()["kv_pins"]["expired"] == 1 and engine.stats()["kv_blocks_pinned"] == 0
 
 
 @pytest.mark.parametrize("preemption_mode", ["recompute", "swap"])
