@@ -231,12 +231,18 @@ def test_a_programs_kv_outlives_other_traffic_until_its_next_call(program_schedu
     assert stats["kv_blocks_pinned"] == (len(engine.kv.pins["agent-run"][0]) if program_scheduling else 0)
 
 
-def test_pinned_kv_yields_to_a_request_that_needs_the_memory():
+def _engine_after_one_pinned_call() -> tuple[LLMEngine, SamplingParams]:
+    """24 blocks; a program's 64-token call finished, its 4 full blocks pinned."""
     engine = tiny_engine(num_kv_blocks=24, max_model_len=384, program_scheduling=True)
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     engine.add_request(list(range(100, 164)), params, program="agent-run")
     while engine.has_unfinished():
         engine.step()
+    return engine, params
+
+
+def test_pinned_kv_yields_to_a_request_that_needs_the_memory():
+    engine, params = _engine_after_one_pinned_call()
     assert engine.kv.num_free_blocks == 24 - 4
     big = engine.add_request(list(range(1000, 1370)), params)  # 24 blocks: all of them
     while engine.has_unfinished():
@@ -248,11 +254,7 @@ def test_pinned_kv_yields_to_a_request_that_needs_the_memory():
 
 def test_a_pin_past_its_time_to_live_gives_its_blocks_back():
     import time as _time
-    engine = tiny_engine(num_kv_blocks=24, max_model_len=384, program_scheduling=True)
-    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-    engine.add_request(list(range(100, 164)), params, program="agent-run")
-    while engine.has_unfinished():
-        engine.step()
+    engine, _ = _engine_after_one_pinned_call()
     blocks, until, _ = engine.kv.pins["agent-run"]
     assert engine.kv.num_free_blocks == 24 - len(blocks) and until > _time.time()
     engine.kv.expire_pins(until + 0.001)  # what each step does with the clock past the pin's end
