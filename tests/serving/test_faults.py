@@ -15,7 +15,7 @@ from adk_backend.server import create_app
 from helpers import fail_next_forward
 from server_helpers import LiveServer, free_port
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def chat(url, model, max_tokens=8, **extra):

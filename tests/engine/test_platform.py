@@ -12,7 +12,7 @@ from engine import EngineConfig, LLM
 from engine import platform
 from engine.platform import current_platform, machine_isa, requested_isa, supported_isas
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ZEN3 = frozenset("fpu sse sse2 ssse3 sse4_1 sse4_2 avx avx2 fma f16c bmi1 bmi2 popcnt".split())
 ZEN4 = ZEN3 | frozenset("avx512f avx512bw avx512vl avx512dq avx512cd avx512_vnni avx512_bf16".split())
 ICE_LAKE = ZEN4 - {"avx512_bf16"}

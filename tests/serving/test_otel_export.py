@@ -139,7 +139,7 @@ def test_otel_to_cloud_exports_spans_and_genai_metrics_to_the_telemetry_api_with
     # The time per output token of 12-token requests is (e2e - ttft) / 11: below the e2e.
     assert max(p["sum"] / p["count"] for p in tpot) < max(p["sum"] / p["count"] for p in duration)
     # Every metric the Cloud Monitoring dashboard charts is one the server exports.
-    dashboard = (Path(__file__).parent.parent / "docs" / "cloud_monitoring_dashboard.json").read_text()
+    dashboard = (Path(__file__).resolve().parents[2] / "docs" / "cloud_monitoring_dashboard.json").read_text()
     charted = set(re.findall(r'prometheus\.googleapis\.com/([\w.]+)/(?:histogram|gauge)', dashboard))
     assert len(charted) == 7 and charted <= exported, charted - exported
     assert max(p["value"] for p in receiver.metrics["engine.batch_size"]) >= 1
@@ -175,7 +175,7 @@ def test_adk_web_with_otel_to_cloud_exports_our_agents_engine_spans(agents_dir, 
     env = {**os.environ, "FAKE_GOOGLE_URL": receiver.url, "GOOGLE_CLOUD_PROJECT": "test-project",
            "NO_GCE_CHECK": "True", "PYTHONUNBUFFERED": "1", **FAST_EXPORT,
            "GOOGLE_APPLICATION_CREDENTIALS": str(service_account_file(tmp_path / "sa.json", receiver.url + "/token"))}
-    root = Path(__file__).parent.parent
+    root = Path(__file__).resolve().parents[2]
     proc = subprocess.Popen([sys.executable, "tests/with_fake_google.py", "google.adk.cli", "web", "--port", str(port),
                              "--otel_to_cloud", "--no-reload", str(agents_dir)], cwd=root, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -58,7 +58,7 @@ GUARANTEES = {
 
 # Every path on this CPU's best level (bf16 where the level has it); below it, the default
 # and the int8 KV cache (int8 weights run the same kernel forms there, held per level in
-# tests/test_quantized_weights.py).
+# tests/engine/test_quantized_weights.py).
 _BEST = supported_isas()[0]
 _CASES = [pytest.param((level, path), id=f"{level}-{path}", marks=isa_param(level).marks)
           for level in ISA_LEVELS for path in GUARANTEES

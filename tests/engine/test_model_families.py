@@ -112,7 +112,7 @@ def test_a_gguf_file_of_the_family_loads_and_gives_its_checkpoints_transformers_
                                                                                       monkeypatch):
     """LLM(model="x.gguf"): converted once through transformers, then served; its tokens are
     transformers' own on the checkpoint the file was written from (F32: lossless). (Gemma 3's:
-    the published checkpoint, in tests/test_real_gemma3.py.)"""
+    the published checkpoint, in tests/engine/test_real_gemma3.py.)"""
     monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path / "cache"))
     # transformers reads no head size from a Qwen3 GGUF: it takes Qwen3's own, 128.
     hf_dir = save_tiny(family, tmp_path / "hf", vocab_size=49152, **({"head_dim": 128} if family == "qwen3" else {}))

@@ -13,7 +13,7 @@ from adk_backend.server import create_app
 from conftest import SERVER_MODEL as MODEL
 from server_helpers import LiveServer
 
-ROOT_DIR = Path(__file__).resolve().parent.parent
+ROOT_DIR = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
