@@ -9,7 +9,8 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network: Lit
 import wrapt  # noqa: E402
 from google.adk.models.registry import LLMRegistry  # noqa: E402
 
-from adk_backend.adk_model import EngineLlm, ServiceTierPlugin  # noqa: E402
+from adk_backend.adk_model import EngineLlm  # noqa: E402
+from adk_backend.agent_runs import ServiceTierPlugin  # noqa: E402
 from adk_backend.engines import configure_engine, engine_for, running_engines, shutdown_all  # noqa: E402
 
 

@@ -9,17 +9,16 @@ always have the declared shape.
 """
 from __future__ import annotations
 
-import contextvars
 import json
 from typing import AsyncGenerator
 
 from google.adk.models import BaseLlm
-from google.adk.plugins.base_plugin import BasePlugin
 from google.adk.models.llm_request import LlmRequest
 from google.adk.models.llm_response import LlmResponse
 from google.genai import types
 from pydantic import TypeAdapter
 
+from adk_backend.agent_runs import CURRENT_AGENT_TOTALS, CURRENT_PROGRAM, ServiceTierPlugin  # noqa: F401  (its old home)
 from adk_backend.chat import ChatResult, chat_stream, finite_logprob, priority_of, top_candidates
 from adk_backend.chat_format import ToolCall, assistant_message, tool_message
 from adk_backend.engines import PREFIX, engine_for
@@ -66,6 +65,9 @@ class EngineLlm(BaseLlm):
             async for item in chat_stream(engine, messages, spec, params, template_kwargs, priority,
                                           CURRENT_PROGRAM.get()):
                 if isinstance(item, ChatResult):
+                    if (totals := CURRENT_AGENT_TOTALS.get()) is not None:
+                        totals.add_call(item.prompt_token_ids, item.output_token_ids, item.num_cached_tokens,
+                                        item.time_in_queue)
                     response = final_response(item, show_thoughts)
                     if params.logprobs is not None:
                         response.logprobs_result, response.avg_logprobs = logprobs_result(tokens, params.logprobs)
@@ -79,29 +81,6 @@ class EngineLlm(BaseLlm):
                     yield LlmResponse(content=types.Content(role="model", parts=parts), partial=True)
         except ENGINE_ERRORS as exc:  # raised, with its status: what ADK's fallback and callbacks act on
             raise EngineModelError.of(exc) from exc
-
-
-# The agent program of the model call being made: "<app>/<session>/<invocation>", set by
-# ServiceTierPlugin in the task that then calls the model
-CURRENT_PROGRAM: contextvars.ContextVar[str | None] = contextvars.ContextVar("engine_program", default=None)
-
-
-class ServiceTierPlugin(BasePlugin):
-    """Carries what a run knows to every model call of it: `RunConfig.service_tier` (ADK
-    itself copies it into the LlmRequest only for Gemini's interactions API) and the run's
-    identity, its agent program (EngineConfig.program_scheduling). `Runner(...,
-    plugins=[ServiceTierPlugin()])` or `App(plugins=[...])`; `serve` adds it."""
-
-    def __init__(self, name: str = "engine_service_tier") -> None:
-        super().__init__(name=name)
-
-    async def before_model_callback(self, *, callback_context, llm_request: LlmRequest):
-        run_config = callback_context.run_config
-        if llm_request.service_tier is None and run_config is not None and run_config.service_tier:
-            llm_request.service_tier = run_config.service_tier
-        session = callback_context.session
-        CURRENT_PROGRAM.set(f"{session.app_name}/{session.id}/{callback_context.invocation_id}")
-        return None
 
 
 def final_response(result: ChatResult, show_thoughts: bool = True) -> LlmResponse:

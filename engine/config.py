@@ -82,6 +82,9 @@ class EngineConfig:
     # Admit waiting requests by their agent program's attained service, least first (Autellix's
     # PLAS): a program is the calls of one agent run (ADK's invocation; /v1's prompt_cache_key)
     program_scheduling: bool = False
+    # Keep a program's KV blocks pinned between its calls (across its tool calls) for a
+    # time-to-live (Continuum's idea); None: on exactly when program_scheduling is
+    program_kv_retention: bool | None = None
     attention_backend: Literal["cpu", "torch", "triton"] | None = None  # default: triton on CUDA, cpu on CPU
     # None: a GGUF's own quantized blocks run natively, other checkpoints in `dtype`; "gguf":
     # the same, required; "int8": weight-only per-channel int8 of a dense checkpoint;
@@ -99,6 +102,8 @@ class EngineConfig:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         # the name of what runs: "auto" resolved, aliases ("bf16", "fp32", ...) spelled out
         self.dtype = current_platform(self.device).resolve_dtype(self.dtype)
+        if self.program_kv_retention is None:
+            self.program_kv_retention = self.program_scheduling
         check_backend(self.attention_backend, self.device, DTYPES[self.dtype], self.kv_cache_dtype, self.block_size)
         _check(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size", self.block_size,
                "a power of two from 1 to 128")

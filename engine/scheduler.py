@@ -17,7 +17,7 @@ levels that double (Autellix's PLAS over multilevel queues). A short run's next 
 ahead of a long run's, so the short one finishes soon instead of queueing behind every
 call of the long one; waiting lowers the level too (one per `PRIORITY_AGING_S`), so a long
 program is delayed, never starved. Preemption takes the most-served program's call first.
-And a program's finished call leaves its KV blocks pinned for the program's next call (the
+With `program_kv_retention` (on with program_scheduling unless set), a program's finished call leaves its KV blocks pinned for the program's next call (the
 one after its tool calls) for a time-to-live: twice the gap observed between a program's
 calls (its tools' time), averaged over programs, within 2-60 s; pins yield to any
 allocation that would fail without them (block_manager).
@@ -91,7 +91,7 @@ class Scheduler:
             self.waiting.remove(req)
         if req.status == RequestStatus.SWAPPED and self.swapper is not None:
             self.swapper.discard(req)
-        if self.config.program_scheduling and req.program is not None and reason in ("stop", "length"):
+        if self.config.program_kv_retention and req.program is not None and reason in ("stop", "length"):
             now = time.time()
             ttl = min(max(2 * self.call_gap_s, PIN_TTL_S[0]), PIN_TTL_S[1])
             self.kv.pin(req.program, req, now + ttl, now)

@@ -83,3 +83,42 @@ def test_each_adk_request_span_arrives_with_latency_attributes_under_its_generat
             assert key in keys, key
         assert any(e.annotation.description.value == "first_token" for e in span.time_events.time_event)
     assert len(trace_ids) == 6  # concurrent sessions never crossed traces
+
+
+def test_an_agents_invoke_agent_span_carries_what_its_model_calls_cost_in_the_engine(cloud_trace):
+    """A tool call and the answer after it: the agent's own span sums their queue time,
+    prompt and cached tokens, and the prompt tokens computed again though the agent had
+    computed them before (here only the unfilled last block: the cache is large)."""
+    from adk_backend import ServiceTierPlugin
+    from adk_backend.tool_policy import call_tools_then_answer
+    from agents.tools.agent import add_numbers
+    agent = LlmAgent(name="calc", model="engine/smollm2-traced", tools=[add_numbers],
+                     before_model_callback=call_tools_then_answer,
+                     generate_content_config=types.GenerateContentConfig(max_output_tokens=48))
+    runner = InMemoryRunner(agent=agent, app_name="t", plugins=[ServiceTierPlugin()])
+
+    async def run():
+        s = await runner.session_service.create_session(app_name="t", user_id="u")
+        return [e async for e in runner.run_async(user_id="u", session_id=s.id, new_message=types.Content(
+            role="user", parts=[types.Part(text="What is 2 plus 3?")]))]
+    events = asyncio.run(run())
+    usage = [e.usage_metadata for e in events if e.usage_metadata is not None and not e.partial]
+    assert len(usage) == 2 and any(e.get_function_calls() for e in events)
+    spans = [s for s in cloud_trace.spans if s.display_name.value == "invoke_agent calc"]
+    assert len(spans) == 1
+    span = spans[0]
+    assert attr(span, "engine.agent.model_calls") == 2
+    assert attr(span, "engine.agent.prompt_tokens") == sum(u.prompt_token_count for u in usage)
+    assert attr(span, "engine.agent.cache_read.input_tokens") == sum(u.cached_content_token_count for u in usage) > 0
+    assert 0 <= attr(span, "engine.agent.prefill_recomputed_tokens") < 16  # block_size
+    assert attr(span, "engine.agent.time_in_queue") >= 0
+
+
+def test_agent_totals_count_as_recomputed_only_tokens_computed_before_and_not_served_from_cache():
+    from adk_backend.agent_runs import AgentEngineTotals
+    totals = AgentEngineTotals()
+    totals.add_call([1, 2, 3, 4], [5, 6], cached=0, queued=0.5)  # the first call: nothing was computed before
+    totals.add_call([1, 2, 3, 4, 5, 6, 7, 8], [9], cached=2, queued=0.25)  # 1-5 were (6 never fed back); 2 cached
+    totals.add_call([1, 2, 9], [], cached=2, queued=None)  # another history: shares 1, 2, both cached
+    assert (totals.model_calls, totals.time_in_queue, totals.prompt_tokens, totals.cached_tokens,
+            totals.prefill_recomputed) == (3, 0.75, 15, 4, 3)

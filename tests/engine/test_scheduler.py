@@ -204,13 +204,18 @@ def test_a_short_programs_next_call_is_admitted_before_a_long_programs_that_came
         assert engine.scheduler.program_service == {}
 
 
-@pytest.mark.parametrize("program_scheduling", [False, True])
-def test_a_programs_kv_outlives_other_traffic_until_its_next_call(program_scheduling):
+@pytest.mark.parametrize("options, retained", [
+    ({}, False),
+    ({"program_scheduling": True}, True),  # retention comes with program scheduling ...
+    ({"program_scheduling": True, "program_kv_retention": False}, False),  # ... unless turned off
+    ({"program_kv_retention": True}, True),  # and works without it
+])
+def test_a_programs_kv_outlives_other_traffic_until_its_next_call(options, retained):
     """The call before a tool call leaves its blocks pinned for its program: other requests
     that churn the whole cache in between do not evict them, so the next call (the same
-    prompt, the reply, the tool's result) computes only what is new. Without program
-    scheduling, least-recently-freed eviction takes them."""
-    engine = tiny_engine(num_kv_blocks=24, max_model_len=384, program_scheduling=program_scheduling)
+    prompt, the reply, the tool's result) computes only what is new. Without retention,
+    least-recently-freed eviction takes them."""
+    engine = tiny_engine(num_kv_blocks=24, max_model_len=384, **options)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     first = engine.add_request(list(range(100, 164)), params, program="agent-run")
     while engine.has_unfinished():
@@ -223,12 +228,12 @@ def test_a_programs_kv_outlives_other_traffic_until_its_next_call(program_schedu
     nxt = engine.add_request(follow_up, params, program="agent-run")
     while engine.has_unfinished():
         engine.step()
-    assert nxt.metrics.num_cached_tokens == (64 if program_scheduling else 0)
-    assert "agent-run" in engine.kv.pins if program_scheduling else not engine.kv.pins  # pinned again, for its next
+    assert nxt.metrics.num_cached_tokens == (64 if retained else 0)
+    assert "agent-run" in engine.kv.pins if retained else not engine.kv.pins  # pinned again, for its next
     stats = engine.stats()
-    assert stats["kv_pins"] == ({"made": 2, "taken": 1, "expired": 0, "yielded": 0} if program_scheduling else
+    assert stats["kv_pins"] == ({"made": 2, "taken": 1, "expired": 0, "yielded": 0} if retained else
                                 {"made": 0, "taken": 0, "expired": 0, "yielded": 0})
-    assert stats["kv_blocks_pinned"] == (len(engine.kv.pins["agent-run"][0]) if program_scheduling else 0)
+    assert stats["kv_blocks_pinned"] == (len(engine.kv.pins["agent-run"][0]) if retained else 0)
 
 
 def _engine_after_one_pinned_call() -> tuple[LLMEngine, SamplingParams]:

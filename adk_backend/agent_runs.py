@@ -1,0 +1,94 @@
+"""What an ADK run tells the engine, and what the engine tells the run's trace.
+
+`ServiceTierPlugin` sees every model call of a run before the model does. It passes the
+run's service tier and identity to the engine: the identity (`<app>/<session>/<invocation>`)
+is the call's agent program (docs/agent-scheduling.md). Back the other way, each agent's
+model calls add up what they cost in the engine (time queued for the batch, prompt tokens
+computed again that the agent had computed before, e.g. after its KV was evicted during a
+tool call), and the agent's own `invoke_agent` span carries the totals, so Cloud Trace shows
+whether an agent's latency grows with load and why.
+"""
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass
+
+from google.adk.models.llm_request import LlmRequest
+from google.adk.plugins.base_plugin import BasePlugin
+from opentelemetry import trace
+
+
+@dataclass
+class AgentEngineTotals:
+    """One agent's model calls in one invocation, as the engine served them."""
+    model_calls: int = 0
+    time_in_queue: float = 0.0       # seconds its calls waited for the batch, summed
+    prompt_tokens: int = 0
+    cached_tokens: int = 0           # prompt tokens served from the prefix cache
+    prefill_recomputed: int = 0      # prompt tokens it had computed before and computed again
+    _last: list[int] | None = None   # the previous call's prompt and reply token ids
+
+    def add_call(self, prompt_ids: list[int], output_ids: list[int], cached: int, queued: float | None) -> None:
+        if self._last is not None:  # KV that existed once: its last token was never fed back
+            seen = min(_common_prefix(self._last, prompt_ids), len(self._last) - 1)
+            self.prefill_recomputed += max(0, seen - cached)
+        self._last = list(prompt_ids) + list(output_ids)
+        self.model_calls += 1
+        self.time_in_queue += queued or 0.0
+        self.prompt_tokens += len(prompt_ids)
+        self.cached_tokens += cached
+
+    def span_attributes(self) -> dict:
+        return {"engine.agent.model_calls": self.model_calls,
+                "engine.agent.time_in_queue": self.time_in_queue,
+                "engine.agent.prompt_tokens": self.prompt_tokens,
+                "engine.agent.cache_read.input_tokens": self.cached_tokens,
+                "engine.agent.prefill_recomputed_tokens": self.prefill_recomputed}
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+# Set by ServiceTierPlugin in the task that then calls the model: the call's agent program
+# ("<app>/<session>/<invocation>") and its agent's totals.
+CURRENT_PROGRAM: contextvars.ContextVar[str | None] = contextvars.ContextVar("engine_program", default=None)
+CURRENT_AGENT_TOTALS: contextvars.ContextVar[AgentEngineTotals | None] = contextvars.ContextVar(
+    "engine_agent_totals", default=None)
+
+
+class ServiceTierPlugin(BasePlugin):
+    """Carries what a run knows to every model call of it: `RunConfig.service_tier` (ADK
+    itself copies it into the LlmRequest only for Gemini's interactions API) and the run's
+    identity, its agent program (EngineConfig.program_scheduling); puts each agent's engine
+    totals on its `invoke_agent` span. `Runner(..., plugins=[ServiceTierPlugin()])` or
+    `App(plugins=[...])`; `serve` adds it."""
+
+    def __init__(self, name: str = "engine_service_tier") -> None:
+        super().__init__(name=name)
+        self._totals: dict[tuple[str, str], AgentEngineTotals] = {}
+
+    async def before_model_callback(self, *, callback_context, llm_request: LlmRequest):
+        run_config = callback_context.run_config
+        if llm_request.service_tier is None and run_config is not None and run_config.service_tier:
+            llm_request.service_tier = run_config.service_tier
+        session = callback_context.session
+        CURRENT_PROGRAM.set(f"{session.app_name}/{session.id}/{callback_context.invocation_id}")
+        key = (callback_context.invocation_id, callback_context.agent_name)
+        CURRENT_AGENT_TOTALS.set(self._totals.setdefault(key, AgentEngineTotals()))
+        return None
+
+    async def after_agent_callback(self, *, agent, callback_context):
+        totals = self._totals.pop((callback_context.invocation_id, agent.name), None)
+        if totals is not None and totals.model_calls:
+            trace.get_current_span().set_attributes(totals.span_attributes())  # ADK's invoke_agent span
+        return None
+
+    async def after_run_callback(self, *, invocation_context) -> None:
+        # an agent that raised never reached after_agent_callback: its totals end with the run
+        for key in [k for k in self._totals if k[0] == invocation_context.invocation_id]:
+            del self._totals[key]
