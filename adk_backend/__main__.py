@@ -11,6 +11,8 @@ import sys
 import time
 
 import uvicorn
+from engine.config import DEFAULT_MODEL
+from engine.engine_args import add_engine_args, engine_options
 
 
 def _warm_up(engine) -> None:
@@ -31,11 +33,9 @@ def serve(args: argparse.Namespace) -> None:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: reachable from other machines%s", args.host,
                     "" if args.api_key or os.environ.get("ENGINE_API_KEY") else " with NO API key")
-    options = {k: v for k, v in (("kv_cache_memory", args.kv_cache_memory), ("dtype", args.dtype),
-                                 ("max_num_seqs", args.max_num_seqs), ("tool_call_parser", args.tool_call_parser),
-                                 ("quantization", args.quantization), ("kv_cache_dtype", args.kv_cache_dtype),
-                                 ("program_scheduling", args.program_scheduling))
-               if v}
+    options = engine_options(args)  # the EngineConfig fields given as flags
+    if args.tool_call_parser is not None:
+        options["tool_call_parser"] = args.tool_call_parser
     if args.reasoning_parser is not None:
         options["reasoning_parser"] = None if args.reasoning_parser == "none" else args.reasoning_parser
     if options:
@@ -99,7 +99,7 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="ADK dev UI + OpenAI-compatible API + Prometheus metrics")
     s.add_argument("--agents-dir", default="agents")
-    s.add_argument("--model", default="smollm2-135m-instruct")
+    s.add_argument("--model", default=DEFAULT_MODEL)
     s.add_argument("--host", default="127.0.0.1", help="loopback by default; 0.0.0.0 in containers")
     s.add_argument("--port", type=int, default=int(os.environ.get("PORT", 8000)))
     s.add_argument("--otel-to-cloud", action="store_true",
@@ -117,16 +117,6 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-waiting", type=int, default=512,
                    help="generation requests waiting for the batch before new ones get 503 with Retry-After")
     s.add_argument("--allow-origins", nargs="*", default=None, help="CORS origins (closed by default)")
-    s.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache budget in bytes")
-    s.add_argument("--dtype", default=None, help="activation dtype: auto (the default: bfloat16 where the CPU "
-                   "computes it natively, else float32), bfloat16 or float32")
-    s.add_argument("--max-num-seqs", type=int, default=None, help="most requests in one batch")
-    s.add_argument("--program-scheduling", action="store_true",
-                   help="admit waiting calls by their agent run's attained service, least first (docs/agent-scheduling.md)")
-    s.add_argument("--quantization", default=None, choices=["gguf", "int8", "none"],
-                   help="weights: a GGUF's own blocks (default for GGUF models), per-channel int8, or dense")
-    s.add_argument("--kv-cache-dtype", default=None, choices=["auto", "int8"],
-                   help="KV cache: the model dtype (auto, default) or int8 rows with a scale each (half the bytes)")
     s.add_argument("--session-service-uri", default=os.environ.get("SESSION_SERVICE_URI"),
                    help="ADK session store: memory://, sqlite:///path, postgresql://user:pass@host/db, "
                         "agentengine://... (default: in memory; or SESSION_SERVICE_URI)")
@@ -142,6 +132,7 @@ def parser() -> argparse.ArgumentParser:
                    help="how the model marks its thinking (default: read from its chat template)")
     s.add_argument("--max-concurrent-per-client", type=int, default=None,
                    help="requests in flight on /v1 per client address (429 beyond)")
+    add_engine_args(s)  # one flag per EngineConfig field: --max-num-seqs, --dtype, --program-scheduling, ...
     s.add_argument("--timeout-keep-alive", type=int, default=75,
                    help="seconds an idle keep-alive connection stays open (longer than clients' and "
                         "proxies' own, so that a request never meets a connection being closed)")

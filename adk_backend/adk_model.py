@@ -18,15 +18,16 @@ from google.adk.models.llm_response import LlmResponse
 from google.genai import types
 from pydantic import TypeAdapter
 
-from adk_backend.agent_runs import CURRENT_AGENT_TOTALS, CURRENT_PROGRAM, ServiceTierPlugin  # noqa: F401  (its old home)
-from adk_backend.chat import ChatResult, chat_stream, finite_logprob, priority_of, top_candidates
+from adk_backend.agent_runs import CURRENT_AGENT_TOTALS, CURRENT_PROGRAM, ServiceTierPlugin  # noqa: F401 (old home)
+from adk_backend.chat import (CHAT_MAX_TOKENS, CHAT_TEMPERATURE, ChatResult, chat_stream, finite_logprob,
+                              priority_of, top_candidates)
 from adk_backend.chat_format import ToolCall, assistant_message, tool_message
 from adk_backend.engines import PREFIX, engine_for
 from adk_backend.errors import ENGINE_ERRORS, EngineModelError
 from adk_backend.reply_grammar import ReplySpec
 from engine import SamplingParams
+from engine.config import DEFAULT_MODEL
 
-DEFAULT_MAX_TOKENS = 512
 
 try:  # ADK >= 2.x declares model capabilities explicitly
     from google.adk.models._capabilities import LlmCapabilities
@@ -37,7 +38,7 @@ except ImportError:  # pragma: no cover
 class EngineLlm(BaseLlm):
     """ADK model backed by the in-process engine; `model` is 'engine/<engine model name>'."""
 
-    model: str = PREFIX + "smollm2-135m-instruct"
+    model: str = PREFIX + DEFAULT_MODEL
     # One call per reply unless asked: small models tend to repeat a call when allowed several.
     parallel_tool_calls: bool = False
 
@@ -260,18 +261,18 @@ def thinking_options(config: types.GenerateContentConfig | None) -> tuple[dict |
 
 def sampling_params(config: types.GenerateContentConfig | None, defaults: dict | None = None) -> SamplingParams:
     """GenerateContentConfig -> SamplingParams. A field left unset takes the model's
-    generation_config default (`defaults`), else greedy decoding and DEFAULT_MAX_TOKENS."""
+    generation_config default (`defaults`), else the chat defaults (chat.py: greedy, 512 tokens)."""
     c = config or types.GenerateContentConfig()
     d = defaults or {}
     if c.logprobs is not None and not c.response_logprobs:
         raise ValueError("logprobs (the number of top candidates) needs response_logprobs=True")
     return SamplingParams(
-        temperature=d.get("temperature", 0.0) if c.temperature is None else c.temperature,
+        temperature=d.get("temperature", CHAT_TEMPERATURE) if c.temperature is None else c.temperature,
         top_p=d.get("top_p", 1.0) if c.top_p is None else c.top_p,
         top_k=int(c.top_k) if c.top_k else d.get("top_k", -1),
         min_p=d.get("min_p", 0.0),
         repetition_penalty=d.get("repetition_penalty", 1.0),
-        max_tokens=c.max_output_tokens or d.get("max_tokens", DEFAULT_MAX_TOKENS),
+        max_tokens=c.max_output_tokens or d.get("max_tokens", CHAT_MAX_TOKENS),
         stop=list(c.stop_sequences or []),
         seed=c.seed,
         presence_penalty=c.presence_penalty or 0.0,

@@ -23,6 +23,12 @@ from adk_backend.tool_formats import PROBE_CONVERSATION, PROBE_TOOL, ToolCallFor
     tool_call_format
 from engine import Logprob, SamplingParams
 
+# What a chat request (ADK, /v1, LiteLLM) that leaves them unset gets, unless the checkpoint's
+# generation_config.json sets them: greedy decoding up to 512 tokens. (`SamplingParams()`
+# itself keeps vLLM's offline defaults: temperature 1.0, 16 tokens.)
+CHAT_TEMPERATURE = 0.0
+CHAT_MAX_TOKENS = 512
+
 
 @dataclass(frozen=True)
 class ChatFormats:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from adk_backend.chat import ChatChoice, ChatResult, finite_logprob, top_candidates
+from adk_backend.chat import (CHAT_MAX_TOKENS, CHAT_TEMPERATURE, ChatChoice, ChatResult, finite_logprob,
+                              top_candidates)
 from adk_backend.chat_format import ToolCall, assistant_message, tool_message
 from adk_backend.reply_grammar import ReplySpec
 from engine import SamplingParams, StructuredOutputsParams
@@ -119,14 +120,15 @@ def response_schema(response_format) -> dict | None:
 
 def openai_sampling(optional_params: dict, defaults: dict | None = None) -> SamplingParams:
     """SamplingParams from OpenAI-style fields; a field left unset takes the model's
-    generation_config default (`defaults`, as vLLM), else ours (greedy, 512 tokens)."""
+    generation_config default (`defaults`, as vLLM), else the chat defaults (chat.py: greedy, 512 tokens)."""
     p = {**(defaults or {}), **{k: v for k, v in optional_params.items() if v is not None}}
     stop = p.get("stop")
     return SamplingParams(
-        temperature=p.get("temperature", 0.0),
+        temperature=p.get("temperature", CHAT_TEMPERATURE),
         top_p=p.get("top_p", 1.0),
         top_k=p.get("top_k") or -1,
-        max_tokens=next((p[k] for k in ("max_completion_tokens", "max_tokens") if p.get(k) is not None), 512),
+        max_tokens=next((p[k] for k in ("max_completion_tokens", "max_tokens") if p.get(k) is not None),
+                        CHAT_MAX_TOKENS),
         stop=[stop] if isinstance(stop, str) else (stop or []),
         seed=p.get("seed"),
         presence_penalty=p.get("presence_penalty") or 0.0,

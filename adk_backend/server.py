@@ -25,6 +25,7 @@ from adk_backend.metrics import EngineMetrics
 from adk_backend.openai_api import make_router
 from adk_backend.openai_http import APIError, error_response
 from adk_backend.session_turns import SessionTurns
+from engine.config import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_BODY = 4 << 20  # bytes
@@ -101,7 +102,7 @@ def _redacting(detail, root: str):
     return detail
 
 
-def create_app(agents_dir: str = "agents", model: str = "smollm2-135m-instruct", api_key: str | None = None,
+def create_app(agents_dir: str = "agents", model: str = DEFAULT_MODEL, api_key: str | None = None,
                open_adk_routes: bool = False, trace_to_cloud: bool = False, otel_to_cloud: bool = False,
                host: str = "127.0.0.1",
                port: int = 8000, allow_origins: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY,

@@ -24,6 +24,7 @@ from benchmarks.report import markdown_table, percentile, plot_bars, write
 from benchmarks.soak import _metric
 from benchmarks.systems import served_together
 from benchmarks.workloads import AGENT_SYSTEM_PROMPT, agent_sessions
+from engine.config import DEFAULT_MODEL
 
 
 async def _turn(client: httpx.AsyncClient, url: str, model: str, messages: list[dict],
@@ -82,7 +83,7 @@ def run_mode(model: str, affinity: bool, sessions: int, turns: int, max_tokens: 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--sessions", type=int, default=16)
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=32)

@@ -13,6 +13,7 @@ import time
 from benchmarks.report import keep_partial_results, markdown_table, write
 from benchmarks.workloads import AGENT_SYSTEM_PROMPT, agent_sessions
 from engine import LLM, SamplingParams
+from engine.config import DEFAULT_MODEL
 
 
 def run(model: str, sessions: int, turns: int, max_tokens: int, caching: bool, **engine_options) -> dict:
@@ -38,7 +39,7 @@ def run(model: str, sessions: int, turns: int, max_tokens: int, caching: bool, *
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--sessions", type=int, default=8)
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=32)

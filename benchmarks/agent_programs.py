@@ -20,6 +20,7 @@ import time
 from benchmarks.report import keep_partial_results, machine, markdown_table, write
 from benchmarks.workloads import AGENT_SYSTEM_PROMPT
 from engine import AsyncLLM, SamplingParams
+from engine.config import DEFAULT_MODEL
 
 
 async def _program(llm: AsyncLLM, name: str, calls: int, tool_s: float, max_tokens: int) -> tuple[float, int, int]:
@@ -59,7 +60,7 @@ async def _run(model: str, on: bool, short: int, long: int, tool_s: float, max_t
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m benchmarks programs", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--short", type=int, default=12)
     ap.add_argument("--long", type=int, default=4)
     ap.add_argument("--tool-s", type=float, default=0.5)

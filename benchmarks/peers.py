@@ -23,6 +23,7 @@ from benchmarks.workloads import load_workload
 from engine import LLM
 from engine.loader import gguf_source, resolve_model_dir
 from engine.platform import current_platform
+from engine.config import DEFAULT_MODEL
 
 RUNNERS = Path(__file__).parent / "peer_runners"
 
@@ -89,7 +90,7 @@ def report(args, data: dict, interrupted: bool = False) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m benchmarks peers", description=__doc__)
-    ap.add_argument("--model", default="smollm2-135m-instruct", help="a GGUF model (llama.cpp needs the file)")
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="a GGUF model (llama.cpp needs the file)")
     ap.add_argument("--workload", default="mixed_chat_128")
     ap.add_argument("--limit", type=int, default=64, help="requests of the workload")
     ap.add_argument("--single-tokens", type=int, default=256)

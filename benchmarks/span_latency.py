@@ -23,6 +23,7 @@ import httpx
 from benchmarks.otlp_receiver import OtlpReceiver
 from benchmarks.report import markdown_table, percentile, plot_lines, write
 from benchmarks.systems import served
+from engine.config import DEFAULT_MODEL
 
 
 async def _level(url: str, model: str, concurrency: int, rounds: int, max_tokens: int) -> list[str]:
@@ -88,7 +89,7 @@ def report(model: str, results: dict, max_tokens: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=64)

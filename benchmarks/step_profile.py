@@ -15,6 +15,7 @@ import time
 from benchmarks.report import markdown_table, write
 from engine import LLM, SamplingParams
 from engine.models.layers import Linear
+from engine.config import DEFAULT_MODEL
 
 
 class StepTimer:
@@ -88,7 +89,7 @@ def profile(llm: LLM, batch: int, tokens: int, fused: bool, prompt_tokens: int =
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(prog="python -m benchmarks step", description=__doc__)
-    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--quantization", default=None, help="EngineConfig.quantization (default: the model's own)")
     ap.add_argument("--kv-cache-dtype", default="auto", help="EngineConfig.kv_cache_dtype: auto or int8")
     ap.add_argument("--batches", default="1,16,64")

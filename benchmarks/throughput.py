@@ -23,6 +23,7 @@ from benchmarks.systems import (run_async_engine, run_engine, run_http, run_sequ
 from benchmarks.workloads import fixed_length, load_workload
 from engine import LLM, AsyncLLM, EngineConfig
 from engine.loader import resolve_model_dir
+from engine.config import DEFAULT_MODEL
 
 LABELS = {"continuous": "engine, continuous batching (LLM)",
           "online": "engine, continuous batching (AsyncLLM)",
@@ -131,7 +132,7 @@ def report(args, data: dict, interrupted: bool = False) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--workload", default="mixed_chat_128")
     ap.add_argument("--limit", type=int, default=None, help="first N requests only")
     ap.add_argument("--max-num-seqs", type=int, default=32)

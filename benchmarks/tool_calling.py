@@ -31,6 +31,7 @@ from adk_backend.reply_grammar import ReplySpec, reply_grammar
 from benchmarks.report import keep_partial_results, markdown_table, plot_bars, write
 from benchmarks.workloads import WORKLOAD_DIR, load_workload
 from engine import LLM, SamplingParams, StructuredOutputsParams
+from engine.config import DEFAULT_MODEL
 
 SYSTEM = "You are a helpful assistant. Use the tools to answer."
 MODES = ("required", "named", "auto")
@@ -129,7 +130,7 @@ def throughput(llm: LLM, items, repeats: int) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m benchmarks tools", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--limit", type=int, default=None, help="first N tool tasks only")
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--throughput-limit", type=int, default=None, help="first N requests of mixed_chat_128")

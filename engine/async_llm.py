@@ -17,7 +17,6 @@ every open stream with EngineDeadError.
 from __future__ import annotations
 
 import asyncio
-import copy
 import itertools
 import logging
 import threading
@@ -27,10 +26,10 @@ from typing import AsyncIterator, Callable
 
 from engine import tracing
 from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine, StepOutput
+from engine.llm_engine import LLMEngine
 from engine.output_stream import RequestStream
 from engine.errors import EngineDeadError, RequestFailedError  # noqa: F401 (re-exported)
-from engine.request import Request, RequestOutput, aborted_before_start
+from engine.request import Request, RequestOutput, StepOutput, aborted_before_start
 from engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -43,8 +42,7 @@ class AsyncLLM:
         self.engine = LLMEngine(config)
         self.config = config
         self.engine.platform.release_openmp_pool()  # the step thread runs the kernels: see its docstring
-        if self.engine.tokenizer is not None:  # the step thread's own copy for detokenizing
-            self.engine.outputs.tokenizer = copy.deepcopy(self.engine.tokenizer)
+        self.engine.detokenize_with_own_tokenizer()  # the step thread's, apart from the input thread's
         # Guards the inbox, aborts and the id maps only (short sections); the engine itself
         # is touched by the step thread alone.
         self._cond = threading.Condition()
@@ -73,7 +71,7 @@ class AsyncLLM:
     def sampling_defaults(self) -> dict:
         """SamplingParams fields the checkpoint's generation_config.json sets; they apply
         where a request leaves the field unset."""
-        return dict(self.engine.inputs.sampling_defaults)
+        return self.engine.sampling_defaults
 
     def default_sampling_params(self) -> SamplingParams:
         return self.engine.default_sampling_params()
@@ -169,7 +167,7 @@ class AsyncLLM:
             self._cond.notify_all()
         self._thread.join(timeout)
         self._input_pool.shutdown(wait=False, cancel_futures=True)
-        self.engine.grammars.shutdown()
+        self.engine.shutdown()
 
     # -- caller side ----------------------------------------------------------------------
     async def _make_request(self, prompt, params, engine_id: str, priority: int, program: str | None) -> Request:
@@ -185,7 +183,7 @@ class AsyncLLM:
         checked = await loop.run_in_executor(self._input_pool, check)
         grammar = None
         if checked.params.structured_outputs is not None:
-            grammar = await self.engine.grammars.compile_async(checked.params.structured_outputs)
+            grammar = await self.engine.compile_grammar_async(checked.params.structured_outputs)
         return await loop.run_in_executor(
             self._input_pool, lambda: self.engine.make_request(checked, request_id=engine_id, priority=priority,
                                                                grammar=grammar, program=program))
@@ -275,7 +273,7 @@ class AsyncLLM:
     def _abort_now(self, engine_id: str, quiet: bool = False) -> None:
         """Step thread: stops the request in the engine and ends its stream. Listeners see
         its sequences finish with reason 'abort' (metrics count aborts as vLLM does)."""
-        seqs = self.engine.requests.get(engine_id, [])
+        seqs = self.engine.sequences(engine_id)
         out = self.engine.abort(engine_id)
         if out is None or quiet:
             return

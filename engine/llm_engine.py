@@ -8,56 +8,32 @@ the OutputProcessor.
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import os
 import time
 from collections import deque
-from dataclasses import dataclass
 
 import torch
 
 from engine.attention_backends import make_backend
-from engine.block_manager import KVCacheManager
+from engine.kv_cache_manager import KVCacheManager
 from engine.config import EngineConfig, num_kv_blocks
 from engine.input_processor import InputProcessor, PromptType
 from engine.loader import load_model, max_positions
 from engine.model_runner import ModelRunner
 from engine.platform import current_platform
 from engine.output_processor import OutputProcessor
-from engine.request import Logprob, Request, RequestOutput, RequestStatus
+from engine.request import Logprob, Request, RequestOutput, RequestStatus, StepOutput, StepStats
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.static_scheduler import StaticScheduler
 from engine.structured_output import GrammarCompiler
+from engine.swap import CpuKVPool, SwapSpace, cpu_blocks_for
 from engine_kernels import kv_quant
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class StepStats:
-    """What one step did, for tests, metrics and plots."""
-    step: int
-    time: float
-    batch_size: int                 # requests in the forward pass
-    num_decodes: int
-    num_prefill_tokens: int
-    scheduled: dict[str, int]       # request id -> tokens computed
-    finished: list[str]
-    preempted: list[str]
-    num_free_blocks: int            # after the step (finished requests' blocks returned)
-    num_running: int
-    num_waiting: int
-
-
-@dataclass
-class StepOutput:
-    """What one `step()` produced."""
-    outputs: list[RequestOutput]   # one per request with new tokens or finished (finished ones are forgotten)
-    updated: list[Request]         # the sequences that got a token or finished
-    preempted: list[Request]
-    stats: StepStats | None        # None when nothing was scheduled
 
 
 class LLMEngine:
@@ -91,14 +67,18 @@ class LLMEngine:
                                self.platform, config.kv_cache_dtype, head_dim)
         self.platform.prepare_model(loaded.model, config.torch_dtype, backend)
         self.runner = ModelRunner(loaded.model, kv_buffer, config.block_size, backend, self.platform, config.seed)
-        self.weights = self._describe_weights()
-        self.platform_info = self._describe_platform()
-        swapper = None
+        if self.platform.uses_cuda_graphs(backend.name, config.enforce_eager):
+            self.runner.use_graphs(config.max_num_seqs, self.max_model_len, capture=True)
+        # fixed once the runner is built (stats() runs every step: described once)
+        self.weights = self.runner.describe_weights(config)
+        self.platform_info = self.runner.describe_platform(self.platform, config, self.model_config)
+        swap_space = None
         if config.preemption_mode == "swap":
-            from engine.swap import Swapper
-            swapper = Swapper(self.kv, self.runner.kv_caches, config.swap_space)
+            num_cpu_blocks = cpu_blocks_for(config.swap_space, self.runner.kv_caches)
+            self.runner.cpu_pool = CpuKVPool(self.runner.kv_caches, num_cpu_blocks)
+            swap_space = SwapSpace(self.kv, num_cpu_blocks)
         scheduler_cls = StaticScheduler if config.scheduling_policy == "static" else Scheduler
-        self.scheduler = scheduler_cls(config, self.kv, swapper)
+        self.scheduler = scheduler_cls(config, self.kv, swap_space)
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size,
                                         self.model_config.eos_token_ids, config.grammar_compile_timeout)
         self.inputs = InputProcessor(self.tokenizer, self.model_config, self.max_model_len, self.grammars, config.model,
@@ -124,6 +104,29 @@ class LLMEngine:
 
     def default_sampling_params(self) -> SamplingParams:
         return self.inputs.default_sampling_params()
+
+    @property
+    def sampling_defaults(self) -> dict:
+        """SamplingParams fields the checkpoint's generation_config.json sets."""
+        return dict(self.inputs.sampling_defaults)
+
+    def detokenize_with_own_tokenizer(self) -> None:
+        """Outputs are detokenized with a tokenizer of their own: for a front end that steps
+        on one thread and tokenizes on another (a fast tokenizer is not safe to share)."""
+        if self.tokenizer is not None:
+            self.outputs.tokenizer = copy.deepcopy(self.tokenizer)
+
+    async def compile_grammar_async(self, spec):
+        """A structured-output spec compiled by the grammar workers (any thread, any loop)."""
+        return await self.grammars.compile_async(spec)
+
+    def sequences(self, request_id: str) -> list[Request]:
+        """A request's sequences while it is in flight (n > 1: it and its forks)."""
+        return list(self.requests.get(request_id, ()))
+
+    def shutdown(self) -> None:
+        """Stops the grammar workers (the engine steps no more)."""
+        self.grammars.shutdown()
 
     def check_prompt(self, prompt: PromptType, params: SamplingParams | None = None):
         """Tokenizes and checks a prompt without touching engine state (any one thread)."""
@@ -172,6 +175,7 @@ class LLMEngine:
         """Schedule, run one forward pass, sample, let finished requests go."""
         sched = self.scheduler.schedule()
         self.step_count += 1
+        self.runner.move_kv(sched)  # swaps planned this step, before any forward pass writes
         if sched.is_empty:
             return StepOutput([], [], [], None)
         try:
@@ -197,8 +201,9 @@ class LLMEngine:
             if req.finish_reason is not None:
                 done.append(req)
         for req in result.sampled:
-            if req.forks:
-                self._fork(req)
+            if req.forks:  # n > 1: the siblings join, each with its copy of the last block
+                copies = self.scheduler.fork(req)
+                self.runner.copy_blocks([src for src, _ in copies], [dst for _, dst in copies])
         leaving = self.scheduler.leaving(sched, [r for r in done if not r.is_finished])
         for req in leaving:
             self.scheduler.finish(req, req.finish_reason)
@@ -237,33 +242,8 @@ class LLMEngine:
         if n_out >= req.max_output_tokens:
             req.finish_reason = "length"
 
-    def _fork(self, first: Request) -> None:
-        """Parallel sampling: the siblings of `first`, whose prompt was just computed and who
-        sampled their first tokens from its last row, share its full prompt blocks (ref
-        counts) and get their own copy of its partial last block (copy-on-write, done now
-        because each writes its next token there). Without a free block or a batch slot a
-        sibling waits and recomputes its prompt (prefix-cache hits, when enabled)."""
-        copies: list[tuple[int, int]] = []
-        for sib in first.forks:
-            if sib.finish_reason is not None:  # finished at its first token
-                continue
-            sib_copies = None
-            if len(self.scheduler.running) < self.config.max_num_seqs:
-                sib_copies = self.kv.fork(first, sib)
-            if sib_copies is None:
-                self.scheduler.add(sib)
-                continue
-            copies += sib_copies
-            sib.num_computed_tokens = first.num_computed_tokens
-            self.scheduler.add_forked(sib)
-        self.runner.copy_blocks([s for s, _ in copies], [d for _, d in copies])
-        for sib in first.forks:
-            if sib.finish_reason is not None:
-                self.scheduler.finish(sib, sib.finish_reason)
-        first.forks = []
-
     def _step_output(self, sched, updated: list[Request], finished: list[Request]) -> StepOutput:
-        decodes = sum(1 for _, n in sched.scheduled if n == 1)
+        decodes = sched.num_decodes
         stats = StepStats(step=self.step_count, time=time.time(), batch_size=len(sched.scheduled),
                           num_decodes=decodes, num_prefill_tokens=sched.num_tokens - decodes,
                           scheduled={r.request_id: n for r, n in sched.scheduled},
@@ -285,29 +265,6 @@ class LLMEngine:
         return out
 
     # -- stats ----------------------------------------------------------------------------
-    def _describe_weights(self) -> dict:
-        """How the weights are held and run: bytes per format, the linear kernels, and whether
-        decode steps take the one-call C++ layer (`fused`) or the per-op path. Fixed once the
-        runner is built (stats() runs every step: computed once)."""
-        model = self.runner.model
-        fused = all(layer.fused is not None for layer in model.layers)
-        return {"bytes_by_format": model.weight_formats(), "linear_kernels": model.linear_kernels(),
-                "decode_path": "fused" if fused else "per-op", "attention_backend": self.runner.attention.name,
-                "kv_cache_dtype": "int8" if self.config.kv_cache_dtype == "int8" else self.config.dtype}
-
-    def _describe_platform(self) -> dict:
-        """Where it runs: device, ISA level, CPU, dtype, and the kernel behind each op."""
-        cfg, mcfg, model = self.config, self.model_config, self.runner.model
-        kernels = {"linear": "+".join(model.linear_kernels())}
-        kernels |= self.runner.attention.kernel_names(cfg.torch_dtype, mcfg.head_dim,
-                                                      mcfg.num_heads // mcfg.num_kv_heads, cfg.kv_cache_dtype)
-        kernels["decode_layer"] = "fused_cpp" if all(layer.fused is not None for layer in model.layers) else "per-op"
-        ops = self.platform.ops
-        kernels["sampling_argmax"] = f"{ops.isa_level()}_cpp" if ops is not None else "torch"
-        kernels["grammar_bitmask"] = (f"{ops.isa_level()}_cpp" if ops is not None else
-                                      "xgrammar" if self.device.type == "cuda" else "torch")
-        return self.platform.describe() | {"dtype": cfg.dtype, "kernels": kernels}
-
     def stats(self) -> dict:
         sched = self.scheduler
         history = [s.batch_size for s in itertools.islice(reversed(self.step_history), 256)][::-1]

@@ -15,7 +15,8 @@ from engine.request import CompletionOutput, Request, RequestOutput
 
 
 @dataclass
-class _Sequence:
+class _OutputProgress:
+    """One sequence of a request, and how much of its output has been returned."""
     req: Request
     detok: IncrementalDetokenizer | None
     sent_text: int = 0     # chars of text already returned
@@ -26,7 +27,7 @@ class _Sequence:
 @dataclass
 class RequestState:
     delta: bool                                  # outputs carry only what is new
-    seqs: list[_Sequence] = field(default_factory=list)
+    seqs: list[_OutputProgress] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -44,7 +45,7 @@ class OutputProcessor:
         state = RequestState(delta)
         for req in [first, *first.forks]:
             detok = IncrementalDetokenizer(self.tokenizer, req) if self.tokenizer is not None else None
-            state.seqs.append(_Sequence(req, detok))
+            state.seqs.append(_OutputProgress(req, detok))
         self.states[first.group_id] = state
 
     def on_token(self, req: Request, token: int, check_stop: bool) -> str | None:
@@ -70,7 +71,7 @@ class OutputProcessor:
                              outputs=completions, finished=finished, metrics=first.metrics,
                              error=errors[0] if errors else None)
 
-    def _completion(self, seq: _Sequence, delta: bool) -> CompletionOutput:
+    def _completion(self, seq: _OutputProgress, delta: bool) -> CompletionOutput:
         req = seq.req
         done = req.is_finished
         text = seq.detok.releasable(done) if seq.detok is not None else ""

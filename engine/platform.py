@@ -139,6 +139,11 @@ class Platform:
         self.check_dtype(DTYPES[name])
         return str(DTYPES[name]).removeprefix("torch.")
 
+    def uses_cuda_graphs(self, attention_backend: str, enforce_eager: bool) -> bool:
+        """Decode steps replay CUDA graphs (engine/cuda_graphs.py) on CUDA with the Triton
+        kernels, unless told to run eagerly."""
+        return self.device_type == "cuda" and attention_backend == "triton" and not enforce_eager
+
     def describe(self) -> dict:
         """For stats() and benchmark reports: device, level, CPU."""
         out = {"device": self.device_type, "isa": self.isa, "cpu": cpu_model()}

@@ -149,3 +149,28 @@ def aborted_before_start(req: Request) -> RequestOutput:
                          outputs=[CompletionOutput(index=i, text="", token_ids=[], finish_reason="abort")
                                   for i in range(req.sampling_params.n)],
                          finished=True, metrics=req.metrics)
+
+
+@dataclass
+class StepStats:
+    """What one step did, for tests, metrics and plots."""
+    step: int
+    time: float
+    batch_size: int                 # requests in the forward pass
+    num_decodes: int
+    num_prefill_tokens: int
+    scheduled: dict[str, int]       # request id -> tokens computed
+    finished: list[str]
+    preempted: list[str]
+    num_free_blocks: int            # after the step (finished requests' blocks returned)
+    num_running: int
+    num_waiting: int
+
+
+@dataclass
+class StepOutput:
+    """What one `step()` produced."""
+    outputs: list[RequestOutput]   # one per request with new tokens or finished (finished ones are forgotten)
+    updated: list[Request]         # the sequences that got a token or finished
+    preempted: list[Request]
+    stats: StepStats | None        # None when nothing was scheduled

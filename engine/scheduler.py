@@ -17,10 +17,13 @@ levels that double (Autellix's PLAS over multilevel queues). A short run's next 
 ahead of a long run's, so the short one finishes soon instead of queueing behind every
 call of the long one; waiting lowers the level too (one per `PRIORITY_AGING_S`), so a long
 program is delayed, never starved. Preemption takes the most-served program's call first.
-With `program_kv_retention` (on with program_scheduling unless set), a program's finished call leaves its KV blocks pinned for the program's next call (the
-one after its tool calls) for a time-to-live: twice the gap observed between a program's
-calls (its tools' time), averaged over programs, within 2-60 s; pins yield to any
-allocation that would fail without them (block_manager).
+With `program_kv_retention` (on with program_scheduling unless set), a program's finished
+call leaves its KV blocks pinned for the program's next call (the one after its tool
+calls) for a time-to-live: twice the gap observed between a program's calls (its tools'
+time), averaged over programs, within 2-60 s; pins yield to any allocation that would fail
+without them (kv_cache_manager). The scheduler plans and the runner moves memory: swaps
+(engine/swap.py) and parallel sampling's block copies come out as plans the runner makes
+before the step's forward pass.
 
 The static-batching baseline is `engine.static_scheduler.StaticScheduler`.
 """
@@ -30,9 +33,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.block_manager import KVCacheManager
+from engine.kv_cache_manager import KVCacheManager
 from engine.config import EngineConfig
 from engine.request import Request, RequestStatus
+from engine.swap import SwapSpace
 
 PRIORITY_AGING_S = 5.0
 SERVICE_QUANTUM = 256      # tokens of a program's first service level; each next level doubles
@@ -42,15 +46,30 @@ PIN_TTL_S = (2.0, 60.0)    # bounds of a program's KV pin between its calls
 
 @dataclass
 class SchedulerOutput:
-    # (request, number of tokens to compute this step); decodes first, then prompt chunks.
+    # (request, number of tokens to compute this step): one-token rows (decodes, and prompts
+    # with one token left) first, then prompt chunks, the layout the runner and attention take
     scheduled: list[tuple[Request, int]] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
     # Rows that compute a pad token at this position and sample nothing (static batching).
     pads: dict[Request, int] = field(default_factory=dict)
+    # KV moves the runner makes before the forward pass (engine/swap.py): swap-outs as
+    # (device block, CPU block), then swap-ins as (CPU block, device block).
+    swap_out: list[tuple[int, int]] = field(default_factory=list)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
         return sum(n for _, n in self.scheduled)
+
+    @property
+    def num_decodes(self) -> int:
+        """The one-token rows, at the front."""
+        return sum(1 for _, n in self.scheduled if n == 1)
+
+    def order_rows(self) -> "SchedulerOutput":
+        """One-token rows first (stable: arrival order kept within each kind)."""
+        self.scheduled.sort(key=lambda rn: rn[1] > 1)
+        return self
 
     @property
     def is_empty(self) -> bool:
@@ -58,10 +77,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, kv: KVCacheManager, swapper=None) -> None:
+    def __init__(self, config: EngineConfig, kv: KVCacheManager, swap_space: SwapSpace | None = None) -> None:
         self.config = config
         self.kv = kv
-        self.swapper = swapper  # engine.swap.Swapper when preemption_mode == "swap"
+        self.swap_space = swap_space  # when preemption_mode == "swap"
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -73,10 +92,30 @@ class Scheduler:
     def add(self, req: Request) -> None:
         self.waiting.append(req)
 
-    def add_forked(self, req: Request) -> None:
-        """A sibling that holds its share of its prompt's blocks joins the batch directly."""
-        assert req.block_ids and req.num_computed_tokens == req.num_tokens - 1
-        self._start(req)
+    def fork(self, first: Request) -> list[tuple[int, int]]:
+        """Parallel sampling: the siblings of `first`, whose prompt was just computed and who
+        sampled their first tokens from its last row, share its full prompt blocks (ref
+        counts) and get their own copy of its partial last block (copy-on-write, now, since
+        each writes its next token there). Without a free block or a batch slot a sibling
+        waits and recomputes its prompt (prefix-cache hits, when enabled). Returns the block
+        copies (src, dst) for the runner to make before the next step."""
+        copies: list[tuple[int, int]] = []
+        for sib in first.forks:
+            if sib.finish_reason is not None:  # finished at its first token
+                continue
+            sib_copies = self.kv.fork(first, sib) if len(self.running) < self.config.max_num_seqs else None
+            if sib_copies is None:
+                self.add(sib)
+                continue
+            copies += sib_copies
+            sib.num_computed_tokens = first.num_computed_tokens
+            assert sib.block_ids and sib.num_computed_tokens == sib.num_tokens - 1
+            self._start(sib)
+        for sib in first.forks:
+            if sib.finish_reason is not None:
+                self.finish(sib, sib.finish_reason)
+        first.forks = []
+        return copies
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -89,8 +128,8 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        if req.status == RequestStatus.SWAPPED and self.swapper is not None:
-            self.swapper.discard(req)
+        if req.status == RequestStatus.SWAPPED and self.swap_space is not None:
+            self.swap_space.discard(req)
         if self.config.program_kv_retention and req.program is not None and reason in ("stop", "length"):
             now = time.time()
             ttl = min(max(2 * self.call_gap_s, PIN_TTL_S[0]), PIN_TTL_S[1])
@@ -137,7 +176,7 @@ class Scheduler:
             self._admit(out, budget)
         if self.config.program_scheduling:
             self._account(out)
-        return out
+        return out.order_rows()
 
     # -- agent programs ------------------------------------------------------------------
     def _service_level(self, req: Request) -> int:
@@ -161,8 +200,10 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self._next_waiting()
             if req.status == RequestStatus.SWAPPED:
-                if not self.swapper.swap_in(req):
+                moves = self.swap_space.swap_in(req)
+                if moves is None:
                     break
+                out.swap_in += moves
                 num_new = self._chunk(req, budget)
                 if num_new == 0 or not self.kv.allocate(req, num_new):
                     # It holds its blocks again; it runs (decodes) from the next step on.
@@ -217,7 +258,9 @@ class Scheduler:
                 del out.scheduled[i]
                 returned = n
                 break
-        if self.swapper is not None and self.swapper.swap_out(req):
+        moves = self.swap_space.swap_out(req) if self.swap_space is not None else None
+        if moves is not None:
+            out.swap_out += moves
             req.status = RequestStatus.SWAPPED
         else:  # recompute: drop its blocks (full ones stay in the prefix cache) and start over
             self.kv.free(req)

@@ -34,7 +34,7 @@ class StaticScheduler(Scheduler):
                 continue
             out.scheduled.append((req, num_new))
             budget -= num_new
-        return out
+        return out.order_rows()
 
     def _admit_batch(self) -> None:
         batch = list(self.waiting)[:self.config.max_num_seqs]

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from engine import LLMEngine, SamplingParams
-from engine.attention_backends import Seq
+from engine.attention_backends import AttentionRows
 
 
 def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_token_id) -> list[int]:
@@ -66,7 +66,7 @@ def decode_one_by_one(engine: LLMEngine, ids: list[int]) -> tuple[torch.Tensor, 
     logits = []
     try:
         for pos, tok in enumerate(ids):
-            seq = Seq(block_ids, context_len=pos + 1, num_tokens=1, start=0)
+            seq = AttentionRows(block_ids, context_len=pos + 1, num_tokens=1, start=0)
             t = lambda x: torch.tensor([x])  # noqa: E731
             meta = runner.attention.build_metadata(t(pos), [seq], [])
             hidden = model(t(tok), t(pos), meta, runner.kv_caches, runner.attention)
@@ -86,3 +86,21 @@ def chat_template(family: str) -> str:
     Gemma 3 270M GGUF, the pretrained model, carries none; SmolLM2's comes from its GGUF)."""
     return (CHAT_TEMPLATES / {"qwen3": "qwen3.jinja", "llama3": "llama3.1.jinja", "gemma3": "gemma3.jinja"}[family]
             ).read_text()
+
+
+# A real-model accuracy text (teacher-forced over its tokens): a plain English story
+TEXT = (
+    "The old lighthouse stood at the edge of the cliff, its white paint peeling after decades of "
+    "salt and wind. Every evening the keeper climbed the spiral stairs, one hundred and twelve of them, "
+    "to light the lamp that warned ships away from the rocks below. In the village, people said he had "
+    "not missed a single night in forty years. When the storm of the century arrived, the power failed "
+    "across the whole coast, but the keeper had prepared for this: he lit the old oil lamp by hand and "
+    "turned the lens himself, hour after hour, until dawn. Three fishing boats came home safely that "
+    "night. Photosynthesis is the process by which green plants use sunlight, water and carbon dioxide "
+    "to make glucose and oxygen. It takes place mainly in the leaves, inside structures called "
+    "chloroplasts, which contain the pigment chlorophyll. To bake bread, mix flour, water, salt and "
+    "yeast, knead the dough for ten minutes, let it rise for an hour, shape it, and bake it in a hot "
+    "oven until the crust is golden brown. The three largest planets in our solar system are Jupiter, "
+    "Saturn and Uranus; Jupiter alone is more than twice as massive as all the others combined. def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n"
+    "        a, b = b, a + b\n    return a\n"
+)

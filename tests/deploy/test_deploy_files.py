@@ -94,3 +94,24 @@ def test_cloud_run_replicas_share_sessions_with_affinity_and_a_concurrency_match
         cli.serve = original
         del os.environ["SESSION_SERVICE_URI"]
     assert parsed["session_service_uri"] == "postgresql://u:p@/db?host=/cloudsql/p:r:i"
+
+
+def test_the_cuda_image_neither_builds_nor_loads_the_cpu_kernels(monkeypatch):
+    """The C++ CPU kernels build on first use by a CPU platform only: no install step of the
+    image asks for them, and a CUDA engine's choices (backend, linears) never touch them."""
+    import torch
+
+    import engine_kernels.cpu as cpu_kernels
+    from engine.attention_backends import make_backend
+    from engine.platform import Platform
+    text = (ROOT / "Dockerfile").read_text()
+    assert "engine_kernels.cpu" not in text and "ENGINE_CPU_ISA" not in text and "current_platform" not in text
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the CPU kernels were asked for on CUDA")
+    monkeypatch.setattr(cpu_kernels, "load", no_build)
+    monkeypatch.setattr(cpu_kernels, "module", no_build)
+    cuda = Platform("cuda", None)
+    assert cuda.ops is None
+    backend = make_backend(None, 16, torch.device("cuda"), torch.bfloat16, cuda)
+    assert backend.name == "triton" and cuda.uses_cuda_graphs(backend.name, enforce_eager=False)

@@ -98,14 +98,14 @@ def test_block_dequantize_kernel_equals_the_reference_bit_for_bit(kernels, dtype
 
 
 def test_cpu_backend_attends_prompt_chunks_over_an_int8_cache_as_the_torch_path_does(kernels):
-    from engine.attention_backends import CpuBackend, Seq, TorchBackend
+    from engine.attention_backends import CpuBackend, AttentionRows, TorchBackend
     bs, H, Hkv, D = 16, 6, 2, 64
     kc, vc = _cache(40, bs, Hkv, D), _cache(40, bs, Hkv, D)
     kv_quant.write(kc, torch.randn(40 * bs, Hkv, D), torch.arange(40 * bs), "k")
     kv_quant.write(vc, torch.randn(40 * bs, Hkv, D), torch.arange(40 * bs), "v")
     # two decodes, a chunk after 70 cached tokens (a prefix hit), a chunk with no context
-    seqs = [Seq([3, 9, 1], 40, 1, 0), Seq([5], 7, 1, 1), Seq([10, 11, 12, 13, 14, 15], 90, 20, 2),
-            Seq([20, 21], 25, 25, 22)]
+    seqs = [AttentionRows([3, 9, 1], 40, 1, 0), AttentionRows([5], 7, 1, 1), AttentionRows([10, 11, 12, 13, 14, 15], 90, 20, 2),
+            AttentionRows([20, 21], 25, 25, 22)]
     meta = TorchBackend(bs, torch.device("cpu")).build_metadata(torch.zeros(47, dtype=torch.long), seqs[:2], seqs[2:])
     q = torch.randn(47, H, D, dtype=torch.bfloat16)
     ours = CpuBackend(bs, torch.device("cpu"), kernels).attend(q, kc, vc, meta, D ** -0.5)
@@ -155,7 +155,7 @@ def test_preempted_requests_on_an_int8_cache_resume_to_the_same_tokens(mode):
     assert [o.outputs[0].token_ids for o in outs] == expected
     assert tight.stats()["num_preemptions"] > 0
     if mode == "swap":
-        assert tight.engine.scheduler.swapper.num_swap_ins > 0
+        assert tight.engine.scheduler.swap_space.num_swap_ins > 0
     assert_all_blocks_free(tight.engine)
 
 

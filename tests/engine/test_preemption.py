@@ -47,9 +47,9 @@ def test_200_concurrent_requests_with_kv_for_a_tenth_of_them(mode, unconstrained
     assert stats["num_preemptions"] > 0
     assert sum(n for _, n in results) == stats["num_preemptions"]
     if mode == "swap":
-        swapper = engine.engine.scheduler.swapper
-        assert swapper.num_swap_outs > 0 and swapper.num_swap_ins == swapper.num_swap_outs
-        assert swapper.num_swapped == 0 and len(swapper.free_cpu_blocks) == swapper.num_cpu_blocks
+        swap = engine.engine.scheduler.swap_space
+        assert swap.num_swap_outs > 0 and swap.num_swap_ins == swap.num_swap_outs
+        assert swap.num_swapped == 0 and len(swap.free_cpu_blocks) == swap.num_cpu_blocks
     assert_all_blocks_free(engine.engine)
 
 
@@ -57,7 +57,7 @@ def test_swap_falls_back_to_recompute_when_the_cpu_pool_is_full(unconstrained):
     engine = LLM(**BASE, num_kv_blocks=64, preemption_mode="swap", swap_space=1)  # no CPU block fits
     outs = engine.generate(prompts(60), [params(i) for i in range(60)])
     assert [o.outputs[0].token_ids for o in outs] == unconstrained[:60]
-    assert engine.engine.scheduler.swapper.num_swap_outs == 0
+    assert engine.engine.scheduler.swap_space.num_swap_outs == 0
     assert engine.stats()["num_preemptions"] > 0
     assert_all_blocks_free(engine.engine)
 

@@ -10,8 +10,7 @@ import torch.nn.functional as F
 
 from engine import LLM, SamplingParams
 from engine.loader import gguf_source, resolve_model_dir
-from helpers import chat_template, decode_one_by_one, hf_greedy
-from test_served_config_accuracy import TEXT
+from helpers import TEXT, chat_template, decode_one_by_one, hf_greedy
 
 MODEL = "gemma3-270m"
 try:

@@ -25,26 +25,11 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from conftest import isa_param
-from helpers import decode_one_by_one
+from helpers import TEXT, decode_one_by_one
 from engine import EngineConfig, LLMEngine
 from engine.platform import Platform, supported_isas
 from engine_kernels.cpu import ISA_LEVELS
 
-TEXT = (
-    "The old lighthouse stood at the edge of the cliff, its white paint peeling after decades of "
-    "salt and wind. Every evening the keeper climbed the spiral stairs, one hundred and twelve of them, "
-    "to light the lamp that warned ships away from the rocks below. In the village, people said he had "
-    "not missed a single night in forty years. When the storm of the century arrived, the power failed "
-    "across the whole coast, but the keeper had prepared for this: he lit the old oil lamp by hand and "
-    "turned the lens himself, hour after hour, until dawn. Three fishing boats came home safely that "
-    "night. Photosynthesis is the process by which green plants use sunlight, water and carbon dioxide "
-    "to make glucose and oxygen. It takes place mainly in the leaves, inside structures called "
-    "chloroplasts, which contain the pigment chlorophyll. To bake bread, mix flour, water, salt and "
-    "yeast, knead the dough for ten minutes, let it rise for an hour, shape it, and bake it in a hot "
-    "oven until the crust is golden brown. The three largest planets in our solar system are Jupiter, "
-    "Saturn and Uranus; Jupiter alone is more than twice as massive as all the others combined. def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n"
-    "        a, b = b, a + b\n    return a\n"
-)
 
 
 # path: (engine options, min top-1 agreement, max mean KL in nats, max per-layer relative error)

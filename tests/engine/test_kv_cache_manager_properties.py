@@ -2,16 +2,15 @@
 the block accounting of the scheduler and block manager."""
 from collections import Counter
 
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.block_manager import KVCacheManager
+from engine.kv_cache_manager import KVCacheManager
 from engine.config import EngineConfig
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
-from engine.swap import Swapper
+from engine.swap import SwapSpace
 
 BLOCK = 4
 
@@ -24,8 +23,13 @@ op = st.one_of(
 
 
 def simulate_step(sched: Scheduler, kv: KVCacheManager, live: list[Request]) -> None:
-    """One engine step with the model replaced by a constant next token."""
-    for req, num in sched.schedule().scheduled:
+    """One engine step with the model replaced by a constant next token. The step's swap
+    plan moves each block once and swaps in only into blocks the request now holds."""
+    out = sched.schedule()
+    assert len({c for _, c in out.swap_out}) == len(out.swap_out) and len({c for c, _ in out.swap_in}) == len(out.swap_in)
+    holders = {b: r for r in live for b in r.block_ids}
+    assert all(d in holders and holders[d].status == RequestStatus.RUNNING for _, d in out.swap_in)
+    for req, num in out.scheduled:
         req.num_computed_tokens += num
         kv.cache_full_blocks(req)
         if req.num_computed_tokens == req.num_tokens:
@@ -49,10 +53,10 @@ def check_invariants(sched: Scheduler, kv: KVCacheManager, live: list[Request]) 
     assert kv.num_free_blocks + used == kv.num_blocks
     for h, bid in kv.pool.cached.items():
         assert kv.pool.blocks[bid].hash == h
-    if sched.swapper is not None:
-        cpu = [c for ids in sched.swapper.swapped.values() for c in ids]
+    if sched.swap_space is not None:
+        cpu = [c for ids in sched.swap_space.swapped.values() for c in ids]
         assert len(cpu) == len(set(cpu))
-        assert len(cpu) + len(sched.swapper.free_cpu_blocks) == sched.swapper.num_cpu_blocks
+        assert len(cpu) + len(sched.swap_space.free_cpu_blocks) == sched.swap_space.num_cpu_blocks
     for r in live:
         assert r.num_computed_tokens <= len(r.block_ids) * BLOCK or r.status == RequestStatus.SWAPPED
 
@@ -64,11 +68,7 @@ def test_block_accounting_survives_any_sequence_of_events(ops, mode, caching, bu
     config = EngineConfig(model="dummy-tiny", block_size=BLOCK, num_kv_blocks=num_blocks, max_num_seqs=6,
                           max_num_batched_tokens=budget, enable_prefix_caching=caching, preemption_mode=mode)
     kv = KVCacheManager(num_blocks, BLOCK, caching)
-    swapper = None
-    if mode == "swap":
-        caches = [(torch.zeros(num_blocks, BLOCK, 1, 2), torch.zeros(num_blocks, BLOCK, 1, 2))]
-        swapper = Swapper(kv, caches, swap_space=12 * BLOCK * 2 * 4 * 2)  # 12 CPU blocks
-    sched = Scheduler(config, kv, swapper)
+    sched = Scheduler(config, kv, SwapSpace(kv, num_cpu_blocks=12) if mode == "swap" else None)
     live: list[Request] = []
     max_len = num_blocks * BLOCK
     for n, (kind, a, b, c) in enumerate(ops):

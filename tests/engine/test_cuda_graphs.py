@@ -1,0 +1,86 @@
+"""CUDA-graph decode (engine/cuda_graphs.py): buckets, padding and persistent buffers on
+CPU, where the padded step runs eagerly through the Triton kernels in the interpreter;
+capture and replay against eager on a GPU only."""
+import pytest
+import torch
+
+from engine import EngineConfig, LLMEngine, SamplingParams
+from engine.cuda_graphs import MAX_CAPTURE_SIZE, PAD_SLOT, DecodeInputs, bucket_for, capture_sizes
+from engine.platform import Platform
+
+
+def test_buckets_are_1_2_4_then_every_8_and_the_batch_limit_itself():
+    assert capture_sizes(1) == [1]
+    assert capture_sizes(12) == [1, 2, 4, 8, 12]
+    assert capture_sizes(256) == [1, 2, 4] + list(range(8, 257, 8))
+    assert capture_sizes(1000)[-1] == MAX_CAPTURE_SIZE
+    sizes = capture_sizes(64)
+    assert [bucket_for(n, sizes) for n in (1, 3, 5, 9, 63, 64, 65)] == [1, 4, 8, 16, 64, 64, None]
+
+
+def test_decode_inputs_hold_the_rows_then_padding_that_writes_no_kv():
+    inputs = DecodeInputs(max_rows=8, max_blocks_per_seq=4, device=torch.device("cpu"))
+    inputs.fill([11, 12, 13], [5, 17, 40], [37, 81, 200], [[2], [5, 6], [9, 10, 12]], [6, 18, 41], bucket=4)
+    assert inputs.input_ids[:4].tolist() == [11, 12, 13, 0] and inputs.positions[:4].tolist() == [5, 17, 40, 0]
+    assert inputs.slot_mapping[:4].tolist() == [37, 81, 200, PAD_SLOT]
+    assert inputs.seq_lens[:4].tolist() == [6, 18, 41, 1]
+    assert inputs.block_tables[:3, :3].tolist() == [[2, 0, 0], [5, 6, 0], [9, 10, 12]]
+    meta = inputs.metadata(4, max_seq_len=64)
+    assert meta.num_decodes == 4 and meta.max_query_len == 1 and not meta.prefills
+    assert meta.query_start_loc.tolist() == [0, 1, 2, 3, 4] and meta.block_tables.shape == (4, 4)
+    # the next, smaller step: its rows overwrite, the rows past it become padding again
+    inputs.fill([21], [6], [38], [[2]], [7], bucket=2)
+    assert inputs.input_ids[:2].tolist() == [21, 0] and inputs.slot_mapping[:2].tolist() == [38, PAD_SLOT]
+    assert inputs.seq_lens[:2].tolist() == [7, 1]
+    assert meta.seq_lens.data_ptr() == inputs.seq_lens.data_ptr()  # views: what a captured graph reads
+
+
+def test_cuda_graphs_are_chosen_on_cuda_with_triton_unless_enforce_eager():
+    assert Platform("cuda", None).uses_cuda_graphs("triton", enforce_eager=False)
+    assert not Platform("cuda", None).uses_cuda_graphs("triton", enforce_eager=True)
+    assert not Platform("cuda", None).uses_cuda_graphs("torch", enforce_eager=False)
+    cpu = Platform("cpu", "generic")
+    assert not cpu.uses_cuda_graphs("triton", enforce_eager=False)
+
+
+def _greedy(engine: LLMEngine, prompts: list[list[int]], max_tokens: int = 6) -> list[list[int]]:
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    reqs = [engine.add_request(p, params) for p in prompts]
+    while engine.has_unfinished():
+        engine.step()
+    return [r.output_token_ids for r in reqs]
+
+
+def _triton_engine(**kw) -> LLMEngine:
+    # max_model_len 2048: graphs attend as if every row were that long, which splits the
+    # KV range in two (flash-decoding) where the eager step of short rows does not
+    return LLMEngine(EngineConfig(model="dummy-tiny", dtype="float32", attention_backend="triton", num_kv_blocks=128,
+                                  max_model_len=2048, max_num_batched_tokens=64, **kw))
+
+
+@pytest.mark.parametrize("graph_batch", [8, 2])  # 3 decodes: padded to a bucket of 4; above the largest (2): eager
+def test_padded_decode_steps_give_the_unpadded_steps_tokens(graph_batch):
+    prompts = [list(range(10, 15)), list(range(40, 61)), list(range(100, 133))]  # within a block, across, 2 blocks
+    expected = _greedy(_triton_engine(), prompts)
+    engine = _triton_engine()
+    engine.runner.use_graphs(graph_batch, engine.max_model_len, capture=False)
+    assert _greedy(engine, prompts) == expected
+    inputs = engine.runner.graphs.inputs
+    if graph_batch == 8:  # the last step went through the buffers: three rows and a padding row
+        assert inputs.positions[:4].tolist() == [len(p) + 4 for p in prompts] + [0]
+        assert inputs.slot_mapping[3].item() == PAD_SLOT
+    else:
+        assert inputs.positions.tolist() == [0, 0]  # never filled
+    assert engine.kv.num_free_blocks == 128
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need an NVIDIA GPU")
+def test_replayed_graphs_give_eager_tokens_on_a_gpu():
+    import os
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("graphs capture compiled kernels, not the interpreter")
+    prompts = [list(range(10 + 7 * i, 30 + 11 * i)) for i in range(5)]
+    eager = LLMEngine(EngineConfig(model="dummy-tiny", dtype="bfloat16", enforce_eager=True, max_num_seqs=16))
+    graphs = LLMEngine(EngineConfig(model="dummy-tiny", dtype="bfloat16", max_num_seqs=16))
+    assert graphs.stats()["weights"]["cuda_graph_sizes"] == [1, 2, 4, 8, 16]
+    assert _greedy(graphs, prompts, 16) == _greedy(eager, prompts, 16)
