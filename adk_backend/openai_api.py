@@ -16,8 +16,9 @@ from adk_backend.chat import ChatResult
 from adk_backend.engines import engine_for
 from adk_backend.openai_format import (chat_logprobs, completion_logprobs, finish_reason, openai_tool_calls,
                                        response_schema, token_usage, usage)
-from adk_backend.openai_http import (CHAT_FIELDS, COMPLETION_FIELDS, APIError, V1Context, first_item, guarded,
-                                     prepend, program, request_priority, sse_stream, while_connected)
+from adk_backend.openai_http import (CHAT_FIELDS, COMPLETION_FIELDS, APIError, first_item, guarded, prepend,
+                                     sse_stream, while_connected)
+from adk_backend.v1_context import V1Context, program, request_priority
 from adk_backend.openai_responses import add_responses_route
 from engine import StructuredOutputsParams
 from engine.chat_template import untrusted
