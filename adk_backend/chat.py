@@ -10,6 +10,7 @@ names them.
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import weakref
 from dataclasses import dataclass
@@ -66,6 +67,32 @@ async def chat_formats(engine) -> ChatFormats:
     found = ChatFormats(tools, native, tool_role is not None and "r7f3a" in tool_role, reasoning)
     _formats[engine] = found
     return found
+
+
+async def render_chat(engine, messages: list[dict], tools: list[dict] | None,
+                      template_kwargs: dict | None = None) -> tuple[str, ChatFormats]:
+    """The prompt of a conversation with tools: through the model's template where it renders
+    tools, calls and results, else with the tools declared in the family's format. Every
+    front end renders chats here (offline engines through render_chat_offline)."""
+    formats = await chat_formats(engine)
+    messages, tools = messages_with_tools(messages, tools, formats.native_tools, formats.tool_role, formats.tools)
+    return await engine.apply_chat_template(messages, tools, template_kwargs), formats
+
+
+class _OfflineEngine:
+    """An offline LLMEngine as render_chat sees an AsyncLLM."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.tokenizer = engine, engine.tokenizer
+
+    async def apply_chat_template(self, messages, tools=None, template_kwargs=None) -> str:
+        return self.engine.apply_chat_template(messages, tools, template_kwargs)
+
+
+def render_chat_offline(engine, messages: list[dict], tools: list[dict] | None) -> str:
+    """render_chat's prompt on an offline LLMEngine (`LLM(...).engine`: benchmarks, tests);
+    not from inside a running event loop."""
+    return asyncio.run(render_chat(_OfflineEngine(engine), messages, tools))[0]
 
 
 @dataclass
@@ -154,9 +181,7 @@ async def chat_stream(engine, messages: list[dict], spec: ReplySpec, params: Sam
     then one ChatResult. `template_kwargs` reach the chat template (e.g. enable_thinking);
     `priority`: the engine's (priority_of); `program`: the agent run the call belongs to.
     Raises the engine's ValueError / EngineDeadError / RequestFailedError."""
-    formats = await chat_formats(engine)
-    messages, tools = messages_with_tools(messages, spec.tools, formats.native_tools, formats.tool_role, formats.tools)
-    prompt = await engine.apply_chat_template(messages, tools, template_kwargs)
+    prompt, formats = await render_chat(engine, messages, spec.tools, template_kwargs)
     reasoning = formats.reasoning
     if reasoning is not None and prompt.rstrip().endswith(reasoning.close):
         reasoning = None  # thinking is off: the template closed an empty block

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 
+from adk_backend.stream_tags import held_tail
 from adk_backend.tool_formats import HERMES, ParsedReply, ToolCall, ToolCallFormat  # noqa: F401 (re-exported)
 
 TOOL_CALL_OPEN = "<tool_call>"
@@ -93,31 +94,10 @@ def _json_or_text(content):
         return content
 
 
-def render_prompt(engine, messages: list[dict], tools: list[dict] | None) -> str:
-    """The prompt text on an offline LLMEngine (AsyncLLM callers go through chat_stream)."""
-    from adk_backend.tool_formats import PROBE_CONVERSATION, PROBE_TOOL, format_from_rendering
-    try:
-        probe = engine.apply_chat_template(PROBE_CONVERSATION, [PROBE_TOOL])
-    except Exception:  # noqa: BLE001 - a template that cannot render tools
-        probe = None
-    _, native = format_from_rendering(probe)
-    messages, tools = messages_with_tools(messages, tools, native)
-    return engine.apply_chat_template(messages, tools)
-
-
 def parse_reply(text: str, callable_tools: set[str], fmt: ToolCallFormat = HERMES) -> ParsedReply:
     """Splits generated text into plain text and calls to `callable_tools` (see
     ToolCallFormat.parse)."""
     return fmt.parse(text, callable_tools)
-
-
-def held_tail(text: str, tag: str) -> int:
-    """How many characters at the end of `text` could still grow into `tag` (a streamer
-    holds them back until the next delta decides)."""
-    for k in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-k:]):
-            return k
-    return 0
 
 
 class TextStreamFilter:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from adk_backend.chat_format import held_tail
+from adk_backend.stream_tags import held_tail
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 

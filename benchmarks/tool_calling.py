@@ -26,7 +26,8 @@ from pathlib import Path
 
 import jsonschema
 
-from adk_backend.chat_format import TOOL_CALL_OPEN, parse_reply, render_prompt
+from adk_backend.chat import render_chat_offline
+from adk_backend.chat_format import TOOL_CALL_OPEN, parse_reply
 from adk_backend.reply_grammar import ReplySpec, reply_grammar
 from benchmarks.report import keep_partial_results, markdown_table, plot_bars, write
 from benchmarks.workloads import WORKLOAD_DIR, load_workload
@@ -80,8 +81,8 @@ def accuracy(llm: LLM, tools: list[dict], tasks: list[dict], mode: str, constrai
     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
     prompts, params, prefixes = [], [], []
     for task in tasks:
-        base = render_prompt(llm.engine, [{"role": "system", "content": SYSTEM},
-                                          {"role": "user", "content": task["question"]}], tools)
+        base = render_chat_offline(llm.engine, [{"role": "system", "content": SYSTEM},
+                                                {"role": "user", "content": task["question"]}], tools)
         spec = ReplySpec(tools=tools, mode="auto" if mode == "auto" else "required", parallel=False,
                          allowed=[task["function"]] if mode == "named" else None)
         prefix = "" if constrained else unconstrained_prefix(mode, task["function"])

@@ -96,3 +96,8 @@ def test_bad_chat_messages_are_refused(llm):
         llm.chat([])
     with pytest.raises(ValueError, match="string 'role'"):
         llm.chat([{"content": "hi"}])
+
+
+def test_float16_on_cpu_is_refused_at_config_time():
+    with pytest.raises(ValueError, match="float16.*CPU"):
+        EngineConfig(model="dummy-tiny", dtype="float16", device="cpu")

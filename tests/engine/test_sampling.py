@@ -80,3 +80,18 @@ def test_logprobs_list_top_n_and_the_sampled_token(llm):
         assert lp[tok].decoded_token == llm.tokenizer.decode([tok])
     assert out.cumulative_logprob == pytest.approx(sum(lp[t].logprob for t, lp in zip(out.token_ids, out.logprobs)))
     assert_all_blocks_free(llm.engine)
+
+
+def test_stop_strings_count_only_once_min_tokens_is_reached():
+    llm = LLM(model="dummy-tiny", dtype="float32", num_kv_blocks=256, max_model_len=256)
+    free = llm.generate([[9, 10, 11]], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))[0].outputs[0]
+    early = free.text[2:6]  # a string that occurs within the first few tokens
+    assert early and free.text.find(early) < len(llm.tokenizer.decode(free.token_ids[:10]))
+    held = llm.generate([[9, 10, 11]], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True,
+                                                      min_tokens=25, stop=[early]))[0].outputs[0]
+    # nothing is cut out of the middle: the text is the free run's, up to where a stop counted
+    assert free.text.startswith(held.text) and len(held.token_ids) >= 25
+    if held.finish_reason == "stop":
+        assert held.text + early in free.text
+    else:
+        assert held.text == free.text

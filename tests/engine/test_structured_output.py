@@ -203,7 +203,8 @@ def test_structured_outputs_params_key_ignores_dict_order():
 def test_tools_go_through_the_chat_template_when_it_renders_them_else_hermes():
     import copy
 
-    from adk_backend.chat_format import HERMES_SYSTEM, render_prompt
+    from adk_backend.chat import render_chat_offline
+    from adk_backend.chat_format import HERMES_SYSTEM
     from adk_backend.tool_formats import PROBE_TOOL
     from engine.input_processor import InputProcessor
     tool = {"type": "function", "function": {"name": "get_capital", "parameters": {"type": "object"}}}
@@ -213,7 +214,7 @@ def test_tools_go_through_the_chat_template_when_it_renders_them_else_hermes():
     def shows_tools() -> bool:  # the chat template shows the tools it is given
         return "probe_tool_7f3a" in engine.apply_chat_template([{"role": "user", "content": "hi"}], [PROBE_TOOL])
     assert not shows_tools()  # SmolLM2's template ignores tools
-    hermes = render_prompt(engine, msgs, [tool])
+    hermes = render_chat_offline(engine, msgs, [tool])
     assert HERMES_SYSTEM.split(".")[0] in hermes and '"name": "get_capital"' in hermes
     tools_aware = copy.deepcopy(engine.tokenizer)
     original = engine.inputs
@@ -224,7 +225,7 @@ def test_tools_go_through_the_chat_template_when_it_renders_them_else_hermes():
                                        original.model_name)
         try:
             assert shows_tools()
-            return render_prompt(engine, msgs, [tool])
+            return render_chat_offline(engine, msgs, [tool])
         finally:
             engine.inputs = original
     declares = "{% if tools %}<tools>{% for t in tools %}{{ t.function.name }};{% endfor %}</tools>\n{% endif %}"
