@@ -35,6 +35,15 @@ def run_staggered(engine: LLMEngine, prompts: list, params: SamplingParams, arri
     return done
 
 
+def greedy_tokens(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """Every prompt's greedy output ids (exactly max_tokens each), all in one batch."""
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    reqs = [engine.add_request(p, params) for p in prompts]
+    while engine.has_unfinished():
+        engine.step()
+    return [r.output_token_ids for r in reqs]
+
+
 def assert_all_blocks_free(engine: LLMEngine) -> None:
     kv = engine.kv
     assert kv.num_free_blocks == kv.num_blocks, f"{kv.num_blocks - kv.num_free_blocks} blocks leaked"

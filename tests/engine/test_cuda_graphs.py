@@ -4,9 +4,10 @@ capture and replay against eager on a GPU only."""
 import pytest
 import torch
 
-from engine import EngineConfig, LLMEngine, SamplingParams
+from engine import EngineConfig, LLMEngine
 from engine.cuda_graphs import MAX_CAPTURE_SIZE, PAD_SLOT, DecodeInputs, bucket_for, capture_sizes
 from engine.platform import Platform
+from helpers import greedy_tokens
 
 
 def test_buckets_are_1_2_4_then_every_8_and_the_batch_limit_itself():
@@ -43,14 +44,6 @@ def test_cuda_graphs_are_chosen_on_cuda_with_triton_unless_enforce_eager():
     assert not cpu.uses_cuda_graphs("triton", enforce_eager=False)
 
 
-def _greedy(engine: LLMEngine, prompts: list[list[int]], max_tokens: int = 6) -> list[list[int]]:
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    reqs = [engine.add_request(p, params) for p in prompts]
-    while engine.has_unfinished():
-        engine.step()
-    return [r.output_token_ids for r in reqs]
-
-
 def _triton_engine(**kw) -> LLMEngine:
     # max_model_len 2048: graphs attend as if every row were that long, which splits the
     # KV range in two (flash-decoding) where the eager step of short rows does not
@@ -61,10 +54,10 @@ def _triton_engine(**kw) -> LLMEngine:
 @pytest.mark.parametrize("graph_batch", [8, 2])  # 3 decodes: padded to a bucket of 4; above the largest (2): eager
 def test_padded_decode_steps_give_the_unpadded_steps_tokens(graph_batch):
     prompts = [list(range(10, 15)), list(range(40, 61)), list(range(100, 133))]  # within a block, across, 2 blocks
-    expected = _greedy(_triton_engine(), prompts)
+    expected = greedy_tokens(_triton_engine(), prompts, 6)
     engine = _triton_engine()
     engine.runner.use_graphs(graph_batch, engine.max_model_len, capture=False)
-    assert _greedy(engine, prompts) == expected
+    assert greedy_tokens(engine, prompts, 6) == expected
     inputs = engine.runner.graphs.inputs
     if graph_batch == 8:  # the last step went through the buffers: three rows and a padding row
         assert inputs.positions[:4].tolist() == [len(p) + 4 for p in prompts] + [0]
@@ -83,4 +76,4 @@ def test_replayed_graphs_give_eager_tokens_on_a_gpu():
     eager = LLMEngine(EngineConfig(model="dummy-tiny", dtype="bfloat16", enforce_eager=True, max_num_seqs=16))
     graphs = LLMEngine(EngineConfig(model="dummy-tiny", dtype="bfloat16", max_num_seqs=16))
     assert graphs.stats()["weights"]["cuda_graph_sizes"] == [1, 2, 4, 8, 16]
-    assert _greedy(graphs, prompts, 16) == _greedy(eager, prompts, 16)
+    assert greedy_tokens(graphs, prompts, 16) == greedy_tokens(eager, prompts, 16)

@@ -89,16 +89,13 @@ def test_paged_decode_attention_matches_reference(kernels, dtype, gqa, D, bs, wi
 
 
 def test_engine_on_cpu_kernels_equals_engine_on_torch_reference(cpu_isa):
-    from engine import EngineConfig, LLMEngine, SamplingParams
+    from engine import EngineConfig, LLMEngine
+    from helpers import greedy_tokens
 
     def run(backend):
         eng = LLMEngine(EngineConfig(model="dummy-tiny", dtype="float32", num_kv_blocks=64, max_model_len=256,
                                      max_num_batched_tokens=16, attention_backend=backend))
-        reqs = [eng.add_request(list(range(5 + i, 30 + 3 * i)), SamplingParams(temperature=0, max_tokens=12,
-                                                                             ignore_eos=True)) for i in range(4)]
-        while eng.has_unfinished():
-            eng.step()
-        return [r.output_token_ids for r in reqs], eng.stats()["platform"]
+        return greedy_tokens(eng, [list(range(5 + i, 30 + 3 * i)) for i in range(4)], 12), eng.stats()["platform"]
 
     fused, platform = run(None)
     assert platform["isa"] == cpu_isa and platform["kernels"]["decode_layer"] == "fused_cpp"  # the default on CPU

@@ -105,15 +105,12 @@ def test_copy_blocks_in_one_launch_over_all_layers():
 
 
 def test_engine_on_triton_backend_gives_the_torch_backends_greedy_tokens():
-    from engine import EngineConfig, LLMEngine, SamplingParams
+    from engine import EngineConfig, LLMEngine
+    from helpers import greedy_tokens
 
     def run(backend):
         eng = LLMEngine(EngineConfig(model="dummy-tiny", dtype="float32", num_kv_blocks=32, max_model_len=128,
                                      max_num_batched_tokens=12, attention_backend=backend))
-        reqs = [eng.add_request(list(range(5 + i, 12 + 5 * i)), SamplingParams(temperature=0, max_tokens=6,
-                                                                             ignore_eos=True)) for i in range(3)]
-        while eng.has_unfinished():
-            eng.step()
-        return [r.output_token_ids for r in reqs]
+        return greedy_tokens(eng, [list(range(5 + i, 12 + 5 * i)) for i in range(3)], 6)
 
     assert run("triton") == run("torch")
