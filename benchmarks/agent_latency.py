@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.report import keep_partial_results, markdown_table, percentile, plot_lines, write
+from benchmarks.systems import free_port
 from benchmarks.workloads import load_workload, poisson_arrivals
 from engine.config import DEFAULT_MODEL
 
@@ -187,7 +188,7 @@ class VllmServer:
 
     def __init__(self, args) -> None:
         from engine.loader import resolve_model_dir
-        self.port, self.name = args.vllm_port, "bench-model"
+        self.port, self.name = free_port(), "bench-model"
         folder = resolve_model_dir(args.model)
         kv_bytes = args.num_kv_blocks * 16 * _kv_bytes_per_token(folder)
         cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
@@ -295,7 +296,6 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--policies", default=",".join(POLICIES), help="which of ours, comma-separated")
     ap.add_argument("--vllm-python", default=os.environ.get("PEER_VLLM_PYTHON"))
-    ap.add_argument("--vllm-port", type=int, default=8391)
     ap.add_argument("--from-json", default=None, help="re-render the report and plot of an earlier run's JSON")
     args = ap.parse_args(argv)
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")

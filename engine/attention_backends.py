@@ -89,7 +89,7 @@ class TorchBackend:
                                            for s in prefills])
         if decodes:
             width = max(-(-s.context_len // bs) for s in decodes)
-            meta.decode_block_tables = self._tensor([_padded(s.block_ids, width) for s in decodes])
+            meta.decode_block_tables = self._tensor([padded_table(s.block_ids, width) for s in decodes])
             meta.decode_seq_lens = self._tensor([s.context_len for s in decodes])
             meta.decode_mask = (torch.arange(width * bs, device=self.device)[None, :]
                                 < meta.decode_seq_lens[:, None]).view(len(decodes), 1, 1, width * bs)
@@ -174,7 +174,7 @@ class TritonBackend(TorchBackend):
         meta = AttentionMetadata(slot_mapping=slot_mapping, num_decodes=len(decodes), decode_block_tables=None,
                                  decode_seq_lens=None, decode_mask=None, prefills=[])
         width = max(-(-s.context_len // self.block_size) for s in rows)
-        meta.block_tables = self._tensor([_padded(s.block_ids, width) for s in rows], torch.int32)
+        meta.block_tables = self._tensor([padded_table(s.block_ids, width) for s in rows], torch.int32)
         meta.seq_lens = self._tensor([s.context_len for s in rows], torch.int32)
         starts = [0]
         for s in rows:
@@ -195,7 +195,8 @@ class TritonBackend(TorchBackend):
             "decode_attention": "triton", "prefill_attention": "triton", "rope_kv_write": "torch+triton"}
 
 
-def _padded(block_ids: list[int], width: int) -> list[int]:
+def padded_table(block_ids: list[int], width: int) -> list[int]:
+    """A block table cut or zero-padded to `width` blocks."""
     row = block_ids[:width]
     return row + [0] * (width - len(row))
 

@@ -20,6 +20,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.f
 # entry point's default
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
+
 @dataclass
 class ModelConfig:
     """Shape of a decoder: the Llama family (Llama, SmolLM2, Qwen2, Qwen3, Mistral) or Gemma 3."""

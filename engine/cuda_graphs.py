@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from engine.attention import AttentionMetadata
+from engine.attention_backends import AttentionRows, padded_table
 
 MAX_CAPTURE_SIZE = 256
 PAD_SLOT = -1
@@ -55,21 +56,19 @@ class DecodeInputs:
         self.seq_lens = torch.ones(max_rows, **i32)
         self.query_start_loc = torch.arange(max_rows + 1, **i32)  # one query row per sequence
 
-    def fill(self, input_ids: list[int], positions: list[int], slots: list[int], block_tables: list[list[int]],
-             seq_lens: list[int], bucket: int) -> None:
+    def fill(self, input_ids: list[int], positions: list[int], slots: list[int], rows: list[AttentionRows],
+             block_size: int, bucket: int) -> None:
         """This step's n decode rows into rows [0, n), padding into [n, bucket). Columns of
-        a block table past its sequence's blocks are left as they are: never read."""
+        a block table past the widest sequence's blocks are left as they are: never read."""
         n = len(input_ids)
-        assert 1 <= n <= bucket <= self.max_rows and len(positions) == len(slots) == len(seq_lens) == n
-        width = max(len(t) for t in block_tables)
+        assert 1 <= n <= bucket <= self.max_rows and len(positions) == len(slots) == len(rows) == n
+        width = max(-(-r.context_len // block_size) for r in rows)  # as the Triton backend's metadata
         assert width <= self.max_blocks, "a sequence longer than max_model_len"
         self.input_ids[:n].copy_(torch.tensor(input_ids), non_blocking=True)
         self.positions[:n].copy_(torch.tensor(positions), non_blocking=True)
         self.slot_mapping[:n].copy_(torch.tensor(slots), non_blocking=True)
-        self.seq_lens[:n].copy_(torch.tensor(seq_lens, dtype=torch.int32), non_blocking=True)
-        tables = torch.zeros(n, width, dtype=torch.int32)
-        for row, table in enumerate(block_tables):
-            tables[row, :len(table)] = torch.tensor(table, dtype=torch.int32)
+        self.seq_lens[:n].copy_(torch.tensor([r.context_len for r in rows], dtype=torch.int32), non_blocking=True)
+        tables = torch.tensor([padded_table(r.block_ids, width) for r in rows], dtype=torch.int32)
         self.block_tables[:n, :width].copy_(tables, non_blocking=True)
         if bucket > n:
             self.input_ids[n:bucket] = 0
@@ -96,7 +95,7 @@ class DecodeGraphs:
                  device: torch.device) -> None:
         self.forward = forward  # (input_ids, positions, metadata) -> hidden states [rows, hidden]
         self.sizes = capture_sizes(max_num_seqs)
-        self.max_model_len = max_model_len
+        self.max_model_len, self.block_size = max_model_len, block_size
         self.inputs = DecodeInputs(self.sizes[-1], -(-max_model_len // block_size), device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
@@ -124,12 +123,12 @@ class DecodeGraphs:
         return num_rows <= self.sizes[-1]
 
     @torch.inference_mode()
-    def run(self, input_ids: list[int], positions: list[int], slots: list[int], block_tables: list[list[int]],
-            seq_lens: list[int]) -> torch.Tensor:
+    def run(self, input_ids: list[int], positions: list[int], slots: list[int],
+            rows: list[AttentionRows]) -> torch.Tensor:
         """Hidden states of the n decode rows [n, hidden]."""
         bucket = bucket_for(len(input_ids), self.sizes)
         assert bucket is not None, "a decode batch above the largest bucket runs eagerly"
-        self.inputs.fill(input_ids, positions, slots, block_tables, seq_lens, bucket)
+        self.inputs.fill(input_ids, positions, slots, rows, self.block_size, bucket)
         captured = self.graphs.get(bucket)
         if captured is None:
             return self._step(bucket)[:len(input_ids)]

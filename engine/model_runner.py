@@ -103,10 +103,7 @@ class ModelRunner:
         if self.graphs is not None and not sched.pads and sched.num_decodes == len(sched.scheduled) \
                 and self.graphs.fits(len(sched.scheduled)):
             input_ids, positions, slots, decodes, _, sample_rows, sample_reqs = self._rows(sched)
-            bs = self.block_size
-            hidden = self.graphs.run(input_ids, positions, slots,
-                                     [s.block_ids[:-(-s.context_len // bs)] for s in decodes],
-                                     [s.context_len for s in decodes])
+            hidden = self.graphs.run(input_ids, positions, slots, decodes)
         else:
             input_ids, positions, meta, sample_rows, sample_reqs = self.prepare(sched)
             hidden = self.model(input_ids, positions, meta, self.kv_caches, self.attention)

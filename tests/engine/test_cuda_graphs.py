@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from engine import EngineConfig, LLMEngine
+from engine.attention_backends import AttentionRows
 from engine.cuda_graphs import MAX_CAPTURE_SIZE, PAD_SLOT, DecodeInputs, bucket_for, capture_sizes
 from engine.platform import Platform
 from helpers import greedy_tokens
@@ -21,7 +22,9 @@ def test_buckets_are_1_2_4_then_every_8_and_the_batch_limit_itself():
 
 def test_decode_inputs_hold_the_rows_then_padding_that_writes_no_kv():
     inputs = DecodeInputs(max_rows=8, max_blocks_per_seq=4, device=torch.device("cpu"))
-    inputs.fill([11, 12, 13], [5, 17, 40], [37, 81, 200], [[2], [5, 6], [9, 10, 12]], [6, 18, 41], bucket=4)
+    tables = [([2], 6), ([5, 6], 18), ([9, 10, 12], 41)]  # (block table, context length)
+    rows = [AttentionRows(table, ctx, 1, i) for i, (table, ctx) in enumerate(tables)]
+    inputs.fill([11, 12, 13], [5, 17, 40], [37, 81, 200], rows, block_size=16, bucket=4)
     assert inputs.input_ids[:4].tolist() == [11, 12, 13, 0] and inputs.positions[:4].tolist() == [5, 17, 40, 0]
     assert inputs.slot_mapping[:4].tolist() == [37, 81, 200, PAD_SLOT]
     assert inputs.seq_lens[:4].tolist() == [6, 18, 41, 1]
@@ -30,7 +33,7 @@ def test_decode_inputs_hold_the_rows_then_padding_that_writes_no_kv():
     assert meta.num_decodes == 4 and meta.max_query_len == 1 and not meta.prefills
     assert meta.query_start_loc.tolist() == [0, 1, 2, 3, 4] and meta.block_tables.shape == (4, 4)
     # the next, smaller step: its rows overwrite, the rows past it become padding again
-    inputs.fill([21], [6], [38], [[2]], [7], bucket=2)
+    inputs.fill([21], [6], [38], [AttentionRows([2], 7, 1, 0)], block_size=16, bucket=2)
     assert inputs.input_ids[:2].tolist() == [21, 0] and inputs.slot_mapping[:2].tolist() == [38, PAD_SLOT]
     assert inputs.seq_lens[:2].tolist() == [7, 1]
     assert meta.seq_lens.data_ptr() == inputs.seq_lens.data_ptr()  # views: what a captured graph reads
