@@ -29,8 +29,11 @@ _SUPPORT = {
 }
 
 
-def default_backend(device_type: str) -> str:
-    return "triton" if device_type == "cuda" else "cpu"
+def default_backend(device_type: str, kv_cache_dtype: str = "auto") -> str:
+    """triton on CUDA (torch for an int8 KV cache, which the Triton kernels do not read), else cpu."""
+    if device_type == "cuda":
+        return "torch" if kv_cache_dtype == "int8" else "triton"
+    return "cpu"
 
 
 # Block sizes the Triton kernels compile for within a GPU's limits (`python -m benchmarks gpu-compile`)
@@ -40,7 +43,7 @@ TRITON_BLOCK_SIZES = GPU_BLOCK_SIZES
 def check_backend(name: str | None, device: str, dtype: torch.dtype, kv_cache_dtype: str = "auto",
                   block_size: int = 16) -> None:
     kind = torch.device(device).type
-    name = name or default_backend(kind)
+    name = name or default_backend(kind, kv_cache_dtype)
     if kv_cache_dtype == "int8" and name == "triton":
         raise ValueError("EngineConfig.kv_cache_dtype 'int8' runs on the 'cpu' and 'torch' attention backends; "
                          "the 'triton' kernels read caches in the model dtype")

@@ -17,6 +17,7 @@ tests compare token for token with the unpadded step. Capture and replay need a 
 from __future__ import annotations
 
 import bisect
+import gc
 from typing import Callable
 
 import torch
@@ -106,17 +107,35 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         """One graph per bucket, largest first, sharing one memory pool. The buffers hold
-        padding only while capturing: nothing is written to the KV cache."""
+        padding only while capturing: nothing is written to the KV cache.
+
+        Other engines may serve in this process meanwhile (the ADK registry holds several), so:
+        - the capture stream is this engine's own, warmed up before each capture: the cuBLAS
+          workspace torch binds to a stream is then allocated outside any graph's pool (on the
+          stream torch shares between captures, it lay in the pool of a graph since freed, and
+          the next engine's capture failed with CUBLAS_STATUS_INTERNAL_ERROR on an H200);
+        - capture errors are thread-local: another thread's allocations do not void it;
+        - no garbage collection runs inside a capture (freeing CUDA memory there voids it).
+        """
         assert self.inputs.input_ids.is_cuda, "CUDA graphs need a CUDA device"
-        pool = None
-        for bucket in reversed(self.sizes):
-            self._step(bucket)  # warm-up: Triton compiles, the allocator settles
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                out = self._step(bucket)
-            pool = graph.pool()
-            self.graphs[bucket] = (graph, out)
+        stream = torch.cuda.Stream(self.inputs.input_ids.device)
+        stream.wait_stream(torch.cuda.current_stream())
+        pool, collecting = None, gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.stream(stream):
+                for bucket in reversed(self.sizes):
+                    self._step(bucket)  # warm-up: Triton compiles, cuBLAS binds its workspace
+                    stream.synchronize()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+                        out = self._step(bucket)
+                    pool = graph.pool()
+                    self.graphs[bucket] = (graph, out)
+        finally:
+            if collecting:
+                gc.enable()
+        torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
 
     def fits(self, num_rows: int) -> bool:

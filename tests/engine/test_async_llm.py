@@ -205,7 +205,7 @@ def ended_by_release(before):  # a thread's exit is asynchronous: wait for it, o
 torch.ones(1 << 24).sum()  # a parallel region on this thread: libgomp starts its pool
 released = ended_by_release(tasks())
 torch.ones(1 << 24).sum()  # and again
-llm = AsyncLLM(model="dummy-tiny", dtype="float32", num_kv_blocks=16, max_model_len=64)
+llm = AsyncLLM(model="dummy-tiny", dtype="float32", num_kv_blocks=16, max_model_len=64, device="cpu")
 time.sleep(0.2)
 print(released, ended_by_release(tasks()))
 llm.shutdown()

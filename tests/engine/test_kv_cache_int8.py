@@ -133,6 +133,16 @@ def test_int8_cache_is_refused_on_triton_and_unknown_kv_dtypes_are_named():
         EngineConfig(model="dummy-tiny", kv_cache_dtype="int8", block_size=8)
 
 
+def test_an_int8_cache_on_cuda_takes_the_torch_backend_unless_one_is_named():
+    """Seen on an H200: EngineConfig(kv_cache_dtype="int8") with no backend named was refused
+    there, the default (triton) not reading int8 caches."""
+    from engine.attention_backends import check_backend, default_backend
+    assert default_backend("cuda") == "triton" and default_backend("cuda", "int8") == "torch"
+    check_backend(None, "cuda", torch.bfloat16, "int8")
+    with pytest.raises(ValueError, match="kv_cache_dtype 'int8' runs on the 'cpu' and 'torch'"):
+        check_backend("triton", "cuda", torch.bfloat16, "int8")
+
+
 BASE = dict(model="dummy-tiny", dtype="float32", max_model_len=128, max_num_batched_tokens=256, max_num_seqs=256,
             kv_cache_dtype="int8")
 

@@ -39,7 +39,8 @@ def test_greedy_equals_transformers_in_a_staggered_chunked_batch(family_dir, ref
     family, path = family_dir
     prompts, expected = reference
     engine = LLMEngine(EngineConfig(model=str(path), dtype="float32", num_kv_blocks=256, block_size=16,
-                                    max_model_len=1024, max_num_batched_tokens=24, attention_backend=backend))
+                                    max_model_len=1024, max_num_batched_tokens=24, attention_backend=backend,
+                                    device="cpu" if backend == "cpu" else None))
     assert engine.model_config.architecture == ("gemma3" if family == "gemma3" else "llama")
     got = run_staggered(engine, prompts, PARAMS, [0, 0, 1, 1, 3, 4, 8, 12])
     for i, n in enumerate(LENGTHS):

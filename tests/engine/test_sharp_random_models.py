@@ -14,8 +14,9 @@ MAX_TOKENS = 24
 
 
 def _engine(model: str, backend: str) -> LLMEngine:
+    # the C++ kernels' backend on the CPU also where a GPU is present
     return LLMEngine(EngineConfig(model=model, dtype="float32", num_kv_blocks=64, block_size=16, max_model_len=1024,
-                                  attention_backend=backend))
+                                  attention_backend=backend, device="cpu" if backend == "cpu" else None))
 
 
 def _greedy(engine: LLMEngine, prompts: list[list[int]]) -> dict[str, list[int]]:
