@@ -17,6 +17,8 @@ SCENARIOS = {
     "tools": ("benchmarks.tool_calling", "tool-call accuracy per tool_choice, constrained vs not; grammar cost"),
     "adk": ("benchmarks.adk_concurrency", "ADK sessions one by one vs asyncio.gather at 1-64"),
     "kernels": ("benchmarks.kernels", "Triton paged attention on a GPU"),
+    "gpu-e2e": ("benchmarks.gpu_decode", "dummy-llama3-8b on a GPU: decode steps with and without CUDA graphs "
+                "against the weight-streaming bound; continuous vs static"),
     "gpu-compile": ("benchmarks.gpu_compile", "every Triton kernel compiled for L4 and H100 here, GPU or not: "
                     "shared memory, registers, spills"),
     "soak": ("benchmarks.soak", "reliability soak against the live server"),

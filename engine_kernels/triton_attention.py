@@ -26,7 +26,8 @@ import triton.language as tl
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, query_start_ptr, seq_lens_ptr,
     scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bt,
-    G: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROWS: tl.constexpr, TOKENS_PER_TILE: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr, KV_TILE: tl.constexpr, ROWS: tl.constexpr,
+    TOKENS_PER_TILE: tl.constexpr,
     KV_SPLIT_LEN: tl.constexpr, part_out_ptr, part_lse_ptr, NUM_SPLITS: tl.constexpr, window,
     HALF_DOT: tl.constexpr,  # bf16/fp16 matmuls on their tensor cores (a GPU), else IEEE fp32
 ):
@@ -67,12 +68,18 @@ def _paged_attention_kernel(
     if window > 0:  # sliding window: start at the block holding the tile's oldest visible key
         oldest = tl.maximum(ctx_before + tile_tok0 - window + 1, 0)
         kv_lo = tl.maximum(kv_lo, (oldest // BLOCK_SIZE) * BLOCK_SIZE)
-    offs = tl.arange(0, BLOCK_SIZE)
-    for start in range(kv_lo, kv_hi, BLOCK_SIZE):
-        block = tl.load(block_tables_ptr + seq * stride_bt + start // BLOCK_SIZE)
+    offs = tl.arange(0, KV_TILE)
+    for start in range(kv_lo, kv_hi, KV_TILE):  # KV_TILE positions (whole blocks) at a time
         pos = start + offs
         kv_ok = pos < kv_hi
-        kv_off = block * stride_kb + offs[:, None] * stride_ks + kvh * stride_kh + d[None, :]
+        # int64: a large cache's element offset passes 2^31 (an 8B model's 256 x 32k contexts)
+        if KV_TILE == BLOCK_SIZE:  # one block (a scalar: fewer registers in the prefill tile)
+            block = tl.load(block_tables_ptr + seq * stride_bt + start // BLOCK_SIZE).to(tl.int64)
+            kv_off = block * stride_kb + offs[:, None] * stride_ks + kvh * stride_kh + d[None, :]
+        else:  # each position's block: KV_TILE / BLOCK_SIZE table entries, each read from L1
+            block = tl.load(block_tables_ptr + seq * stride_bt + pos // BLOCK_SIZE, mask=kv_ok, other=0)
+            kv_off = (block.to(tl.int64)[:, None] * stride_kb + (pos % BLOCK_SIZE)[:, None] * stride_ks
+                      + kvh * stride_kh + d[None, :])
         k = tl.load(k_cache_ptr + kv_off, mask=kv_ok[:, None], other=0.0)
         v = tl.load(v_cache_ptr + kv_off, mask=kv_ok[:, None], other=0.0)
         if HALF_DOT:
@@ -151,11 +158,46 @@ def _copy_blocks_kernel(cache_ptr, src_ptr, dst_ptr, LAYER_STRIDE: tl.constexpr,
 
 
 # -- launchers -------------------------------------------------------------------------------
+import functools  # noqa: E402
+
 import torch  # noqa: E402
 
 
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+MAX_KV_SPLITS = 16
+MIN_SPLIT_LEN = 256  # positions: a slice shorter than four KV tiles costs more to merge than it saves
+
+
+def kv_tile(block_size: int, head_dim: int, elem_bytes: int, decode: bool) -> int:
+    """KV positions per loop iteration, whole blocks. A decode program streams a whole
+    context (or slice) one tile after another, so a bigger tile keeps more bytes in flight
+    (one 16-position block per iteration reached 63% of an H200's copy bandwidth); up to
+    8 KB of K a tile: past it the K and V tiles spill registers (triton_compile.py measures
+    it). Prefill tiles keep one block: their query tiles already fill the shared memory."""
+    if not decode:
+        return block_size
+    return max(block_size, min(64, 8192 // (head_dim * elem_bytes)))
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    # off a GPU (the interpreter) a nominal one between an L4 (58) and an H100 (132)
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 64
+
+
+def kv_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
+    """Slices of each context for a decode-only batch (flash-decoding): doubled until the
+    programs (sequence x KV head x slice) cover twice the GPU's multiprocessors, each slice
+    at least MIN_SPLIT_LEN positions. One program per sequence and KV head left most of an
+    H200 idle below batch 64 (batch 1 at 4k: 5% of its copy bandwidth)."""
+    splits, wanted = 1, 2 * _multiprocessors(device)
+    while (splits < MAX_KV_SPLITS and num_seqs * num_kv_heads * splits < wanted
+           and max_seq_len >= 2 * splits * MIN_SPLIT_LEN):
+        splits *= 2
+    return splits
 
 
 def tile_rows(group: int, head_dim: int, decode: bool) -> int:
@@ -180,12 +222,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     G = H // Hkv
     num_seqs = seq_lens.shape[0]
     out = torch.empty_like(q) if out is None else out
+    decode = max_query_len == 1
     if num_kv_splits is None:
-        num_kv_splits = min(16, _pow2(max(1, max_seq_len // 1024))) if max_query_len == 1 and num_seqs < 64 else 1
+        num_kv_splits = kv_splits(num_seqs, Hkv, max_seq_len, q.device) if decode else 1
     common = dict(scale=scale, stride_qt=q.stride(0), stride_qh=q.stride(1), stride_ot=out.stride(0),
                   stride_oh=out.stride(1), stride_kb=k_cache.stride(0), stride_ks=k_cache.stride(1),
                   stride_kh=k_cache.stride(2), stride_bt=block_tables.stride(0), G=G, D=D, BLOCK_SIZE=block_size,
-                  window=window or 0, HALF_DOT=q.is_cuda and q.dtype != torch.float32)
+                  KV_TILE=kv_tile(block_size, D, k_cache.element_size(), decode), window=window or 0,
+                  HALF_DOT=q.is_cuda and q.dtype != torch.float32)
     if num_kv_splits > 1:
         assert max_query_len == 1, "split-KV is for decode-only batches"
         assert num_kv_splits == _pow2(num_kv_splits)

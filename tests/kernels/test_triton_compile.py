@@ -1,8 +1,8 @@
 """The Triton kernels compiled for real GPU targets (L4: sm_89, H100: sm_90) on this machine,
 without a GPU: what the interpreter the other Triton tests run under cannot show. The
-heaviest configuration of each kernel the engine may launch (head dim 256, the largest
-allowed block, bf16 and fp32; tiles only shrink from there) compiles within the target's
-shared memory per block and without spills. `python -m benchmarks gpu-compile` prints
+heaviest configuration of each kernel the engine may launch (attention: every head dim,
+whose decode KV tiles differ, the largest group, bf16 and fp32; the rest at head dim 256)
+compiles within the target's shared memory per block and without spills. `python -m benchmarks gpu-compile` prints
 every configuration."""
 import json
 import os
@@ -17,8 +17,8 @@ from engine.attention_backends import TRITON_BLOCK_SIZES, check_backend
 _SCRIPT = """
 import json
 from engine_kernels import triton_compile as tc
-configs = [c for c in tc.kernel_configs(head_dims=(256,), dtypes=("bf16", "fp32"), groups=(8,))
-           if c.kernel == "paged_attention" or c.dtype == "fp32"]
+configs = [c for c in tc.kernel_configs(dtypes=("bf16", "fp32"), groups=(8,)) if c.kernel == "paged_attention"]
+configs += [c for c in tc.kernel_configs(head_dims=(256,), dtypes=("fp32",)) if c.kernel != "paged_attention"]
 old = tc._attention(256, "fp32", 16, 4, "prefill")  # the 64-row tile it used before, at D=256
 old = tc.KernelConfig(old.kernel, "prefill, 64 rows", old.dtype, old.signature,
                       tuple((k, 64 if k == "ROWS" else 16 if k == "TOKENS_PER_TILE" else v) for k, v in old.constexprs))
