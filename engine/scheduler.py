@@ -17,6 +17,10 @@ levels that double (Autellix's PLAS over multilevel queues). A short run's next 
 ahead of a long run's, so the short one finishes soon instead of queueing behind every
 call of the long one; waiting lowers the level too (one per `PRIORITY_AGING_S`), so a long
 program is delayed, never starved. Preemption takes the most-served program's call first.
+`program_order="first_arrived"` ranks programs by their first call's arrival instead: a
+started program's next call goes ahead of new programs, so under overload the programs
+already running keep their latency and new ones wait at their start; preemption takes the
+newest program's call first.
 With `program_kv_retention` (on with program_scheduling unless set), a program's finished
 call leaves its KV blocks pinned for the program's next call (the one after its tool
 calls) for a time-to-live: twice the gap observed between a program's calls (its tools'
@@ -84,7 +88,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
-        self.program_service: dict[str, list[float]] = {}  # program -> [tokens computed, last seen]
+        self.program_service: dict[str, list[float]] = {}  # program -> [tokens, last seen, first arrival]
         self._pruned_at = time.time()
         self.call_gap_s = 5.0  # moving average of the time between a program's calls (its tool time)
 
@@ -165,7 +169,7 @@ class Scheduler:
             if num_new == 0:
                 continue
             while not self.kv.allocate(req, num_new):
-                victim = max(self.running, key=lambda r: (r.priority, self._service_level(r), r.arrival_time))
+                victim = max(self.running, key=lambda r: (r.priority, self._program_rank(r), r.arrival_time))
                 budget += self._preempt(victim, out)
                 if victim is req:
                     break
@@ -179,17 +183,24 @@ class Scheduler:
         return out.order_rows()
 
     # -- agent programs ------------------------------------------------------------------
-    def _service_level(self, req: Request) -> int:
-        """0 for a program's first SERVICE_QUANTUM tokens, then one more per doubling (0
-        without program scheduling, or for a call of no known program)."""
-        entry = self.program_service.get(req.program) if self.config.program_scheduling else None
+    def _program_rank(self, req: Request) -> float:
+        """Where the call's program stands, lower first (0 without program scheduling).
+        least_attained: 0 for a program's first SERVICE_QUANTUM tokens, then one more per
+        doubling (0 for a call of no known program). first_arrived: when the program's first
+        call arrived (a call of no known program: its own arrival)."""
+        if not self.config.program_scheduling:
+            return 0
+        entry = self.program_service.get(req.program)
+        if self.config.program_order == "first_arrived":
+            return entry[2] if entry else req.arrival_time
         return int(entry[0] // SERVICE_QUANTUM).bit_length() if entry else 0
 
     def _account(self, out: SchedulerOutput) -> None:
         now = time.time()
         for req, n in out.scheduled:
             if req.program is not None:
-                entry = self.program_service.setdefault(req.program, [0.0, now])
+                # [tokens computed, last seen, its first call's arrival]
+                entry = self.program_service.setdefault(req.program, [0.0, now, req.arrival_time])
                 entry[0] += n
                 entry[1] = now
         if now - self._pruned_at > PROGRAM_IDLE_S / 10:  # bounded memory: forget idle programs
@@ -229,17 +240,19 @@ class Scheduler:
 
     def _next_waiting(self) -> Request:
         """The waiting request to admit next: by priority, aged; then (program scheduling)
-        by its program's service level, aged; then by arrival."""
+        by its program's rank (service levels aged; first arrivals need no aging); then by
+        arrival."""
         first = self.waiting[0]  # FIFO, preempted requests put back in front
-        levels = [self._service_level(r) for r in self.waiting]
-        if all(r.priority == first.priority for r in self.waiting) and all(lv == levels[0] for lv in levels):
+        ranks = [self._program_rank(r) for r in self.waiting]
+        if all(r.priority == first.priority for r in self.waiting) and all(rk == ranks[0] for rk in ranks):
             return first
         now = time.time()
+        rank_ages = self.config.program_order == "least_attained"
 
-        def key(i: int) -> tuple[int, int, int]:
+        def key(i: int) -> tuple[int, float, int]:
             r = self.waiting[i]
             aged = int((now - r.arrival_time) // PRIORITY_AGING_S)  # whole levels gained by waiting
-            return r.priority - aged, levels[i] - aged, i
+            return r.priority - aged, ranks[i] - aged * rank_ages, i
         return self.waiting[min(range(len(self.waiting)), key=key)]
 
     def _start(self, req: Request) -> None:

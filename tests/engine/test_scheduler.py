@@ -204,6 +204,35 @@ def test_a_short_programs_next_call_is_admitted_before_a_long_programs_that_came
         assert engine.scheduler.program_service == {}
 
 
+@pytest.mark.parametrize("order, first", [(None, "new"), ("least_attained", "new"), ("first_arrived", "old")])
+def test_with_the_oldest_program_first_a_started_programs_next_call_goes_before_a_new_program(order, first):
+    """program_order="first_arrived": the waiting call of the program that started first
+    goes first, though a new program's first call came before it (first come first served
+    and least attained service both take the new program's)."""
+    engine = tiny_engine(max_num_seqs=1, max_model_len=512, program_scheduling=order is not None,
+                         program_order=order or "least_attained")
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    engine.add_request(list(range(10, 110)), SamplingParams(temperature=0, max_tokens=50, ignore_eos=True),
+                       program="old")
+    while engine.has_unfinished():  # the old program's first call, before its tool call
+        engine.step()
+    engine.add_request(list(range(5, 20)), params)  # holds the only slot
+    engine.step()
+    calls = {"new": engine.add_request(list(range(30, 50)), params, program="new"),
+             "old": engine.add_request(list(range(200, 220)), params, program="old")}
+    admitted = []
+    while engine.has_unfinished():
+        engine.step()
+        admitted += [rid for rid in engine.step_history[-1].scheduled if rid not in admitted]
+    order_seen = [rid for rid in admitted if rid in {r.request_id for r in calls.values()}]
+    assert order_seen[0] == calls[first].request_id and len(order_seen) == 2
+
+
+def test_an_unknown_program_order_is_a_value_error():
+    with pytest.raises(ValueError, match="program_order"):
+        EngineConfig(model="dummy-tiny", program_order="shortest")
+
+
 @pytest.mark.parametrize("options, retained", [
     ({}, False),
     ({"program_scheduling": True}, True),  # retention comes with program scheduling ...
