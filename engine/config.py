@@ -87,9 +87,9 @@ class EngineConfig:
     # Admit waiting requests by their agent program's attained service, least first (Autellix's
     # PLAS): a program is the calls of one agent run (ADK's invocation; /v1's prompt_cache_key)
     program_scheduling: bool = False
-    # Which program goes first: "least_attained" (PLAS, above; new programs ahead of running
-    # ones) or "first_arrived" (the program whose first call came first: started programs finish
-    # before new ones begin, so under overload the first keep their latency)
+    # Which program goes first: "least_attained" (Autellix's PLAS: new programs ahead of running
+    # ones) or "first_arrived" (the program whose first call came first: started programs go
+    # ahead of new ones, so under overload the first keep their latency)
     program_order: Literal["least_attained", "first_arrived"] = "least_attained"
     # Keep a program's KV blocks pinned between its calls (across its tool calls) for a
     # time-to-live (Continuum's idea); None: on exactly when program_scheduling is
