@@ -20,7 +20,10 @@ program is delayed, never starved. Preemption takes the most-served program's ca
 `program_order="first_arrived"` ranks programs by their first call's arrival instead: a
 started program's next call goes ahead of new programs, so under overload the programs
 already running keep their latency and new ones wait at their start; preemption takes the
-newest program's call first.
+newest program's call first. `max_programs_in_progress` caps the programs in progress (a
+call running or waiting, or KV pinned between calls): a new program's first call waits
+while the cap is reached, so under overload the started programs are not diluted by ever
+more new ones.
 With `program_kv_retention` (on with program_scheduling unless set), a program's finished
 call leaves its KV blocks pinned for the program's next call (the one after its tool
 calls) for a time-to-live: twice the gap observed between a program's calls (its tools'
@@ -210,6 +213,8 @@ class Scheduler:
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self._next_waiting()
+            if req is None:
+                break
             if req.status == RequestStatus.SWAPPED:
                 moves = self.swap_space.swap_in(req)
                 if moves is None:
@@ -238,22 +243,37 @@ class Scheduler:
                 out.scheduled.append((req, num_new))
                 budget -= num_new
 
-    def _next_waiting(self) -> Request:
-        """The waiting request to admit next: by priority, aged; then (program scheduling)
-        by its program's rank (service levels aged; first arrivals need no aging); then by
-        arrival."""
-        first = self.waiting[0]  # FIFO, preempted requests put back in front
-        ranks = [self._program_rank(r) for r in self.waiting]
-        if all(r.priority == first.priority for r in self.waiting) and all(rk == ranks[0] for rk in ranks):
+    def _admissible(self) -> list[Request]:
+        """The waiting requests that may start now: all, except (max_programs_in_progress)
+        the first calls of new programs while that many programs are in progress."""
+        cap = self.config.max_programs_in_progress if self.config.program_scheduling else None
+        if cap is None:
+            return self.waiting
+        active = {r.program for r in self.running if r.program is not None} | set(self.kv.pins)
+        active |= {r.program for r in self.waiting if r.program in self.program_service}
+        if len(active) < cap:
+            return self.waiting
+        return [r for r in self.waiting if r.program is None or r.program in active]
+
+    def _next_waiting(self) -> Request | None:
+        """The waiting request to admit next (None: none may start): by priority, aged; then
+        (program scheduling) by its program's rank (service levels aged; first arrivals need
+        no aging); then by arrival."""
+        waiting = self._admissible()
+        if not waiting:
+            return None
+        first = waiting[0]  # FIFO, preempted requests put back in front
+        ranks = [self._program_rank(r) for r in waiting]
+        if all(r.priority == first.priority for r in waiting) and all(rk == ranks[0] for rk in ranks):
             return first
         now = time.time()
         rank_ages = self.config.program_order == "least_attained"
 
         def key(i: int) -> tuple[int, float, int]:
-            r = self.waiting[i]
+            r = waiting[i]
             aged = int((now - r.arrival_time) // PRIORITY_AGING_S)  # whole levels gained by waiting
             return r.priority - aged, ranks[i] - aged * rank_ages, i
-        return self.waiting[min(range(len(self.waiting)), key=key)]
+        return waiting[min(range(len(waiting)), key=key)]
 
     def _start(self, req: Request) -> None:
         req.status = RequestStatus.RUNNING

@@ -228,9 +228,39 @@ def test_with_the_oldest_program_first_a_started_programs_next_call_goes_before_
     assert order_seen[0] == calls[first].request_id and len(order_seen) == 2
 
 
-def test_an_unknown_program_order_is_a_value_error():
+@pytest.mark.parametrize("cap", [None, 1])
+def test_a_new_program_waits_while_the_cap_of_programs_in_progress_is_reached(cap):
+    """max_programs_in_progress: with one program in progress, another program's first call
+    waits though the batch has room; a call of no program does not; the new program starts
+    when the first one is no longer in progress (here: its call done, no KV kept)."""
+    engine = tiny_engine(max_num_seqs=4, program_scheduling=True, program_kv_retention=False,
+                         max_programs_in_progress=cap)
+    short = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    first = engine.add_request(list(range(10, 30)), SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                               program="a")
+    engine.step()
+    new = engine.add_request(list(range(40, 60)), short, program="b")
+    plain = engine.add_request(list(range(70, 90)), short)
+    steps: dict[str, int] = {}
+    step = 0
+    while engine.has_unfinished():
+        step += 1
+        engine.step()
+        for rid in engine.step_history[-1].scheduled:
+            steps.setdefault(rid, step)
+    assert steps[plain.request_id] == 1  # at once, beside program a
+    if cap is None:
+        assert steps[new.request_id] == 1
+    else:
+        assert first.is_finished and steps[new.request_id] > 10  # after program a's call ended
+    assert_all_blocks_free(engine)
+
+
+def test_an_unknown_program_order_or_a_cap_below_one_is_a_value_error():
     with pytest.raises(ValueError, match="program_order"):
         EngineConfig(model="dummy-tiny", program_order="shortest")
+    with pytest.raises(ValueError, match="max_programs_in_progress"):
+        EngineConfig(model="dummy-tiny", max_programs_in_progress=0)
 
 
 @pytest.mark.parametrize("options, retained", [
