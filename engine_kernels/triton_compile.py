@@ -27,6 +27,7 @@ TARGETS = {"sm_89": (89, 99 * 1024), "sm_90": (90, 227 * 1024)}
 MAX_SPILL_BYTES = 128
 HEAD_DIMS = (64, 128, 256)
 DTYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 BLOCK_SIZES = GPU_BLOCK_SIZES  # what EngineConfig lets the triton backend use on CUDA
 
 
@@ -54,17 +55,18 @@ class Compiled:
 
 def _attention(head_dim: int, dtype: str, block_size: int, group: int, mode: str) -> KernelConfig:
     """paged_attention's launch for one configuration, as the launcher chooses its tiles."""
-    p = DTYPES[dtype]
-    rows = tile_rows(group, head_dim, decode=mode != "prefill")
+    p, decode = DTYPES[dtype], mode != "prefill"
+    rows = tile_rows(group, head_dim, decode)
     splits = MAX_KV_SPLITS if mode == "split-KV" else 1
     sig = (("q_ptr", p), ("k_cache_ptr", p), ("v_cache_ptr", p), ("out_ptr", p), ("block_tables_ptr", "*i32"),
            ("query_start_ptr", "*i32"), ("seq_lens_ptr", "*i32"), ("scale", "fp32"), *[(s, "i32") for s in (
                "stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_kb", "stride_ks", "stride_kh", "stride_bt")],
            ("G", "constexpr"), ("D", "constexpr"), ("BLOCK_SIZE", "constexpr"), ("KV_TILE", "constexpr"),
-           ("ROWS", "constexpr"), ("TOKENS_PER_TILE", "constexpr"), ("KV_SPLIT_LEN", "constexpr"), ("part_out_ptr", "*fp32"),
-           ("part_lse_ptr", "*fp32"), ("NUM_SPLITS", "constexpr"), ("window", "i32"), ("HALF_DOT", "constexpr"))
+           ("ROWS", "constexpr"), ("TOKENS_PER_TILE", "constexpr"), ("KV_SPLIT_LEN", "constexpr"),
+           ("part_out_ptr", "*fp32"), ("part_lse_ptr", "*fp32"), ("NUM_SPLITS", "constexpr"), ("window", "i32"),
+           ("HALF_DOT", "constexpr"))
     consts = (("G", group), ("D", head_dim), ("BLOCK_SIZE", block_size),
-              ("KV_TILE", kv_tile(block_size, head_dim, 4 if dtype == "fp32" else 2, decode=mode != "prefill")), ("ROWS", rows),
+              ("KV_TILE", kv_tile(block_size, head_dim, ELEMENT_BYTES[dtype], decode)), ("ROWS", rows),
               ("TOKENS_PER_TILE", 1 if mode == "split-KV" else rows // group),
               ("KV_SPLIT_LEN", 1024 if mode == "split-KV" else 0), ("NUM_SPLITS", splits), ("HALF_DOT", dtype != "fp32"))
     return KernelConfig("paged_attention", f"{mode}, D={head_dim}, block={block_size}, G={group}", dtype, sig, consts)

@@ -74,6 +74,7 @@ def test_padded_decode_steps_give_the_unpadded_steps_tokens(graph_batch):
     assert engine.kv.num_free_blocks == 128
 
 
+GPU_PROMPTS = [list(range(10 + 7 * i, 30 + 11 * i)) for i in range(3)]
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
                                reason="CUDA graphs need an NVIDIA GPU (and compiled kernels, not the interpreter)")
 
@@ -92,14 +93,13 @@ def test_replayed_graphs_give_eager_tokens_on_a_gpu():
 def test_an_engine_captures_after_another_engines_graphs_were_freed(dtype):
     """Seen on an H200: the second fp32 engine of a process failed its capture
     (CUBLAS_STATUS_INTERNAL_ERROR), and the aborted capture broke every later random op."""
-    prompts = [list(range(10 + 7 * i, 30 + 11 * i)) for i in range(3)]
     first = LLMEngine(EngineConfig(model="dummy-tiny", dtype=dtype, max_num_seqs=8))
-    expected = greedy_tokens(first, prompts, 8)
+    expected = greedy_tokens(first, GPU_PROMPTS, 8)
     del first
     gc.collect()
     second = LLMEngine(EngineConfig(model="dummy-tiny", dtype=dtype, max_num_seqs=8))
     assert second.stats()["weights"]["cuda_graph_sizes"] == [1, 2, 4, 8]
-    assert greedy_tokens(second, prompts, 8) == expected
+    assert greedy_tokens(second, GPU_PROMPTS, 8) == expected
     torch.randn(4, device="cuda")  # the default generator is whole
 
 
@@ -125,5 +125,4 @@ def test_an_engine_captures_while_another_one_serves():
     assert len(during) == 200 and during == alone  # a seeded request: the capture beside it changed nothing
     assert second.stats()["weights"]["cuda_graph_sizes"] == [1, 2, 4, 8]
     eager = LLMEngine(EngineConfig(model="dummy-tiny", dtype="bfloat16", max_num_seqs=8, enforce_eager=True))
-    prompts = [list(range(10 + 7 * i, 30 + 11 * i)) for i in range(3)]
-    assert greedy_tokens(second, prompts, 8) == greedy_tokens(eager, prompts, 8)
+    assert greedy_tokens(second, GPU_PROMPTS, 8) == greedy_tokens(eager, GPU_PROMPTS, 8)

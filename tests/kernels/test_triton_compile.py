@@ -2,8 +2,8 @@
 without a GPU: what the interpreter the other Triton tests run under cannot show. The
 heaviest configuration of each kernel the engine may launch (attention: every head dim,
 whose decode KV tiles differ, the largest group, bf16 and fp32; the rest at head dim 256)
-compiles within the target's shared memory per block and without spills. `python -m benchmarks gpu-compile` prints
-every configuration."""
+compiles within the target's shared memory per block and without spills.
+`python -m benchmarks gpu-compile` prints every configuration."""
 import json
 import os
 import subprocess
