@@ -41,16 +41,19 @@ class EngineMetrics:
         # agent programs' KV kept across tool calls (docs/agent-scheduling.md); not vLLM's
         self.kv_pinned = Gauge("engine:kv_blocks_pinned", "KV blocks kept for agent programs' next calls", label,
                                registry=r)
-        self.kv_pins = Counter("engine:kv_pins", "Program KV pins, by how they ended", ["model_name", "outcome"],
-                               registry=r)
+        self.kv_pinned_swapped = Gauge("engine:kv_blocks_pinned_swapped",
+                                       "CPU swap blocks holding agent programs' KV for their next calls", label,
+                                       registry=r)
+        self.kv_pins = Counter("engine:kv_pins", "Program KV pins: made, how they ended, swaps to CPU and back",
+                               ["model_name", "outcome"], registry=r)
         self._last: dict[str, dict] = {}
 
     def attach(self, model: str, engine: AsyncLLM) -> None:
         for metric in (self.ttft, self.itl, self.e2e, self.queue, self.running, self.waiting, self.swapped,
                        self.kv_usage, self.preemptions, self.prefix_queries, self.prefix_hits, self.prompt_tokens,
-                       self.generation_tokens, self.kv_pinned):
+                       self.generation_tokens, self.kv_pinned, self.kv_pinned_swapped):
             metric.labels(model)  # every series exists (at 0) from the first scrape
-        pins_counted = {outcome: 0 for outcome in ("made", "taken", "expired", "yielded")}
+        pins_counted: dict[str, int] = {}  # by outcome
         last_token: dict[str, float] = {}
         counted = {"num_preemptions": 0, "prefix_cache_queries": 0, "prefix_cache_hits": 0,
                    "prompt_tokens_total": 0, "generation_tokens_total": 0}
@@ -86,9 +89,10 @@ class EngineMetrics:
                     counter.labels(model).inc(stats[key] - counted[key])
                     counted[key] = stats[key]
             self.kv_pinned.labels(model).set(stats["kv_blocks_pinned"])
+            self.kv_pinned_swapped.labels(model).set(stats["kv_blocks_pinned_swapped"])
             for outcome, n in stats["kv_pins"].items():
-                if n > pins_counted[outcome]:
-                    self.kv_pins.labels(model, outcome).inc(n - pins_counted[outcome])
+                if n > pins_counted.get(outcome, 0):
+                    self.kv_pins.labels(model, outcome).inc(n - pins_counted.get(outcome, 0))
                     pins_counted[outcome] = n
 
         engine.step_listeners.append(on_step)

@@ -9,11 +9,13 @@ cached blocks shares them (ref count + 1) and computes only the rest.
 A finished call of an agent program can leave its full blocks pinned for the program's next
 call (`pin`): held by a reference of their own, so no other traffic evicts them, until the
 next call takes them, the pin expires, or an allocation would fail without them (pins yield
-to memory pressure, oldest first: pinning never refuses or preempts anyone).
+to memory pressure, oldest first: pinning never refuses or preempts anyone). Where a CPU swap
+pool exists (engine/swap.py), a yielding pin is handed to it (`spill`) instead of dropped.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 
 from engine.request import Request
 
@@ -79,6 +81,16 @@ class BlockPool:
         self.cached.setdefault(block_hash, block.block_id)
 
 
+@dataclass
+class YieldedPin:
+    """A pin that yielded to memory pressure this step, as it was: its blocks may be handed
+    out again before the step's forward pass, their data is still there until then."""
+    key: str
+    blocks: list[tuple[int, int, tuple[int, ...]]]  # (block id, hash, token ids), in order
+    until: float
+    pinned_at: float
+
+
 class KVCacheManager:
     """Which blocks each request owns; the scheduler's only view of KV memory."""
 
@@ -90,7 +102,10 @@ class KVCacheManager:
         self.prefix_cache_hits = 0     # of those, tokens found cached
         # program -> (its pinned blocks, when the pin expires, when it was made); oldest first
         self.pins: OrderedDict[str, tuple[list[Block], float, float]] = OrderedDict()
-        self.pin_counts = {"made": 0, "taken": 0, "expired": 0, "yielded": 0}  # taken: by the next call
+        # taken: by the next call; yielded: dropped under memory pressure; swapped_out/_in: to
+        # the CPU pool instead, and back for the next call (engine/swap.py)
+        self.pin_counts = {"made": 0, "taken": 0, "expired": 0, "yielded": 0, "swapped_out": 0, "swapped_in": 0}
+        self.spill: list[YieldedPin] | None = None  # set where a swap pool takes yielding pins
 
     @property
     def num_free_blocks(self) -> int:
@@ -109,6 +124,15 @@ class KVCacheManager:
 
     def _hash(self, req: Request, index: int, parent: int | None) -> int:
         return hash((parent, self._block_tokens(req, index)))
+
+    def prefix_names(self, req: Request) -> list[tuple[int, tuple[int, ...]]]:
+        """(hash, token ids) of the blocks a prefix-cache hit can give `req`: its full blocks
+        but the one holding its last token (at least one token must be computed)."""
+        names, parent = [], None
+        for i in range((req.num_tokens - 1) // self.block_size):
+            parent = self._hash(req, i, parent)
+            names.append((parent, self._block_tokens(req, i)))
+        return names
 
     def find_cached_prefix(self, req: Request) -> list[Block]:
         """Cached blocks matching the start of a request that holds no blocks yet. Never the
@@ -141,7 +165,7 @@ class KVCacheManager:
         def short() -> bool:
             return need > self.pool.num_free - sum(1 for b in cached_prefix if b.ref_count == 0)
         while short() and self.pins:  # pins yield to memory pressure, oldest first
-            self.unpin(next(iter(self.pins)), "yielded")
+            self._yield_oldest_pin()
         if short():
             return False
         for block in cached_prefix:
@@ -207,6 +231,14 @@ class KVCacheManager:
         for block in reversed(entry[0]):
             self.pool.release(block)
         return entry[2]
+
+    def _yield_oldest_pin(self) -> None:
+        key, (blocks, until, pinned_at) = next(iter(self.pins.items()))
+        if self.spill is None:
+            self.unpin(key, "yielded")
+            return
+        self.spill.append(YieldedPin(key, [(b.block_id, b.hash, b.token_ids) for b in blocks], until, pinned_at))
+        self.unpin(key)  # counted by the swap pool: swapped out, or yielded when it has no room
 
     def expire_pins(self, now: float) -> None:
         for key in [k for k, (_, until, _) in self.pins.items() if until <= now]:

@@ -279,7 +279,8 @@ class LLMEngine:
             "prefix_cache_queries": self.kv.prefix_cache_queries,
             "prefix_cache_hits": self.kv.prefix_cache_hits,
             "kv_blocks_pinned": self.kv.num_pinned_blocks,   # kept for agent programs' next calls
-            "kv_pins": dict(self.kv.pin_counts),              # made; taken by the next call, expired, yielded
+            "kv_pins": dict(self.kv.pin_counts),              # made; taken by the next call, expired, yielded, swaps
+            "kv_blocks_pinned_swapped": sched.swap_space.num_pinned_blocks if sched.swap_space else 0,  # in CPU
             "peak_batch_size": self.peak_batch_size,
             "batch_size_history": history,
             "num_steps": self.step_count,

@@ -28,7 +28,8 @@ With `program_kv_retention` (on with program_scheduling unless set), a program's
 call leaves its KV blocks pinned for the program's next call (the one after its tool
 calls) for a time-to-live: twice the gap observed between a program's calls (its tools'
 time), averaged over programs, within 2-60 s; pins yield to any allocation that would fail
-without them (kv_cache_manager). The scheduler plans and the runner moves memory: swaps
+without them (kv_cache_manager), to the CPU swap pool where there is one (preemption_mode
+"swap"), from which the program's next call brings them back. The scheduler plans and the runner moves memory: swaps
 (engine/swap.py) and parallel sampling's block copies come out as plans the runner makes
 before the step's forward pass.
 
@@ -162,6 +163,9 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        if self.swap_space is not None:
+            self.swap_space.begin_plan()
+            self.swap_space.expire_pins(time.time())
         if self.kv.pins:
             self.kv.expire_pins(time.time())
         # Decodes (one token left) before prompt chunks; stable, so arrival order is kept.
@@ -183,6 +187,8 @@ class Scheduler:
             self._admit(out, budget)
         if self.config.program_scheduling:
             self._account(out)
+        if self.swap_space is not None and self.kv.spill:  # pins that yielded: to CPU, before the forward pass
+            out.swap_out += self.swap_space.swap_out_pins()
         return out.order_rows()
 
     # -- agent programs ------------------------------------------------------------------
@@ -226,6 +232,8 @@ class Scheduler:
                     num_new = 0
                 cached = []
             else:
+                if self.swap_space is not None and req.program in self.swap_space.pins:
+                    out.swap_in += self.swap_space.swap_in_pin(req.program, req)
                 cached = self.kv.find_cached_prefix(req)
                 req.num_computed_tokens = len(cached) * self.kv.block_size
                 num_new = self._chunk(req, budget)
@@ -238,6 +246,8 @@ class Scheduler:
             if req.program is not None and req.program in self.kv.pins:  # its blocks are shared now
                 pinned_at = self.kv.unpin(req.program, "taken")
                 self.call_gap_s = 0.8 * self.call_gap_s + 0.2 * (time.time() - pinned_at)
+            if self.swap_space is not None and req.program in self.swap_space.pins:  # no room to bring it back
+                self.swap_space.drop_pin(req.program, "yielded")
             self._start(req)
             if num_new:
                 out.scheduled.append((req, num_new))
@@ -250,6 +260,7 @@ class Scheduler:
         if cap is None:
             return self.waiting
         active = {r.program for r in self.running if r.program is not None} | set(self.kv.pins)
+        active |= set(self.swap_space.pins) if self.swap_space is not None else set()
         active |= {r.program for r in self.waiting if r.program in self.program_service}
         if len(active) < cap:
             return self.waiting

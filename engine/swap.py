@@ -8,10 +8,20 @@ forward pass: the scheduler may already have given a swapped-out request's devic
 another request, whose new KV that pass writes. The pool is allocated once (`swap_space`
 bytes; pinned when the cache lives on CUDA so copies run at full speed). When it is full,
 the scheduler falls back to recompute.
+
+The pool also keeps agent programs' KV between calls (docs/agent-scheduling.md): a pin that
+must yield its device blocks to memory pressure comes here instead of being dropped, and the
+program's next call brings it back (a copy instead of recomputing its prefix). Swapped
+pins give way to swapped requests, oldest first: a running request's KV matters more. CPU
+blocks that a swap-in reads are reused from the next plan on only, since a plan's swap-outs
+run before its swap-ins.
 """
 from __future__ import annotations
 
 import torch
+
+from collections import OrderedDict
+from dataclasses import dataclass
 
 from engine.kv_cache_manager import KVCacheManager
 from engine.request import Request
@@ -25,25 +35,50 @@ def cpu_blocks_for(swap_space: int, kv_caches: KVCaches) -> int:
     return swap_space // (2 * len(kv_caches) * k0[0].numel() * k0.element_size())
 
 
+@dataclass
+class SwappedPin:
+    """A program's pinned KV, in CPU blocks, with what names each block in the prefix cache."""
+    cpu_blocks: list[int]
+    names: list[tuple[int, tuple[int, ...]]]  # (hash, token ids) of each block, in order
+    until: float
+    pinned_at: float
+
+
 class SwapSpace:
-    """The CPU pool's bookkeeping: which CPU blocks hold which swapped-out request."""
+    """The CPU pool's bookkeeping: which CPU blocks hold which swapped-out request, or which
+    program's pinned KV."""
 
     def __init__(self, kv: KVCacheManager, num_cpu_blocks: int) -> None:
         self.kv = kv
         self.num_cpu_blocks = num_cpu_blocks
         self.free_cpu_blocks = list(range(num_cpu_blocks))
         self.swapped: dict[str, list[int]] = {}  # request id -> its CPU blocks, in order
+        self.pins: OrderedDict[str, SwappedPin] = OrderedDict()  # program -> its KV; oldest first
+        self._read_this_plan: list[int] = []  # freed by this plan's swap-ins: free from the next
         self.num_swap_outs = 0
         self.num_swap_ins = 0
+        kv.spill = []  # pins that yield come here (swap_out_pins)
+
+    def begin_plan(self) -> None:
+        """A new step's plan: the last plan's swap-ins have run."""
+        self.free_cpu_blocks += self._read_this_plan
+        self._read_this_plan = []
+
+    def _take_cpu_blocks(self, n: int) -> list[int] | None:
+        while n > len(self.free_cpu_blocks) and self.pins:  # swapped pins give way, oldest first
+            self.drop_pin(next(iter(self.pins)), "yielded")
+        if n > len(self.free_cpu_blocks):
+            return None
+        return [self.free_cpu_blocks.pop() for _ in range(n)]
 
     def swap_out(self, req: Request) -> list[tuple[int, int]] | None:
         """Plans moving the blocks that hold `req`'s computed tokens to CPU and frees them on
         the device: (device block, CPU block) pairs. None (nothing done) when the CPU pool
         has no room: recompute instead."""
         n = self.kv.blocks_for(req.num_computed_tokens)
-        if n == 0 or n > len(self.free_cpu_blocks):
+        cpu_ids = self._take_cpu_blocks(n) if n else None
+        if cpu_ids is None:
             return None
-        cpu_ids = [self.free_cpu_blocks.pop() for _ in range(n)]
         pairs = list(zip(req.block_ids[:n], cpu_ids))
         self.kv.free(req)
         self.swapped[req.request_id] = cpu_ids
@@ -55,10 +90,10 @@ class SwapSpace:
         None when the device pool is short."""
         cpu_ids = self.swapped[req.request_id]
         assert not req.block_ids and self.kv.blocks_for(req.num_computed_tokens) == len(cpu_ids)
-        if len(cpu_ids) > self.kv.num_free_blocks or not self.kv.allocate(req, 0):
+        if not self.kv.allocate(req, 0):  # (pins yield to it)
             return None
         pairs = list(zip(cpu_ids, req.block_ids))
-        self.discard(req)
+        self._read_this_plan += self.swapped.pop(req.request_id)
         self.num_swap_ins += 1
         return pairs
 
@@ -68,6 +103,75 @@ class SwapSpace:
     @property
     def num_swapped(self) -> int:
         return len(self.swapped)
+
+    # -- programs' pinned KV -------------------------------------------------------------
+    def swap_out_pins(self) -> list[tuple[int, int]]:
+        """Plans moving the pins that yielded this step (kv.spill) to CPU: (device block,
+        CPU block) pairs. A pin the pool has no room for is dropped (counted as yielded)."""
+        pairs: list[tuple[int, int]] = []
+        for pin in self.kv.spill:
+            cpu_ids = self._take_cpu_blocks(len(pin.blocks))
+            if cpu_ids is None:
+                self.kv.pin_counts["yielded"] += 1
+                continue
+            self.drop_pin(pin.key)  # (a program has one pin)
+            pairs += [(block_id, cpu) for (block_id, _, _), cpu in zip(pin.blocks, cpu_ids)]
+            self.pins[pin.key] = SwappedPin(cpu_ids, [(h, t) for _, h, t in pin.blocks], pin.until, pin.pinned_at)
+            self.kv.pin_counts["swapped_out"] += 1
+        self.kv.spill.clear()
+        return pairs
+
+    def swap_in_pin(self, key: str, req: Request) -> list[tuple[int, int]]:
+        """Brings back the part of `key`'s swapped KV that starts `req`'s prompt (the
+        program's next call), as a device pin that the call then takes: (CPU block, device
+        block) pairs, none for blocks still cached on the device. Nothing (the swapped KV
+        stays) unless every block the call needs is free without any pin yielding, or when
+        the program has KV pinned on the device already (a later call's: the swapped one goes)."""
+        pin, pool = self.pins[key], self.kv.pool
+        if key in self.kv.pins:
+            self.drop_pin(key, "yielded")
+            return []
+        names = []
+        for name, wanted in zip(pin.names, self.kv.prefix_names(req)):
+            if name != wanted:
+                break
+            names.append(name)
+        found = [pool.lookup(h, t) for h, t in names]
+        hits = [b for b in found if b is not None]
+        free_after = pool.num_free - sum(1 for b in hits if b.ref_count == 0)  # shared ones stop being free
+        if free_after < self.kv.blocks_for(req.num_tokens) - len(hits):  # the restored blocks and the rest
+            return []
+        for b in hits:  # first, so that the allocations below cannot evict them
+            pool.share(b)
+        blocks, pairs = [], []
+        for (h, t), block, cpu in zip(names, found, pin.cpu_blocks):
+            if block is None:
+                block = pool.allocate()
+                pool.register(block, h, t)
+                pairs.append((cpu, block.block_id))
+            blocks.append(block)
+        del self.pins[key]
+        self._read_this_plan += pin.cpu_blocks[:len(names)]
+        self.free_cpu_blocks += pin.cpu_blocks[len(names):]
+        if blocks:
+            self.kv.pins[key] = (blocks, pin.until, pin.pinned_at)
+        self.kv.pin_counts["swapped_in"] += 1
+        return pairs
+
+    def drop_pin(self, key: str, why: str | None = None) -> None:
+        pin = self.pins.pop(key, None)
+        if pin is not None:
+            self.free_cpu_blocks += pin.cpu_blocks
+            if why is not None:
+                self.kv.pin_counts[why] += 1
+
+    def expire_pins(self, now: float) -> None:
+        for key in [k for k, pin in self.pins.items() if pin.until <= now]:
+            self.drop_pin(key, "expired")
+
+    @property
+    def num_pinned_blocks(self) -> int:
+        return sum(len(pin.cpu_blocks) for pin in self.pins.values())
 
 
 class CpuKVPool:

@@ -27,8 +27,11 @@ def simulate_step(sched: Scheduler, kv: KVCacheManager, live: list[Request]) -> 
     plan moves each block once and swaps in only into blocks the request now holds."""
     out = sched.schedule()
     assert len({c for _, c in out.swap_out}) == len(out.swap_out) and len({c for c, _ in out.swap_in}) == len(out.swap_in)
-    holders = {b: r for r in live for b in r.block_ids}
-    assert all(d in holders and holders[d].status == RequestStatus.RUNNING for _, d in out.swap_in)
+    # a plan's swap-outs run before its swap-ins: no CPU block may be written and read in one
+    assert not {c for _, c in out.swap_out} & {c for c, _ in out.swap_in}
+    holders = {b: r.status == RequestStatus.RUNNING for r in live for b in r.block_ids}
+    holders |= {b.block_id: True for blocks, _, _ in kv.pins.values() for b in blocks}  # a program's KV, back
+    assert all(holders.get(d) for _, d in out.swap_in)
     for req, num in out.scheduled:
         req.num_computed_tokens += num
         kv.cache_full_blocks(req)
@@ -40,7 +43,7 @@ def simulate_step(sched: Scheduler, kv: KVCacheManager, live: list[Request]) -> 
 
 
 def check_invariants(sched: Scheduler, kv: KVCacheManager, live: list[Request]) -> None:
-    owners = Counter()
+    owners = Counter(b.block_id for blocks, _, _ in kv.pins.values() for b in blocks)
     for r in live:
         assert len(set(r.block_ids)) == len(r.block_ids), "a request holds a block twice"
         if r.status == RequestStatus.SWAPPED:
@@ -54,19 +57,23 @@ def check_invariants(sched: Scheduler, kv: KVCacheManager, live: list[Request]) 
     for h, bid in kv.pool.cached.items():
         assert kv.pool.blocks[bid].hash == h
     if sched.swap_space is not None:
-        cpu = [c for ids in sched.swap_space.swapped.values() for c in ids]
-        assert len(cpu) == len(set(cpu))
-        assert len(cpu) + len(sched.swap_space.free_cpu_blocks) == sched.swap_space.num_cpu_blocks
+        swap = sched.swap_space
+        cpu = [c for ids in swap.swapped.values() for c in ids] + [c for p in swap.pins.values() for c in p.cpu_blocks]
+        cpu += swap.free_cpu_blocks + swap._read_this_plan
+        assert sorted(cpu) == list(range(swap.num_cpu_blocks))
     for r in live:
         assert r.num_computed_tokens <= len(r.block_ids) * BLOCK or r.status == RequestStatus.SWAPPED
 
 
 @settings(max_examples=150, deadline=None)
 @given(ops=st.lists(op, min_size=10, max_size=100), mode=st.sampled_from(["swap", "recompute"]), caching=st.booleans(),
-       budget=st.integers(4, 40), num_blocks=st.integers(8, 20))
-def test_block_accounting_survives_any_sequence_of_events(ops, mode, caching, budget, num_blocks):
+       budget=st.integers(4, 40), num_blocks=st.integers(8, 20), programs=st.booleans())
+def test_block_accounting_survives_any_sequence_of_events(ops, mode, caching, budget, num_blocks, programs):
+    """programs: calls belong to 4 agent programs, with program scheduling, so finished calls
+    pin their KV, pins yield (to the CPU pool with swap) and come back for the next call."""
     config = EngineConfig(model="dummy-tiny", block_size=BLOCK, num_kv_blocks=num_blocks, max_num_seqs=6,
-                          max_num_batched_tokens=budget, enable_prefix_caching=caching, preemption_mode=mode)
+                          max_num_batched_tokens=budget, enable_prefix_caching=caching, preemption_mode=mode,
+                          program_scheduling=programs)
     kv = KVCacheManager(num_blocks, BLOCK, caching)
     sched = Scheduler(config, kv, SwapSpace(kv, num_cpu_blocks=12) if mode == "swap" else None)
     live: list[Request] = []
@@ -75,7 +82,7 @@ def test_block_accounting_survives_any_sequence_of_events(ops, mode, caching, bu
         if kind == "add":
             prompt = ([1] * (c * BLOCK) + [100 + n] * a)[:max_len - 1]  # shared prefixes of 0-3 blocks
             req = Request(f"r{n}", prompt, SamplingParams(max_tokens=b, ignore_eos=True),
-                          max_total_tokens=max_len, arrival_time=float(n))
+                          max_total_tokens=max_len, arrival_time=float(n), program=f"p{c}" if programs else None)
             sched.add(req)
             live.append(req)
         elif kind == "abort" and live:
@@ -91,4 +98,6 @@ def test_block_accounting_survives_any_sequence_of_events(ops, mode, caching, bu
         simulate_step(sched, kv, live)
         check_invariants(sched, kv, live)
     assert not live and not sched.has_unfinished()
+    for key in list(kv.pins):
+        kv.unpin(key)
     assert kv.num_free_blocks == kv.num_blocks

@@ -290,8 +290,8 @@ def test_a_programs_kv_outlives_other_traffic_until_its_next_call(options, retai
     assert nxt.metrics.num_cached_tokens == (64 if retained else 0)
     assert "agent-run" in engine.kv.pins if retained else not engine.kv.pins  # pinned again, for its next
     stats = engine.stats()
-    assert stats["kv_pins"] == ({"made": 2, "taken": 1, "expired": 0, "yielded": 0} if retained else
-                                {"made": 0, "taken": 0, "expired": 0, "yielded": 0})
+    none = dict.fromkeys(["made", "taken", "expired", "yielded", "swapped_out", "swapped_in"], 0)
+    assert stats["kv_pins"] == (none | {"made": 2, "taken": 1} if retained else none)
     assert stats["kv_blocks_pinned"] == (len(engine.kv.pins["agent-run"][0]) if retained else 0)
 
 
@@ -324,6 +324,111 @@ def test_a_pin_past_its_time_to_live_gives_its_blocks_back():
     engine.kv.expire_pins(until + 0.001)  # what each step does with the clock past the pin's end
     assert not engine.kv.pins and engine.kv.num_free_blocks == 24
     assert engine.stats()["kv_pins"]["expired"] == 1 and engine.stats()["kv_blocks_pinned"] == 0
+
+
+def _churn(engine: LLMEngine, params: SamplingParams, starts=(1000, 2000, 3000)) -> None:
+    """Requests of 13 blocks each, one after the other: every evictable block is reused."""
+    for start in starts:
+        engine.add_request(list(range(start, start + 200)), params)
+        while engine.has_unfinished():
+            engine.step()
+
+
+def _next_call_after_pressure(preemption_mode: str) -> tuple[LLMEngine, list[int], int]:
+    """A program's call, then a request that needs every block (the pin yields), other
+    traffic, then the program's next call: (engine, its tokens, its cached prompt tokens)."""
+    engine = tiny_engine(num_kv_blocks=24, max_model_len=384, program_scheduling=True,
+                         preemption_mode=preemption_mode, swap_space=24 * _block_bytes())
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    first = engine.add_request(list(range(100, 164)), params, program="agent-run")
+    while engine.has_unfinished():
+        engine.step()
+    big = engine.add_request(list(range(5000, 5370)), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    assert big.metrics.num_preemptions == 0 and "agent-run" not in engine.kv.pins
+    _churn(engine, params)
+    nxt = engine.add_request(first.all_token_ids[:-1] + list(range(500, 520)), params, program="agent-run")
+    while engine.has_unfinished():
+        engine.step()
+    return engine, nxt.output_token_ids, nxt.metrics.num_cached_tokens
+
+
+def _block_bytes() -> int:
+    """One block of dummy-tiny's K and V, every layer, in fp32 (what swap_space counts)."""
+    from engine.loader import DUMMY_SHAPES
+    cfg = DUMMY_SHAPES["dummy-tiny"]
+    return 2 * cfg.num_layers * 16 * cfg.num_kv_heads * cfg.head_dim * 4
+
+
+def test_a_pin_that_yields_to_memory_pressure_is_swapped_out_and_back_for_its_programs_next_call():
+    """With a CPU swap pool, a pinned program's KV that must yield goes to CPU memory instead
+    of away; the program's next call brings it back and computes only what is new, with the
+    tokens of a run that kept the KV on the device all along (the copies are right)."""
+    swapped, tokens, cached = _next_call_after_pressure("swap")
+    stats = swapped.stats()
+    assert cached == 64
+    assert stats["kv_pins"] | {"made": 0} == {"made": 0, "taken": 1, "expired": 0, "yielded": 0,
+                                              "swapped_out": 1, "swapped_in": 1}
+    assert stats["kv_blocks_pinned_swapped"] == 0  # back on the device, then taken
+    dropped, tokens_recomputed, cached_recomputed = _next_call_after_pressure("recompute")
+    assert cached_recomputed == 0 and dropped.stats()["kv_pins"]["yielded"] == 1
+    assert tokens == tokens_recomputed
+    kept = tiny_engine(num_kv_blocks=24, max_model_len=384, program_scheduling=True)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    first = kept.add_request(list(range(100, 164)), params, program="agent-run")
+    while kept.has_unfinished():
+        kept.step()
+    nxt = kept.add_request(first.all_token_ids[:-1] + list(range(500, 520)), params, program="agent-run")
+    while kept.has_unfinished():
+        kept.step()
+    assert nxt.metrics.num_cached_tokens == 64 and nxt.output_token_ids == tokens
+    for engine in (swapped, kept):
+        engine.kv.unpin("agent-run")
+        assert_all_blocks_free(engine)
+    assert len(swapped.scheduler.swap_space.free_cpu_blocks) == swapped.scheduler.swap_space.num_cpu_blocks
+
+
+def test_a_swapped_pin_past_its_time_to_live_frees_its_cpu_blocks():
+    engine = tiny_engine(num_kv_blocks=24, max_model_len=384, program_scheduling=True, preemption_mode="swap",
+                         swap_space=24 * _block_bytes())
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    engine.add_request(list(range(100, 164)), params, program="agent-run")
+    while engine.has_unfinished():
+        engine.step()
+    engine.add_request(list(range(5000, 5370)), params)  # needs every block: the pin goes to CPU
+    engine.step()
+    engine.step()  # its prompt's second chunk
+    swap = engine.scheduler.swap_space
+    assert engine.stats()["kv_blocks_pinned_swapped"] == 4 and len(swap.free_cpu_blocks) == 20
+    until = swap.pins["agent-run"].until
+    swap.expire_pins(until + 0.001)
+    assert not swap.pins and len(swap.free_cpu_blocks) == 24
+    assert engine.stats()["kv_pins"]["expired"] == 1 and engine.stats()["kv_blocks_pinned_swapped"] == 0
+
+
+def test_a_preempted_request_takes_the_cpu_pool_from_swapped_pins():
+    """Swapped pins hold CPU blocks only while no preempted request needs them: a running
+    request's KV matters more than a program's between calls."""
+    engine = tiny_engine(num_kv_blocks=24, max_model_len=384, program_scheduling=True, preemption_mode="swap",
+                         swap_space=14 * _block_bytes())
+    swap = engine.scheduler.swap_space
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    engine.add_request(list(range(100, 164)), params, program="agent-run")
+    while engine.has_unfinished():
+        engine.step()
+    # Two requests of 10 blocks beside the 4 pinned fill the cache; as they grow, the pin goes
+    # to CPU (4 of 14 CPU blocks), then one of them is preempted with 12 blocks: only 10 free.
+    long = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    reqs = [engine.add_request(list(range(s, s + 150)), long) for s in (1000, 2000)]
+    while engine.has_unfinished():
+        engine.step()
+    pins = engine.stats()["kv_pins"]
+    assert pins["swapped_out"] == 1 and pins["yielded"] == 1 and not swap.pins
+    assert swap.num_swap_outs == 1 and sum(r.metrics.num_preemptions for r in reqs) == 1
+    assert all(r.finish_reason == "length" and len(r.output_token_ids) == 60 for r in reqs)
+    assert len(swap.free_cpu_blocks) == swap.num_cpu_blocks
+    assert_all_blocks_free(engine)
 
 
 @pytest.mark.parametrize("preemption_mode", ["recompute", "swap"])
