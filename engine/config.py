@@ -81,7 +81,8 @@ class EngineConfig:
     max_model_len: int | None = None          # default: the model's context, capped at 8192
     enable_chunked_prefill: bool = True       # a long prompt is computed over several steps
     enable_prefix_caching: bool = True        # full KV blocks are reused across requests by content
-    preemption_mode: Literal["swap", "recompute"] = "recompute"  # what a preempted request's KV does
+    # what a preempted request's KV does (swap: also agent programs' kept KV that must yield)
+    preemption_mode: Literal["swap", "recompute"] = "recompute"
     swap_space: int = 1 << 30                 # bytes of CPU memory for swapped-out blocks
     scheduling_policy: Literal["continuous", "static"] = "continuous"  # static: the benchmarks' baseline
     # Admit waiting requests by their agent program's attained service, least first (Autellix's
