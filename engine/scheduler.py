@@ -217,10 +217,15 @@ class Scheduler:
             self.program_service = {p: e for p, e in self.program_service.items() if now - e[1] < PROGRAM_IDLE_S}
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            req = self._next_waiting()
-            if req is None:
+        """Starts waiting requests in admission order while the budget, the batch and the
+        blocks allow; the first that does not fit stops it (no overtaking by smaller ones)."""
+        cap = self.config.max_programs_in_progress if self.config.program_scheduling else None
+        active = self._programs_in_progress() if cap is not None else set()
+        for req in self._admission_order():
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
+            if cap is not None and req.program is not None and req.program not in active and len(active) >= cap:
+                continue  # a new program's first call waits while the cap is reached
             if req.status == RequestStatus.SWAPPED:
                 moves = self.swap_space.swap_in(req)
                 if moves is None:
@@ -249,34 +254,28 @@ class Scheduler:
             if self.swap_space is not None and req.program in self.swap_space.pins:  # no room to bring it back
                 self.swap_space.drop_pin(req.program, "yielded")
             self._start(req)
+            if req.program is not None:
+                active.add(req.program)
             if num_new:
                 out.scheduled.append((req, num_new))
                 budget -= num_new
 
-    def _admissible(self) -> list[Request]:
-        """The waiting requests that may start now: all, except (max_programs_in_progress)
-        the first calls of new programs while that many programs are in progress."""
-        cap = self.config.max_programs_in_progress if self.config.program_scheduling else None
-        if cap is None:
-            return self.waiting
+    def _programs_in_progress(self) -> set[str]:
+        """Programs with a call running, KV kept between calls, or a call waiting after one
+        started (max_programs_in_progress counts these)."""
         active = {r.program for r in self.running if r.program is not None} | set(self.kv.pins)
         active |= set(self.swap_space.pins) if self.swap_space is not None else set()
-        active |= {r.program for r in self.waiting if r.program in self.program_service}
-        if len(active) < cap:
-            return self.waiting
-        return [r for r in self.waiting if r.program is None or r.program in active]
+        return active | {r.program for r in self.waiting if r.program in self.program_service}
 
-    def _next_waiting(self) -> Request | None:
-        """The waiting request to admit next (None: none may start): by priority, aged; then
-        (program scheduling) by its program's rank (service levels aged; first arrivals need
-        no aging); then by arrival."""
-        waiting = self._admissible()
-        if not waiting:
-            return None
-        first = waiting[0]  # FIFO, preempted requests put back in front
+    def _admission_order(self) -> list[Request]:
+        """The waiting requests in the order they may start, computed once a step: by
+        priority, aged; then (program scheduling) by their program's rank (service levels
+        aged; first arrivals need no aging); then by queue position (FIFO, preempted requests
+        put back in front)."""
+        waiting = list(self.waiting)
         ranks = [self._program_rank(r) for r in waiting]
-        if all(r.priority == first.priority for r in waiting) and all(rk == ranks[0] for rk in ranks):
-            return first
+        if all(r.priority == waiting[0].priority for r in waiting) and all(rk == ranks[0] for rk in ranks):
+            return waiting
         now = time.time()
         rank_ages = self.config.program_order == "least_attained"
 
@@ -284,7 +283,7 @@ class Scheduler:
             r = waiting[i]
             aged = int((now - r.arrival_time) // PRIORITY_AGING_S)  # whole levels gained by waiting
             return r.priority - aged, ranks[i] - aged * rank_ages, i
-        return waiting[min(range(len(waiting)), key=key)]
+        return [waiting[i] for i in sorted(range(len(waiting)), key=key)]
 
     def _start(self, req: Request) -> None:
         req.status = RequestStatus.RUNNING
