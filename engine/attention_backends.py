@@ -5,8 +5,9 @@ decoder layer calls (norms, RoPE with the K/V write, attention, the gated activa
   any device.
 - `cpu`: the C++ kernels the platform built for its ISA level (engine_kernels/csrc/):
   every op, decodes' attention included; prompt chunks attend on the torch path.
-- `triton`: engine_kernels/triton_attention.py over one varlen description of the batch
-  (GPU; the interpreter in tests); the other ops in torch.
+- `triton`: engine_kernels/triton_attention.py over one varlen description of the batch,
+  and each of the layer's other ops as one fused launch (engine_kernels/triton_ops.py); GPU,
+  the interpreter in tests.
 
 `make_backend` chooses one from the name, the device and the platform; `check_backend`
 refuses a combination that cannot run, before any weights load.
@@ -168,8 +169,14 @@ class TritonBackend(TorchBackend):
     def __init__(self, block_size: int, device: torch.device) -> None:
         super().__init__(block_size, device)
         from engine_kernels import triton_attention as kernels  # imports triton: only when chosen
+        from engine_kernels import triton_ops
         self.kernels = kernels
         self.write_kv = kernels.write_kv
+        self.rms_norm = triton_ops.rms_norm
+        self.add_rms_norm_ = triton_ops.add_rms_norm_
+        self.head_rms_norm_ = triton_ops.head_rms_norm_
+        self.rope_and_write_kv = triton_ops.rope_and_write_kv
+        self.act_and_mul = triton_ops.act_and_mul
 
     def build_metadata(self, slot_mapping: torch.Tensor, decodes: list[AttentionRows],
                        prefills: list[AttentionRows]) -> AttentionMetadata:
@@ -194,8 +201,8 @@ class TritonBackend(TorchBackend):
                                            window=window)
 
     def kernel_names(self, dtype: torch.dtype, head_dim: int, group: int, kv_cache_dtype: str) -> dict[str, str]:
-        return super().kernel_names(dtype, head_dim, group, kv_cache_dtype) | {
-            "decode_attention": "triton", "prefill_attention": "triton", "rope_kv_write": "torch+triton"}
+        return {"norms": "triton", "rope_kv_write": "triton", "activation": "triton", "decode_attention": "triton",
+                "prefill_attention": "triton"}
 
 
 def padded_table(block_ids: list[int], width: int) -> list[int]:

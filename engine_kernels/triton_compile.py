@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine_kernels import GPU_BLOCK_SIZES
+from engine_kernels import GPU_BLOCK_SIZES, triton_attention, triton_ops
 from engine_kernels.triton_attention import MAX_KV_SPLITS, kv_tile, tile_rows
 
 # Shared memory one block may use (bytes, the opt-in maximum): CUDA's compute capability tables
@@ -29,15 +29,19 @@ HEAD_DIMS = (64, 128, 256)
 DTYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 BLOCK_SIZES = GPU_BLOCK_SIZES  # what EngineConfig lets the triton backend use on CUDA
+# The norm's tile follows the hidden size (a row in registers up to triton_ops.MAX_ROW_TILE, then
+# two passes): SmolLM2-135M 576, Gemma 3 270M 640, Llama 3 8B 4096, 70B 8192, larger rows
+NORM_SIZES = {576: "SmolLM2", 640: "Gemma 3 270M", 4096: "Llama 3 8B", 8192: "Llama 3 70B", 16384: "two passes"}
 
 
 @dataclass(frozen=True)
 class KernelConfig:
-    kernel: str       # the launcher's name: paged_attention, merge_splits, write_kv, copy_blocks
+    kernel: str       # the launcher's name: paged_attention, merge_splits, write_kv, copy_blocks, rms_norm, ...
     variant: str      # prefill | decode | split-KV, or the sizes
     dtype: str
     signature: tuple  # ((name, type), ...)
     constexprs: tuple  # ((name, value), ...)
+    options: tuple = ()  # compile options the launcher passes: ((name, value), ...)
 
     @property
     def name(self) -> str:
@@ -68,8 +72,51 @@ def _attention(head_dim: int, dtype: str, block_size: int, group: int, mode: str
     consts = (("G", group), ("D", head_dim), ("BLOCK_SIZE", block_size),
               ("KV_TILE", kv_tile(block_size, head_dim, ELEMENT_BYTES[dtype], decode)), ("ROWS", rows),
               ("TOKENS_PER_TILE", 1 if mode == "split-KV" else rows // group),
-              ("KV_SPLIT_LEN", 1024 if mode == "split-KV" else 0), ("NUM_SPLITS", splits), ("HALF_DOT", dtype != "fp32"))
+              ("KV_SPLIT_LEN", 1024 if mode == "split-KV" else 0), ("NUM_SPLITS", splits),
+              ("HALF_DOT", dtype != "fp32"))
     return KernelConfig("paged_attention", f"{mode}, D={head_dim}, block={block_size}, G={group}", dtype, sig, consts)
+
+
+def _ops_options(elements: int) -> tuple:
+    return (("num_warps", triton_ops.num_warps(elements)),) + tuple(triton_ops.EXACT_OPTIONS.items())
+
+
+def _norm(n: int, dtype: str, residual: bool, gemma: bool, what: str) -> KernelConfig:
+    """triton_ops' norm launch for rows of n: a hidden state (`residual`: add_rms_norm_), or
+    per-head q/k norms (head_rms_norm_) at head dim n."""
+    p = DTYPES[dtype]
+    rows, block = triton_ops.norm_tiling(n)
+    sig = (*[(s, p) for s in ("x_ptr", "residual_ptr", "w_ptr", "w2_ptr", "out_ptr")],
+           *[(s, "i32") for s in ("stride_xt", "stride_rt", "stride_ot", "num_rows", "heads", "split", "n")],
+           ("eps", "fp32"), *[(s, "constexpr") for s in ("ROWS", "BLOCK", "ONE_TILE", "RESIDUAL", "GEMMA")])
+    consts = (("ROWS", rows), ("BLOCK", block), ("ONE_TILE", n <= block), ("RESIDUAL", residual), ("GEMMA", gemma))
+    return KernelConfig("rms_norm", what + (", gemma" if gemma else ""), dtype, sig, consts,
+                        _ops_options(rows * block))
+
+
+def _ops(head_dims, dtypes) -> list[KernelConfig]:
+    """triton_ops' launches: norms at each tile the hidden sizes take, per-head norms, RoPE with
+    the K/V write at each head dim, the gated activation."""
+    out = []
+    for t in dtypes:
+        p = DTYPES[t]
+        out += [_norm(n, t, True, n == 640, f"add, n={n} ({model})") for n, model in NORM_SIZES.items()]
+        out.append(_norm(5376, t, False, True, "n=5376 (Gemma 3 27B's extra norms)"))
+        out += [_norm(d, t, False, d == 256, f"heads, D={d}") for d in head_dims]
+        for d in head_dims:
+            rows, half = triton_ops.rope_rows(d), d // 2
+            out.append(KernelConfig("rope_write_kv", f"D={d}", t, (
+                *[(s, p) for s in ("qkv_ptr", "cos_ptr", "sin_ptr", "q_ptr", "k_cache_ptr", "v_cache_ptr")],
+                ("slot_ptr", "*i64"), *[(s, "i32") for s in ("stride_qkv", "num_rows", "num_heads", "num_kv_heads")],
+                ("D", "constexpr"), ("HALF", "constexpr"), ("ROWS", "constexpr")),
+                (("D", d), ("HALF", half), ("ROWS", rows)), _ops_options(2 * rows * half)))
+        rows, block = triton_ops.act_tiling(14336)  # any d from ACT_BLOCK up: Llama 3 8B's
+        for gelu in (False, True):
+            out.append(KernelConfig("act_and_mul", "tanh-GELU" if gelu else "SiLU", t, (
+                ("x_ptr", p), ("out_ptr", p), *[(s, "i32") for s in ("T", "d", "stride_xt", "stride_ot")],
+                ("ROWS", "constexpr"), ("BLOCK", "constexpr"), ("GELU", "constexpr")),
+                (("ROWS", rows), ("BLOCK", block), ("GELU", gelu)), _ops_options(triton_ops.ACT_BLOCK)))
+    return out
 
 
 def kernel_configs(head_dims=HEAD_DIMS, dtypes=tuple(DTYPES), block_sizes=BLOCK_SIZES, groups=(1, 4, 8),
@@ -94,11 +141,13 @@ def kernel_configs(head_dims=HEAD_DIMS, dtypes=tuple(DTYPES), block_sizes=BLOCK_
             ("cache_ptr", DTYPES[t]), ("src_ptr", "*i64"), ("dst_ptr", "*i64"), ("LAYER_STRIDE", "constexpr"),
             ("BLOCK_NUMEL", "constexpr"), ("CHUNK", "constexpr")),
             (("LAYER_STRIDE", 1024 * 16 * 8 * 128), ("BLOCK_NUMEL", 16 * 8 * 128), ("CHUNK", 1024))))
-    return out
+    return out + _ops(head_dims, dtypes)
 
 
-_KERNELS = {"paged_attention": "_paged_attention_kernel", "merge_splits": "_merge_splits_kernel",
-            "write_kv": "_write_kv_kernel", "copy_blocks": "_copy_blocks_kernel"}
+_KERNELS = {"paged_attention": triton_attention._paged_attention_kernel,
+            "merge_splits": triton_attention._merge_splits_kernel, "write_kv": triton_attention._write_kv_kernel,
+            "copy_blocks": triton_attention._copy_blocks_kernel, "rms_norm": triton_ops._rms_norm_kernel,
+            "rope_write_kv": triton_ops._rope_write_kv_kernel, "act_and_mul": triton_ops._act_and_mul_kernel}
 
 
 def compile_one(config: KernelConfig, target: str) -> Compiled:
@@ -108,11 +157,10 @@ def compile_one(config: KernelConfig, target: str) -> Compiled:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from engine_kernels import triton_attention
     arch, _ = TARGETS[target]
-    fn = getattr(triton_attention, _KERNELS[config.kernel])
-    kernel = triton.compile(ASTSource(fn, dict(config.signature), constexprs=dict(config.constexprs)),
-                            target=GPUTarget("cuda", arch, 32))
+    kernel = triton.compile(ASTSource(_KERNELS[config.kernel], dict(config.signature),
+                                      constexprs=dict(config.constexprs)),
+                            target=GPUTarget("cuda", arch, 32), options=dict(config.options))
     registers, spills = _resource_usage(kernel.asm["cubin"])
     return Compiled(config, target, kernel.metadata.shared, registers, spills)
 

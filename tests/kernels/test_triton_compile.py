@@ -1,8 +1,9 @@
 """The Triton kernels compiled for real GPU targets (L4: sm_89, H100: sm_90) on this machine,
 without a GPU: what the interpreter the other Triton tests run under cannot show. The
 heaviest configuration of each kernel the engine may launch (attention: every head dim,
-whose decode KV tiles differ, the largest group, bf16 and fp32; the rest at head dim 256)
-compiles within the target's shared memory per block and without spills.
+whose decode KV tiles differ, the largest group, bf16 and fp32; the rest at head dim 256, the
+layer's element-wise ops in bf16 too: their rounding differs) compiles within the target's
+shared memory per block and without spills.
 `python -m benchmarks gpu-compile` prints every configuration."""
 import json
 import os
@@ -14,11 +15,13 @@ import torch
 
 from engine.attention_backends import TRITON_BLOCK_SIZES, check_backend
 
-_SCRIPT = """
+OPS = ("rms_norm", "rope_write_kv", "act_and_mul")  # engine_kernels/triton_ops.py
+_SCRIPT = f"OPS = {OPS!r}\n" + """
 import json
 from engine_kernels import triton_compile as tc
 configs = [c for c in tc.kernel_configs(dtypes=("bf16", "fp32"), groups=(8,)) if c.kernel == "paged_attention"]
 configs += [c for c in tc.kernel_configs(head_dims=(256,), dtypes=("fp32",)) if c.kernel != "paged_attention"]
+configs += [c for c in tc.kernel_configs(head_dims=(256,), dtypes=("bf16",)) if c.kernel in OPS]
 old = tc._attention(256, "fp32", 16, 4, "prefill")  # the 64-row tile it used before, at D=256
 old = tc.KernelConfig(old.kernel, "prefill, 64 rows", old.dtype, old.signature,
                       tuple((k, 64 if k == "ROWS" else 16 if k == "TOKENS_PER_TILE" else v) for k, v in old.constexprs))
@@ -36,7 +39,7 @@ def test_every_kernel_compiles_for_l4_and_h100_within_their_limits():
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report["failures"] == []
     kernels = {name.split("[")[0] for name, *_ in report["compiled"]}
-    assert kernels == {"paged_attention", "merge_splits", "write_kv", "copy_blocks"}
+    assert kernels == {"paged_attention", "merge_splits", "write_kv", "copy_blocks", *OPS}
     assert {target for _, target, *_ in report["compiled"]} == {"sm_89", "sm_90"}
     # the check can fail: the tile the prefill kernel used before needed more than an L4 has
     assert any("shared memory" in p and "sm_89" in p for p in report["old_problems"]), report["old_problems"]
