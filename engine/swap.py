@@ -125,8 +125,9 @@ class SwapSpace:
         """Brings back the part of `key`'s swapped KV that starts `req`'s prompt (the
         program's next call), as a device pin that the call then takes: (CPU block, device
         block) pairs, none for blocks still cached on the device. Nothing (the swapped KV
-        stays) unless every block the call needs is free without any pin yielding, or when
-        the program has KV pinned on the device already (a later call's: the swapped one goes)."""
+        stays) unless every block the call needs is free without any pin yielding; nothing
+        and the swapped KV let go when the call does not start with it, or when the program
+        has KV pinned on the device already (a later call's)."""
         pin, pool = self.pins[key], self.kv.pool
         if key in self.kv.pins:
             self.drop_pin(key, "yielded")
@@ -136,6 +137,9 @@ class SwapSpace:
             if name != wanted:
                 break
             names.append(name)
+        if not names:  # the call does not start with it: of no use (as a device pin, taken and let go)
+            self.drop_pin(key, "taken")
+            return []
         found = [pool.lookup(h, t) for h, t in names]
         hits = [b for b in found if b is not None]
         free_after = pool.num_free - sum(1 for b in hits if b.ref_count == 0)  # shared ones stop being free
@@ -153,8 +157,7 @@ class SwapSpace:
         del self.pins[key]
         self._read_this_plan += pin.cpu_blocks[:len(names)]
         self.free_cpu_blocks += pin.cpu_blocks[len(names):]
-        if blocks:
-            self.kv.pins[key] = (blocks, pin.until, pin.pinned_at)
+        self.kv.pins[key] = (blocks, pin.until, pin.pinned_at)
         self.kv.pin_counts["swapped_in"] += 1
         return pairs
 
