@@ -232,6 +232,12 @@ class KVCacheManager:
             self.pool.release(block)
         return entry[2]
 
+    def make_room(self, num_blocks: int) -> bool:
+        """Lets pins yield, oldest first, until `num_blocks` blocks are free; whether they are."""
+        while num_blocks > self.pool.num_free and self.pins:
+            self._yield_oldest_pin()
+        return num_blocks <= self.pool.num_free
+
     def _yield_oldest_pin(self) -> None:
         key, (blocks, until, pinned_at) = next(iter(self.pins.items()))
         if self.spill is None:

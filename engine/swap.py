@@ -124,10 +124,11 @@ class SwapSpace:
     def swap_in_pin(self, key: str, req: Request) -> list[tuple[int, int]]:
         """Brings back the part of `key`'s swapped KV that starts `req`'s prompt (the
         program's next call), as a device pin that the call then takes: (CPU block, device
-        block) pairs, none for blocks still cached on the device. Nothing (the swapped KV
-        stays) unless every block the call needs is free without any pin yielding; nothing
-        and the swapped KV let go when the call does not start with it, or when the program
-        has KV pinned on the device already (a later call's)."""
+        block) pairs, none for blocks still cached on the device. Other pins yield for it, as
+        they would for computing the prefix again (which takes as many blocks); nothing (the
+        swapped KV stays) when even that leaves too few blocks free; nothing and the swapped
+        KV let go when the call does not start with it, or when the program has KV pinned on
+        the device already (a later call's)."""
         pin, pool = self.pins[key], self.kv.pool
         if key in self.kv.pins:
             self.drop_pin(key, "yielded")
@@ -142,11 +143,13 @@ class SwapSpace:
             return []
         found = [pool.lookup(h, t) for h, t in names]
         hits = [b for b in found if b is not None]
-        free_after = pool.num_free - sum(1 for b in hits if b.ref_count == 0)  # shared ones stop being free
-        if free_after < self.kv.blocks_for(req.num_tokens) - len(hits):  # the restored blocks and the rest
-            return []
-        for b in hits:  # first, so that the allocations below cannot evict them
+        for b in hits:  # first, so that neither pins yielding nor the allocations below evict them
             pool.share(b)
+        # the blocks to copy back and the rest of the prompt: what computing it again would take
+        if not self.kv.make_room(self.kv.blocks_for(req.num_tokens) - len(hits)):
+            for b in hits:
+                pool.release(b)
+            return []
         blocks, pairs = [], []
         for (h, t), block, cpu in zip(names, found, pin.cpu_blocks):
             if block is None:

@@ -389,6 +389,31 @@ def test_a_pin_that_yields_to_memory_pressure_is_swapped_out_and_back_for_its_pr
     assert len(swapped.scheduler.swap_space.free_cpu_blocks) == swapped.scheduler.swap_space.num_cpu_blocks
 
 
+def test_a_swapped_pin_comes_back_when_other_pins_must_yield_for_it():
+    """Bringing a program's KV back takes no more blocks than computing it again, so other
+    programs' pins yield for it (to the CPU pool) as they would for the recompute."""
+    engine = tiny_engine(num_kv_blocks=24, max_model_len=384, program_scheduling=True, preemption_mode="swap",
+                         swap_space=24 * _block_bytes())
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    first = engine.add_request(list(range(100, 164)), params, program="a")
+    while engine.has_unfinished():
+        engine.step()
+    engine.add_request(list(range(5000, 5370)), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    assert "a" in engine.scheduler.swap_space.pins
+    engine.add_request(list(range(2000, 2300)), params, program="b")  # 19 blocks pinned after
+    while engine.has_unfinished():
+        engine.step()
+    assert len(engine.kv.pins["b"][0]) == 19 and engine.kv.num_free_blocks == 5
+    nxt = engine.add_request(first.all_token_ids[:-1] + list(range(500, 520)), params, program="a")  # 6 blocks
+    while engine.has_unfinished():
+        engine.step()
+    assert nxt.metrics.num_cached_tokens == 64
+    pins = engine.stats()["kv_pins"]
+    assert pins["swapped_out"] == 2 and pins["swapped_in"] == 1 and "b" in engine.scheduler.swap_space.pins
+
+
 def test_a_swapped_pin_past_its_time_to_live_frees_its_cpu_blocks():
     engine = tiny_engine(num_kv_blocks=24, max_model_len=384, program_scheduling=True, preemption_mode="swap",
                          swap_space=24 * _block_bytes())
