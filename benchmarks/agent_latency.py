@@ -48,10 +48,10 @@ POLICIES = {  # EngineConfig options of each policy of ours
     "program scheduling + KV kept": {"program_scheduling": True, "program_kv_retention": True},
     "oldest program first + KV kept": {"program_scheduling": True, "program_order": "first_arrived",
                                        "program_kv_retention": True},
-    # at most twice the default batch (8) of programs in progress
     # KV that must yield goes to a CPU pool as large as the cache (swap_space: engine_runner) and comes back
     "oldest program first + KV kept + swapped": {"program_scheduling": True, "program_order": "first_arrived",
                                                  "program_kv_retention": True, "preemption_mode": "swap"},
+    # at most twice the default batch (8) of programs in progress
     "oldest first + KV kept + at most 16 in progress": {"program_scheduling": True, "program_order": "first_arrived",
                                                         "program_kv_retention": True, "max_programs_in_progress": 16},
 }

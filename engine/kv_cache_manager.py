@@ -15,6 +15,7 @@ pool exists (engine/swap.py), a yielding pin is handed to it (`spill`) instead o
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from engine.request import Request
@@ -125,31 +126,27 @@ class KVCacheManager:
     def _hash(self, req: Request, index: int, parent: int | None) -> int:
         return hash((parent, self._block_tokens(req, index)))
 
-    def prefix_names(self, req: Request) -> list[tuple[int, tuple[int, ...]]]:
-        """(hash, token ids) of the blocks a prefix-cache hit can give `req`: its full blocks
-        but the one holding its last token (at least one token must be computed)."""
-        names, parent = [], None
+    def prefix_names(self, req: Request) -> Iterator[tuple[int, tuple[int, ...]]]:
+        """(hash, token ids) of the blocks a prefix-cache hit can give `req`, in order, as
+        they are asked for: its full blocks but the one holding its last token (at least one
+        token must be computed to sample from)."""
+        parent = None
         for i in range((req.num_tokens - 1) // self.block_size):
             parent = self._hash(req, i, parent)
-            names.append((parent, self._block_tokens(req, i)))
-        return names
+            yield parent, self._block_tokens(req, i)
 
     def find_cached_prefix(self, req: Request) -> list[Block]:
-        """Cached blocks matching the start of a request that holds no blocks yet. Never the
-        block holding its last token: at least one token must be computed to sample from."""
+        """Cached blocks matching the start of a request that holds no blocks yet."""
         assert not req.block_ids
         if not self.enable_prefix_caching:
             return []
         self.prefix_cache_queries += req.num_tokens
         hits: list[Block] = []
-        parent = None
-        for i in range((req.num_tokens - 1) // self.block_size):
-            h = self._hash(req, i, parent)
-            block = self.pool.lookup(h, self._block_tokens(req, i))
+        for block_hash, token_ids in self.prefix_names(req):
+            block = self.pool.lookup(block_hash, token_ids)
             if block is None:
                 break
             hits.append(block)
-            parent = h
         self.prefix_cache_hits += len(hits) * self.block_size
         return hits
 

@@ -29,9 +29,9 @@ call leaves its KV blocks pinned for the program's next call (the one after its 
 calls) for a time-to-live: twice the gap observed between a program's calls (its tools'
 time), averaged over programs, within 2-60 s; pins yield to any allocation that would fail
 without them (kv_cache_manager), to the CPU swap pool where there is one (preemption_mode
-"swap"), from which the program's next call brings them back. The scheduler plans and the runner moves memory: swaps
-(engine/swap.py) and parallel sampling's block copies come out as plans the runner makes
-before the step's forward pass.
+"swap"), from which the program's next call brings them back. The scheduler plans and the
+runner moves memory: swaps (engine/swap.py) and parallel sampling's block copies come out as
+plans the runner makes before the step's forward pass.
 
 The static-batching baseline is `engine.static_scheduler.StaticScheduler`.
 """

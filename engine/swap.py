@@ -18,10 +18,10 @@ run before its swap-ins.
 """
 from __future__ import annotations
 
-import torch
-
 from collections import OrderedDict
 from dataclasses import dataclass
+
+import torch
 
 from engine.kv_cache_manager import KVCacheManager
 from engine.request import Request
