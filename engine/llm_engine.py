@@ -90,6 +90,7 @@ class LLMEngine:
         self.peak_batch_size = 0
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
+        self.num_prefill_tokens_computed = 0  # prompt tokens run through the model: cache misses and recomputes
         log.info("engine ready: %s, %s on %s (%s attention), %d KV blocks of %d tokens (%s), max_model_len %d",
                  config.model, config.dtype, self.platform, backend.name, num_blocks, config.block_size,
                  "int8" if int8_kv else config.dtype, self.max_model_len)
@@ -252,6 +253,7 @@ class LLMEngine:
                           num_free_blocks=self.kv.num_free_blocks,
                           num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting))
         self.step_history.append(stats)
+        self.num_prefill_tokens_computed += stats.num_prefill_tokens
         self.peak_batch_size = max(self.peak_batch_size, stats.batch_size)
         groups = list(dict.fromkeys(r.group_id for r in updated))
         return StepOutput([self.make_output(g) for g in groups], updated, list(sched.preempted), stats)
@@ -285,6 +287,7 @@ class LLMEngine:
             "batch_size_history": history,
             "num_steps": self.step_count,
             "prompt_tokens_total": self.num_prompt_tokens,
+            "prefill_tokens_computed_total": self.num_prefill_tokens_computed,
             "generation_tokens_total": self.num_generated_tokens,
             "grammar_cache_hits": self.grammars.cache_hits,
             "grammar_cache_misses": self.grammars.cache_misses,

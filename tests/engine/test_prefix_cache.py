@@ -58,6 +58,8 @@ def test_second_turn_of_a_conversation_computes_only_its_new_tokens():
     # Everything up to the last full block of turn 1 (prompt + reply) came from the cache.
     assert computed <= len(new_message) + engine.kv.block_size
     assert turn2.metrics.num_cached_tokens >= (len(turn1.all_token_ids) - 1) // 16 * 16
+    # stats() counts the prompt tokens the model ran: turn 1's whole prompt, turn 2's misses
+    assert engine.stats()["prefill_tokens_computed_total"] == turn1.num_prompt_tokens + computed
 
 
 def test_freed_cached_blocks_stay_reusable_until_evicted_lru():
