@@ -232,6 +232,8 @@ async def chat_stream(engine, messages: list[dict], spec: ReplySpec, params: Sam
             yield ChatDelta(i, reply.text[len(streamed[i]):], [])  # held back as a possible call, and not one
         thought_tokens = await engine.count_tokens(thinking) if thinking else 0
         choices.append(ChatChoice(i, reply, finish[i], num_output[i], min(thought_tokens, num_output[i])))
+    if program is not None and not any(c.reply.tool_calls for c in choices) and last.metrics.finished_time:
+        engine.release_program_kv(program, last.metrics.finished_time)  # no tool call: no next call takes its KV
     yield ChatResult(choices=choices, request_id=last.request_id, num_prompt_tokens=len(last.prompt_token_ids),
                      num_cached_tokens=last.metrics.num_cached_tokens, prompt_token_ids=list(last.prompt_token_ids),
                      output_token_ids=first_ids, time_in_queue=last.metrics.time_in_queue)

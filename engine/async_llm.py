@@ -48,6 +48,7 @@ class AsyncLLM:
         self._cond = threading.Condition()
         self._inbox: list[Request] = []
         self._aborts: list[str] = []                    # engine ids
+        self._releases: list[tuple[str, float]] = []    # (program, finished by): release_program_kv
         self._streams: dict[str, RequestStream] = {}    # engine id -> its caller's stream
         self._engine_ids: dict[str, str] = {}           # caller's id -> engine id, while in flight
         self._seq = itertools.count()
@@ -152,6 +153,14 @@ class AsyncLLM:
             engine_id = self._engine_ids.get(request_id)
         return engine_id is not None and self._abort_engine_id(request_id, engine_id)
 
+    def release_program_kv(self, program: str, finished_by: float) -> None:
+        """The call of `program` that finished at `finished_by` (its output's
+        metrics.finished_time) ended in no tool call: the KV kept for the program's next call
+        is let go (at the step thread's next turn), not held for its time to live."""
+        with self._cond:
+            self._releases.append((program, finished_by))
+            self._cond.notify()
+
     def stats(self) -> dict:
         """Engine stats as of the last step, plus the requests not yet taken in."""
         with self._cond:
@@ -228,12 +237,16 @@ class AsyncLLM:
             self._fail_all(EngineDeadError(f"engine step loop died: {exc!r}"))
 
     def _take_in(self) -> None:
-        """Moves new requests and aborts into the engine."""
+        """Moves new requests, aborts and KV releases into the engine."""
         with self._cond:
-            while not (self._inbox or self._aborts or self.engine.has_unfinished() or self._stopping):
+            while not (self._inbox or self._aborts or self._releases or self.engine.has_unfinished()
+                       or self._stopping):
                 self._cond.wait()
             inbox, self._inbox = self._inbox, []
             aborts, self._aborts = self._aborts, []
+            releases, self._releases = self._releases, []
+        for program, finished_by in releases:
+            self.engine.release_program_kv(program, finished_by)
         for req in inbox:
             try:
                 self.engine.enqueue(req, delta=True)

@@ -8,7 +8,8 @@ cached blocks shares them (ref count + 1) and computes only the rest.
 
 A finished call of an agent program can leave its full blocks pinned for the program's next
 call (`pin`): held by a reference of their own, so no other traffic evicts them, until the
-next call takes them, the pin expires, or an allocation would fail without them (pins yield
+next call takes them, the front end learns the call ended in no tool call (`unpin`), the pin
+expires, or an allocation would fail without them (pins yield
 to memory pressure, oldest first: pinning never refuses or preempts anyone). Where a CPU swap
 pool exists (engine/swap.py), a yielding pin is handed to it (`spill`) instead of dropped.
 """
@@ -103,9 +104,11 @@ class KVCacheManager:
         self.prefix_cache_hits = 0     # of those, tokens found cached
         # program -> (its pinned blocks, when the pin expires, when it was made); oldest first
         self.pins: OrderedDict[str, tuple[list[Block], float, float]] = OrderedDict()
-        # taken: by the next call; yielded: dropped under memory pressure; swapped_out/_in: to
-        # the CPU pool instead, and back for the next call (engine/swap.py)
-        self.pin_counts = {"made": 0, "taken": 0, "expired": 0, "yielded": 0, "swapped_out": 0, "swapped_in": 0}
+        # taken: by the next call; released: the call ended in no tool call (no next call
+        # comes); yielded: dropped under memory pressure; swapped_out/_in: to the CPU pool
+        # instead, and back for the next call (engine/swap.py)
+        self.pin_counts = {"made": 0, "taken": 0, "released": 0, "expired": 0, "yielded": 0,
+                           "swapped_out": 0, "swapped_in": 0}
         self.spill: list[YieldedPin] | None = None  # set where a swap pool takes yielding pins
 
     @property

@@ -168,6 +168,12 @@ class LLMEngine:
             self.scheduler.finish(seq, "abort")
         return self.outputs.make_output(request_id)
 
+    def release_program_kv(self, program: str, finished_by: float) -> None:
+        """The call of `program` that finished at `finished_by` (its metrics' finished_time)
+        ended in no tool call: the KV kept for the program's next call is let go now
+        (program_kv_retention; the front end that parses replies tells)."""
+        self.scheduler.release_program_kv(program, finished_by)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 

@@ -192,6 +192,17 @@ class Scheduler:
         return out.order_rows()
 
     # -- agent programs ------------------------------------------------------------------
+    def release_program_kv(self, program: str, finished_by: float) -> None:
+        """`program`'s call that finished at `finished_by` ended in no tool call: no next call
+        will take the KV kept for it, so it goes now (device or CPU pool), not at its time
+        to live. A pin made later (another call of the program since) stays."""
+        pin = self.kv.pins.get(program)
+        if pin is not None and pin[2] <= finished_by:
+            self.kv.unpin(program, "released")
+        swapped = self.swap_space.pins.get(program) if self.swap_space is not None else None
+        if swapped is not None and swapped.pinned_at <= finished_by:
+            self.swap_space.drop_pin(program, "released")
+
     def _program_rank(self, req: Request) -> float:
         """Where the call's program stands, lower first (0 without program scheduling).
         least_attained: 0 for a program's first SERVICE_QUANTUM tokens, then one more per

@@ -1,5 +1,6 @@
 """The engine behind ADK: concurrent Runner.run_async sessions land in one shared batch."""
 import asyncio
+import time
 
 import pytest
 from google.adk.agents import LlmAgent
@@ -22,7 +23,8 @@ CONFIG = types.GenerateContentConfig(max_output_tokens=12)
 
 @pytest.fixture(scope="module", autouse=True)
 def fp32_engine():
-    configure_engine(ALIAS, model="smollm2-135m-instruct", dtype="float32", max_num_seqs=64, num_kv_blocks=2048)
+    configure_engine(ALIAS, model="smollm2-135m-instruct", dtype="float32", max_num_seqs=64, num_kv_blocks=2048,
+                     program_kv_retention=True)  # KV kept across tool calls for calls of a program (the plugin's)
     yield engine_for(ALIAS)
 
 
@@ -275,3 +277,29 @@ def test_every_model_call_of_one_adk_run_carries_that_runs_program(monkeypatch):
     first, second = ({e.invocation_id for e in events} for events in runs)
     assert len(first) == len(second) == 1
     assert seen == [f"t/{session.id}/{first.pop()}"] * 2 + [f"t/{session.id}/{second.pop()}"] * 2
+
+
+def test_kv_is_kept_across_a_tool_call_and_let_go_after_the_final_answer():
+    """A run's call that ends in a tool call leaves its KV pinned for the run's next call,
+    which takes it; the final answer (no tool call) lets its KV go at once instead of holding
+    it for a time-to-live, taking memory from programs still between tool calls."""
+    from adk_backend.tool_policy import call_tools_then_answer
+    from agents.tools.agent import add_numbers
+    engine = engine_for(ALIAS)
+    before = dict(engine.stats()["kv_pins"])
+    agent = LlmAgent(name="calc", model=f"engine/{ALIAS}", tools=[add_numbers],
+                     before_model_callback=call_tools_then_answer,
+                     generate_content_config=types.GenerateContentConfig(max_output_tokens=48))
+    runner = InMemoryRunner(agent=agent, app_name="t", plugins=[adk_backend.ServiceTierPlugin()])
+    events = asyncio.run(run_session(runner, "What is 2 plus 3?", RunConfig(max_llm_calls=4)))
+    assert any(e.get_function_calls() for e in events) and events[-1].content.parts[0].text
+
+    def counted() -> dict:
+        return {k: v - before.get(k, 0) for k, v in engine.stats()["kv_pins"].items()}
+    deadline = time.monotonic() + 5  # the step thread takes the release in after the answer is out
+    while counted().get("released", 0) < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert counted() | {"expired": 0, "yielded": 0} == {"made": 2, "taken": 1, "released": 1, "expired": 0,
+                                                         "yielded": 0, "swapped_out": 0, "swapped_in": 0}
+    stats = engine.stats()
+    assert stats["kv_blocks_pinned"] == 0 and stats["kv_blocks_free"] == stats["kv_blocks_total"]

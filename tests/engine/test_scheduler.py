@@ -290,7 +290,7 @@ def test_a_programs_kv_outlives_other_traffic_until_its_next_call(options, retai
     assert nxt.metrics.num_cached_tokens == (64 if retained else 0)
     assert "agent-run" in engine.kv.pins if retained else not engine.kv.pins  # pinned again, for its next
     stats = engine.stats()
-    none = dict.fromkeys(["made", "taken", "expired", "yielded", "swapped_out", "swapped_in"], 0)
+    none = dict.fromkeys(["made", "taken", "released", "expired", "yielded", "swapped_out", "swapped_in"], 0)
     assert stats["kv_pins"] == (none | {"made": 2, "taken": 1} if retained else none)
     assert stats["kv_blocks_pinned"] == (len(engine.kv.pins["agent-run"][0]) if retained else 0)
 
@@ -324,6 +324,34 @@ def test_a_pin_past_its_time_to_live_gives_its_blocks_back():
     engine.kv.expire_pins(until + 0.001)  # what each step does with the clock past the pin's end
     assert not engine.kv.pins and engine.kv.num_free_blocks == 24
     assert engine.stats()["kv_pins"]["expired"] == 1 and engine.stats()["kv_blocks_pinned"] == 0
+
+
+def test_a_call_that_ends_in_no_tool_call_lets_its_programs_kept_kv_go_on_device_and_cpu():
+    """The front end parses the reply and tells: no tool call, so no next call will take the
+    KV. It goes at once (device blocks free, CPU blocks free), counted as released; a release
+    for an earlier call leaves the pin of a call that finished after it."""
+    engine, params = _engine_after_one_pinned_call()
+    pinned_at = engine.kv.pins["agent-run"][2]
+    engine.release_program_kv("agent-run", pinned_at - 1.0)  # an earlier call's answer: not this pin's
+    assert "agent-run" in engine.kv.pins
+    engine.release_program_kv("agent-run", pinned_at)
+    assert not engine.kv.pins and engine.kv.num_free_blocks == 24
+    assert engine.stats()["kv_pins"]["released"] == 1 and engine.stats()["kv_blocks_pinned"] == 0
+    engine.release_program_kv("never-seen", pinned_at)  # nothing kept: nothing to do
+
+    swapping = tiny_engine(num_kv_blocks=24, max_model_len=384, program_scheduling=True, preemption_mode="swap",
+                           swap_space=24 * _block_bytes())
+    done = swapping.add_request(list(range(100, 164)), params, program="agent-run")
+    while swapping.has_unfinished():
+        swapping.step()
+    swapping.add_request(list(range(5000, 5370)), params)  # needs every block: the pin goes to CPU
+    while swapping.has_unfinished():
+        swapping.step()
+    swap = swapping.scheduler.swap_space
+    assert "agent-run" in swap.pins and len(swap.free_cpu_blocks) == 20
+    swapping.release_program_kv("agent-run", done.metrics.finished_time)
+    assert not swap.pins and len(swap.free_cpu_blocks) == 24
+    assert swapping.stats()["kv_pins"]["released"] == 1
 
 
 def _churn(engine: LLMEngine, params: SamplingParams, starts=(1000, 2000, 3000)) -> None:
@@ -368,7 +396,7 @@ def test_a_pin_that_yields_to_memory_pressure_is_swapped_out_and_back_for_its_pr
     swapped, tokens, cached = _next_call_after_pressure("swap")
     stats = swapped.stats()
     assert cached == 64
-    assert stats["kv_pins"] | {"made": 0} == {"made": 0, "taken": 1, "expired": 0, "yielded": 0,
+    assert stats["kv_pins"] | {"made": 0} == {"made": 0, "taken": 1, "released": 0, "expired": 0, "yielded": 0,
                                               "swapped_out": 1, "swapped_in": 1}
     assert stats["kv_blocks_pinned_swapped"] == 0  # back on the device, then taken
     dropped, tokens_recomputed, cached_recomputed = _next_call_after_pressure("recompute")
