@@ -9,8 +9,9 @@ cached blocks shares them (ref count + 1) and computes only the rest.
 A finished call of an agent program can leave its full blocks pinned for the program's next
 call (`pin`): held by a reference of their own, so no other traffic evicts them, until the
 next call takes them, the front end learns the call ended in no tool call (`unpin`), the pin
-expires, or an allocation would fail without them (pins yield
-to memory pressure, oldest first: pinning never refuses or preempts anyone). Where a CPU swap
+expires, or an allocation would fail without them (pins yield to memory pressure, oldest
+first: pinning never refuses or preempts anyone). A pin whose program's next call is already
+waiting does not expire and yields last (`expire_pins`). Where a CPU swap
 pool exists (engine/swap.py), a yielding pin is handed to it (`spill`) instead of dropped.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from engine.request import Request
 
@@ -83,6 +85,22 @@ class BlockPool:
         self.cached.setdefault(block_hash, block.block_id)
 
 
+def pins_to_expire(pins: OrderedDict, now: float, awaited: set[str]) -> list[str]:
+    """The keys of `pins` (oldest first, each with an `until`) past their time, but those of
+    `awaited` programs (whose next call is waiting: about to take them), which move to the
+    back of the yield order instead."""
+    for key in [k for k in pins if k in awaited]:
+        pins.move_to_end(key)
+    return [k for k, pin in pins.items() if pin.until <= now and k not in awaited]
+
+
+class Pin(NamedTuple):
+    """A program's KV kept on the device for its next call."""
+    blocks: list[Block]
+    until: float       # when it expires
+    pinned_at: float   # when its call finished
+
+
 @dataclass
 class YieldedPin:
     """A pin that yielded to memory pressure this step, as it was: its blocks may be handed
@@ -102,8 +120,7 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.prefix_cache_queries = 0  # prompt tokens looked up
         self.prefix_cache_hits = 0     # of those, tokens found cached
-        # program -> (its pinned blocks, when the pin expires, when it was made); oldest first
-        self.pins: OrderedDict[str, tuple[list[Block], float, float]] = OrderedDict()
+        self.pins: OrderedDict[str, Pin] = OrderedDict()  # program -> its pin; oldest first
         # taken: by the next call; released: the call ended in no tool call (no next call
         # comes); yielded: dropped under memory pressure; swapped_out/_in: to the CPU pool
         # instead, and back for the next call (engine/swap.py)
@@ -213,24 +230,24 @@ class KVCacheManager:
         for block in blocks:
             self.pool.share(block)
         if blocks:
-            self.pins[key] = (blocks, until, now)
+            self.pins[key] = Pin(blocks, until, now)
             self.pin_counts["made"] += 1
 
     @property
     def num_pinned_blocks(self) -> int:
-        return sum(len(blocks) for blocks, _, _ in self.pins.values())
+        return sum(len(pin.blocks) for pin in self.pins.values())
 
     def unpin(self, key: str, why: str | None = None) -> float | None:
         """Lets `key`'s pinned blocks go (evictable again, still cached), counted under `why`
         (taken, expired, yielded); returns when it was pinned."""
-        entry = self.pins.pop(key, None)
-        if entry is None:
+        pin = self.pins.pop(key, None)
+        if pin is None:
             return None
         if why is not None:
             self.pin_counts[why] += 1
-        for block in reversed(entry[0]):
+        for block in reversed(pin.blocks):
             self.pool.release(block)
-        return entry[2]
+        return pin.pinned_at
 
     def make_room(self, num_blocks: int) -> bool:
         """Lets pins yield, oldest first, until `num_blocks` blocks are free; whether they are."""
@@ -239,15 +256,17 @@ class KVCacheManager:
         return num_blocks <= self.pool.num_free
 
     def _yield_oldest_pin(self) -> None:
-        key, (blocks, until, pinned_at) = next(iter(self.pins.items()))
+        key, pin = next(iter(self.pins.items()))
         if self.spill is None:
             self.unpin(key, "yielded")
             return
-        self.spill.append(YieldedPin(key, [(b.block_id, b.hash, b.token_ids) for b in blocks], until, pinned_at))
+        self.spill.append(YieldedPin(key, [(b.block_id, b.hash, b.token_ids) for b in pin.blocks], pin.until,
+                                     pin.pinned_at))
         self.unpin(key)  # counted by the swap pool: swapped out, or yielded when it has no room
 
-    def expire_pins(self, now: float) -> None:
-        for key in [k for k, (_, until, _) in self.pins.items() if until <= now]:
+    def expire_pins(self, now: float, awaited: set[str] = frozenset()) -> None:
+        """Once a step: pins past their time go, but `awaited` programs' (pins_to_expire)."""
+        for key in pins_to_expire(self.pins, now, awaited):
             self.unpin(key, "expired")
 
     def free(self, req: Request) -> None:

@@ -165,9 +165,12 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         if self.swap_space is not None:
             self.swap_space.begin_plan()
-            self.swap_space.expire_pins(time.time())
-        if self.kv.pins:
-            self.kv.expire_pins(time.time())
+        if self.kv.pins or (self.swap_space is not None and self.swap_space.pins):
+            # a pin whose program's next call has come is about to be taken: it neither expires nor yields first
+            now, awaited = time.time(), {r.program for r in self.waiting if r.program is not None}
+            self.kv.expire_pins(now, awaited)
+            if self.swap_space is not None:
+                self.swap_space.expire_pins(now, awaited)
         # Decodes (one token left) before prompt chunks; stable, so arrival order is kept.
         for req in sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1):
             if req.status != RequestStatus.RUNNING:
@@ -197,7 +200,7 @@ class Scheduler:
         will take the KV kept for it, so it goes now (device or CPU pool), not at its time
         to live. A pin made later (another call of the program since) stays."""
         pin = self.kv.pins.get(program)
-        if pin is not None and pin[2] <= finished_by:
+        if pin is not None and pin.pinned_at <= finished_by:
             self.kv.unpin(program, "released")
         swapped = self.swap_space.pins.get(program) if self.swap_space is not None else None
         if swapped is not None and swapped.pinned_at <= finished_by:
@@ -260,8 +263,8 @@ class Scheduler:
                     req.metrics.num_cached_tokens = req.num_computed_tokens
             self.waiting.remove(req)
             if req.program is not None and req.program in self.kv.pins:  # its blocks are shared now
-                pinned_at = self.kv.unpin(req.program, "taken")
-                self.call_gap_s = 0.8 * self.call_gap_s + 0.2 * (time.time() - pinned_at)
+                pinned_at = self.kv.unpin(req.program, "taken")  # the gap: the tools' time, not the queue's
+                self.call_gap_s = 0.8 * self.call_gap_s + 0.2 * max(req.arrival_time - pinned_at, 0.0)
             if self.swap_space is not None and req.program in self.swap_space.pins:  # no room to bring it back
                 self.swap_space.drop_pin(req.program, "yielded")
             self._start(req)

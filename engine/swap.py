@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.kv_cache_manager import KVCacheManager
+from engine.kv_cache_manager import KVCacheManager, Pin, pins_to_expire
 from engine.request import Request
 
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
@@ -160,7 +160,7 @@ class SwapSpace:
         del self.pins[key]
         self._read_this_plan += pin.cpu_blocks[:len(names)]
         self.free_cpu_blocks += pin.cpu_blocks[len(names):]
-        self.kv.pins[key] = (blocks, pin.until, pin.pinned_at)
+        self.kv.pins[key] = Pin(blocks, pin.until, pin.pinned_at)
         self.kv.pin_counts["swapped_in"] += 1
         return pairs
 
@@ -171,8 +171,9 @@ class SwapSpace:
             if why is not None:
                 self.kv.pin_counts[why] += 1
 
-    def expire_pins(self, now: float) -> None:
-        for key in [k for k, pin in self.pins.items() if pin.until <= now]:
+    def expire_pins(self, now: float, awaited: set[str] = frozenset()) -> None:
+        """Once a step: swapped pins past their time go, but `awaited` programs' (pins_to_expire)."""
+        for key in pins_to_expire(self.pins, now, awaited):
             self.drop_pin(key, "expired")
 
     @property

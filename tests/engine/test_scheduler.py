@@ -292,7 +292,7 @@ def test_a_programs_kv_outlives_other_traffic_until_its_next_call(options, retai
     stats = engine.stats()
     none = dict.fromkeys(["made", "taken", "released", "expired", "yielded", "swapped_out", "swapped_in"], 0)
     assert stats["kv_pins"] == (none | {"made": 2, "taken": 1} if retained else none)
-    assert stats["kv_blocks_pinned"] == (len(engine.kv.pins["agent-run"][0]) if retained else 0)
+    assert stats["kv_blocks_pinned"] == (len(engine.kv.pins["agent-run"].blocks) if retained else 0)
 
 
 def _engine_after_one_pinned_call() -> tuple[LLMEngine, SamplingParams]:
@@ -331,7 +331,7 @@ def test_a_call_that_ends_in_no_tool_call_lets_its_programs_kept_kv_go_on_device
     KV. It goes at once (device blocks free, CPU blocks free), counted as released; a release
     for an earlier call leaves the pin of a call that finished after it."""
     engine, params = _engine_after_one_pinned_call()
-    pinned_at = engine.kv.pins["agent-run"][2]
+    pinned_at = engine.kv.pins["agent-run"].pinned_at
     engine.release_program_kv("agent-run", pinned_at - 1.0)  # an earlier call's answer: not this pin's
     assert "agent-run" in engine.kv.pins
     engine.release_program_kv("agent-run", pinned_at)
@@ -352,6 +352,58 @@ def test_a_call_that_ends_in_no_tool_call_lets_its_programs_kept_kv_go_on_device
     swapping.release_program_kv("agent-run", done.metrics.finished_time)
     assert not swap.pins and len(swap.free_cpu_blocks) == 24
     assert swapping.stats()["kv_pins"]["released"] == 1
+
+
+def test_a_pin_whose_programs_next_call_is_queued_does_not_expire():
+    """The next call has come (the tool returned) but waits behind a full batch: its KV is
+    about to be used, so the pin outlives its time-to-live until the call takes it."""
+    engine, params = _engine_after_one_pinned_call()
+    engine.config.max_num_seqs = 1
+    blocker = engine.add_request(list(range(1000, 1100)), SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    engine.step()  # the blocker holds the batch's one slot
+    nxt = engine.add_request(list(range(100, 164)) + list(range(500, 520)), params, program="agent-run")
+    engine.kv.pins["agent-run"] = engine.kv.pins["agent-run"]._replace(until=0.0)  # long past its time to live
+    engine.step()
+    assert "agent-run" in engine.kv.pins and engine.stats()["kv_pins"]["expired"] == 0
+    while engine.has_unfinished():
+        engine.step()
+    assert blocker.finish_reason == "length" and nxt.metrics.num_cached_tokens == 64
+    assert engine.stats()["kv_pins"]["taken"] == 1
+
+
+def test_under_memory_pressure_a_pin_whose_next_call_is_queued_yields_last():
+    """Pins yield oldest first, but a pin whose program's next call is already waiting goes
+    after the others: that KV is about to be used."""
+    engine = tiny_engine(num_kv_blocks=24, max_model_len=384, program_scheduling=True, max_num_seqs=1)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    for program, start in (("b", 100), ("a", 200)):  # b pinned first: the older pin
+        engine.add_request(list(range(start, start + 64)), params, program=program)
+        while engine.has_unfinished():
+            engine.step()
+    assert list(engine.kv.pins) == ["b", "a"] and engine.kv.num_free_blocks == 16
+    # 256 prompt tokens: 16 blocks, all free ones; its 2nd output token needs a 17th block
+    grower = engine.add_request(list(range(1000, 1256)), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    engine.step()
+    nxt = engine.add_request(list(range(100, 164)) + list(range(500, 520)), params, program="b")  # waits: batch full
+    while not grower.is_finished:
+        engine.step()
+    assert grower.metrics.num_preemptions == 0
+    assert "b" in engine.kv.pins and "a" not in engine.kv.pins  # a yielded, though b was older
+    while engine.has_unfinished():
+        engine.step()
+    assert nxt.metrics.num_cached_tokens == 64
+
+
+def test_the_pins_time_to_live_follows_the_time_between_a_call_and_the_next_calls_arrival():
+    """The gap a pin must bridge is the tool's time: from the call's finish to the next
+    call's arrival, not to its admission (queueing is not tool time)."""
+    engine, params = _engine_after_one_pinned_call()
+    pinned_at = engine.kv.pins["agent-run"].pinned_at
+    assert engine.scheduler.call_gap_s == 5.0  # assumed before any is seen
+    engine.add_request(list(range(100, 164)) + [7] * 20, params, program="agent-run", arrival_time=pinned_at + 1.0)
+    engine.step()
+    assert engine.stats()["kv_pins"]["taken"] == 1
+    assert engine.scheduler.call_gap_s == pytest.approx(0.8 * 5.0 + 0.2 * 1.0)
 
 
 def _churn(engine: LLMEngine, params: SamplingParams, starts=(1000, 2000, 3000)) -> None:
@@ -433,7 +485,7 @@ def test_a_swapped_pin_comes_back_when_other_pins_must_yield_for_it():
     engine.add_request(list(range(2000, 2300)), params, program="b")  # 19 blocks pinned after
     while engine.has_unfinished():
         engine.step()
-    assert len(engine.kv.pins["b"][0]) == 19 and engine.kv.num_free_blocks == 5
+    assert len(engine.kv.pins["b"].blocks) == 19 and engine.kv.num_free_blocks == 5
     nxt = engine.add_request(first.all_token_ids[:-1] + list(range(500, 520)), params, program="a")  # 6 blocks
     while engine.has_unfinished():
         engine.step()
