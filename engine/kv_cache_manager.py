@@ -8,11 +8,12 @@ cached blocks shares them (ref count + 1) and computes only the rest.
 
 A finished call of an agent program can leave its full blocks pinned for the program's next
 call (`pin`): held by a reference of their own, so no other traffic evicts them, until the
-next call takes them, the front end learns the call ended in no tool call (`unpin`), the pin
-expires, or an allocation would fail without them (pins yield to memory pressure, oldest
-first: pinning never refuses or preempts anyone). A pin whose program's next call is already
-waiting does not expire and yields last (`expire_pins`). Where a CPU swap
-pool exists (engine/swap.py), a yielding pin is handed to it (`spill`) instead of dropped.
+next call takes them, the front end learns the call ended in no tool call (the scheduler's
+`release_program_kv`), the pin expires, or an allocation would fail without them (pins
+yield to memory pressure, oldest first: pinning never refuses or preempts anyone). A pin
+whose program's next call is already waiting does not expire and yields last
+(`expire_pins`). Where a CPU swap pool exists (engine/swap.py), a yielding pin is handed to
+it (`spill`) instead of dropped.
 """
 from __future__ import annotations
 
@@ -85,10 +86,10 @@ class BlockPool:
         self.cached.setdefault(block_hash, block.block_id)
 
 
-def pins_to_expire(pins: OrderedDict, now: float, awaited: set[str]) -> list[str]:
-    """The keys of `pins` (oldest first, each with an `until`) past their time, but those of
-    `awaited` programs (whose next call is waiting: about to take them), which move to the
-    back of the yield order instead."""
+def awaited_last(pins: OrderedDict, now: float, awaited: set[str]) -> list[str]:
+    """Moves the pins of `awaited` programs (whose next call is waiting: about to take them)
+    to the back of `pins`' yield order (oldest first); returns the keys of the others that
+    are past their time (each pin has an `until`)."""
     for key in [k for k in pins if k in awaited]:
         pins.move_to_end(key)
     return [k for k, pin in pins.items() if pin.until <= now and k not in awaited]
@@ -265,8 +266,8 @@ class KVCacheManager:
         self.unpin(key)  # counted by the swap pool: swapped out, or yielded when it has no room
 
     def expire_pins(self, now: float, awaited: set[str] = frozenset()) -> None:
-        """Once a step: pins past their time go, but `awaited` programs' (pins_to_expire)."""
-        for key in pins_to_expire(self.pins, now, awaited):
+        """Once a step: pins past their time go, but `awaited` programs' (awaited_last)."""
+        for key in awaited_last(self.pins, now, awaited):
             self.unpin(key, "expired")
 
     def free(self, req: Request) -> None:

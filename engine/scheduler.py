@@ -27,9 +27,11 @@ more new ones.
 With `program_kv_retention` (on with program_scheduling unless set), a program's finished
 call leaves its KV blocks pinned for the program's next call (the one after its tool
 calls) for a time-to-live: twice the gap observed between a program's calls (its tools'
-time), averaged over programs, within 2-60 s; pins yield to any allocation that would fail
-without them (kv_cache_manager), to the CPU swap pool where there is one (preemption_mode
-"swap"), from which the program's next call brings them back. The scheduler plans and the
+time), averaged over programs, within 2-60 s, or until the front end says the call ended in
+no tool call (`release_program_kv`); pins yield to any allocation that would fail without
+them (kv_cache_manager), to the CPU swap pool where there is one (preemption_mode "swap"),
+from which the program's next call brings them back. A pin whose program's next call is
+already waiting neither expires nor yields before the others. The scheduler plans and the
 runner moves memory: swaps (engine/swap.py) and parallel sampling's block copies come out as
 plans the runner makes before the step's forward pass.
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.kv_cache_manager import KVCacheManager, Pin, pins_to_expire
+from engine.kv_cache_manager import KVCacheManager, Pin, awaited_last
 from engine.request import Request
 
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
@@ -172,8 +172,8 @@ class SwapSpace:
                 self.kv.pin_counts[why] += 1
 
     def expire_pins(self, now: float, awaited: set[str] = frozenset()) -> None:
-        """Once a step: swapped pins past their time go, but `awaited` programs' (pins_to_expire)."""
-        for key in pins_to_expire(self.pins, now, awaited):
+        """Once a step: swapped pins past their time go, but `awaited` programs' (awaited_last)."""
+        for key in awaited_last(self.pins, now, awaited):
             self.drop_pin(key, "expired")
 
     @property
