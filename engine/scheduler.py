@@ -26,8 +26,8 @@ while the cap is reached, so under overload the started programs are not diluted
 more new ones.
 With `program_kv_retention` (on with program_scheduling unless set), a program's finished
 call leaves its KV blocks pinned for the program's next call (the one after its tool
-calls) for a time-to-live: twice the gap observed between a program's calls (its tools'
-time), averaged over programs, within 2-60 s, or until the front end says the call ended in
+calls) for a time-to-live: 1.5x the 95th percentile of the last gaps observed between a
+program's calls (its tools' time), within 2-60 s, or until the front end says the call ended in
 no tool call (`release_program_kv`); pins yield to any allocation that would fail without
 them (kv_cache_manager), to the CPU swap pool where there is one (preemption_mode "swap"),
 from which the program's next call brings them back. A pin whose program's next call is
@@ -39,6 +39,7 @@ The static-batching baseline is `engine.static_scheduler.StaticScheduler`.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ PRIORITY_AGING_S = 5.0
 SERVICE_QUANTUM = 256      # tokens of a program's first service level; each next level doubles
 PROGRAM_IDLE_S = 300.0     # a program not seen this long is forgotten
 PIN_TTL_S = (2.0, 60.0)    # bounds of a program's KV pin between its calls
+PIN_TTL_UNSEEN_S = 10.0    # before any gap between a program's calls has been seen
 
 
 @dataclass
@@ -96,7 +98,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.program_service: dict[str, list[float]] = {}  # program -> [tokens, last seen, first arrival]
         self._pruned_at = time.time()
-        self.call_gap_s = 5.0  # moving average of the time between a program's calls (its tool time)
+        self.call_gaps: deque[float] = deque(maxlen=64)  # the last gaps between a program's calls (tool time)
 
     # -- queue ---------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -142,8 +144,7 @@ class Scheduler:
             self.swap_space.discard(req)
         if self.config.program_kv_retention and req.program is not None and reason in ("stop", "length"):
             now = time.time()
-            ttl = min(max(2 * self.call_gap_s, PIN_TTL_S[0]), PIN_TTL_S[1])
-            self.kv.pin(req.program, req, now + ttl, now)
+            self.kv.pin(req.program, req, now + self.pin_ttl(), now)
         self.kv.free(req)
         req.status = RequestStatus.FINISHED
         req.finish_reason = req.finish_reason or reason
@@ -197,6 +198,17 @@ class Scheduler:
         return out.order_rows()
 
     # -- agent programs ------------------------------------------------------------------
+    def pin_ttl(self) -> float:
+        """How long a program's KV stays pinned for its next call: 1.5x the 95th percentile
+        of the last gaps seen between a program's calls (tool times are heavy-tailed: a
+        mean would let the long tools' pins expire just before their next call), within
+        PIN_TTL_S. Long is cheap: pins yield to memory pressure whatever their time left."""
+        if not self.call_gaps:
+            return PIN_TTL_UNSEEN_S
+        gaps = sorted(self.call_gaps)
+        p95 = gaps[math.ceil(0.95 * len(gaps)) - 1]  # nearest rank
+        return min(max(1.5 * p95, PIN_TTL_S[0]), PIN_TTL_S[1])
+
     def release_program_kv(self, program: str, finished_by: float) -> None:
         """`program`'s call that finished at `finished_by` ended in no tool call: no next call
         will take the KV kept for it, so it goes now (device or CPU pool), not at its time
@@ -266,7 +278,7 @@ class Scheduler:
             self.waiting.remove(req)
             if req.program is not None and req.program in self.kv.pins:  # its blocks are shared now
                 pinned_at = self.kv.unpin(req.program, "taken")  # the gap: the tools' time, not the queue's
-                self.call_gap_s = 0.8 * self.call_gap_s + 0.2 * max(req.arrival_time - pinned_at, 0.0)
+                self.call_gaps.append(max(req.arrival_time - pinned_at, 0.0))
             if self.swap_space is not None and req.program in self.swap_space.pins:  # no room to bring it back
                 self.swap_space.drop_pin(req.program, "yielded")
             self._start(req)

@@ -399,11 +399,25 @@ def test_the_pins_time_to_live_follows_the_time_between_a_call_and_the_next_call
     call's arrival, not to its admission (queueing is not tool time)."""
     engine, params = _engine_after_one_pinned_call()
     pinned_at = engine.kv.pins["agent-run"].pinned_at
-    assert engine.scheduler.call_gap_s == 5.0  # assumed before any is seen
-    engine.add_request(list(range(100, 164)) + [7] * 20, params, program="agent-run", arrival_time=pinned_at + 1.0)
+    assert engine.scheduler.pin_ttl() == 10.0  # before any gap is seen
+    engine.add_request(list(range(100, 164)) + [7] * 20, params, program="agent-run", arrival_time=pinned_at + 3.0)
     engine.step()
     assert engine.stats()["kv_pins"]["taken"] == 1
-    assert engine.scheduler.call_gap_s == pytest.approx(0.8 * 5.0 + 0.2 * 1.0)
+    assert list(engine.scheduler.call_gaps) == [3.0] and engine.scheduler.pin_ttl() == 4.5
+
+
+def test_the_pins_time_to_live_outlasts_the_long_tools_of_a_heavy_tail():
+    """Tools are heavy-tailed: most return at once, a few take seconds. The time-to-live
+    follows the tail (1.5x the 95th percentile of the last 64 gaps), not the mean, within
+    2-60 s."""
+    sched = tiny_engine().scheduler
+    sched.call_gaps.extend([0.2] * 16 + [3.0] * 4)  # mean 0.76 s; 1 in 5 takes 3 s
+    assert sched.pin_ttl() == pytest.approx(4.5)
+    sched.call_gaps.clear()
+    sched.call_gaps.extend([0.1] * 20)
+    assert sched.pin_ttl() == 2.0   # at least the floor
+    sched.call_gaps.extend([300.0] * 64)
+    assert sched.pin_ttl() == 60.0 and len(sched.call_gaps) == 64  # at most the ceiling; the last 64
 
 
 def _churn(engine: LLMEngine, params: SamplingParams, starts=(1000, 2000, 3000)) -> None:
