@@ -19,7 +19,8 @@ its unloaded latency. Goodput at a rate: programs per second that meet it (rate 
 that does); the headline is the best over the rates. After each tool call, the next call's
 prompt holds the previous call's whole conversation: the share of its prompt served from
 the prefix cache (hit rate) and the tokens computed again are reported. Writes
-benchmarks/results/agents.{md,json,png}; Ctrl-C keeps what was measured.
+benchmarks/results/agents.{md,json,png} (and vllm-server.log); Ctrl-C, or a peer that fails, keeps
+what was measured.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks import report as reporting  # (main has its own report())
 from benchmarks.report import keep_partial_results, markdown_table, percentile, plot_lines, write
 from benchmarks.systems import free_port
 from benchmarks.workloads import load_workload, poisson_arrivals
@@ -211,7 +213,8 @@ class VllmServer:
                "--dtype", "bfloat16", "--seed", "0", "--max-num-seqs", str(args.max_num_seqs),
                "--max-model-len", str(args.max_model_len), "--kv-cache-memory-bytes", str(kv_bytes),
                "--enable-prompt-tokens-details", "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
-        self.log = open(os.path.join("benchmarks", "results", "vllm-server.log"), "w")
+        reporting.RESULTS_DIR.mkdir(parents=True, exist_ok=True)  # (a fresh clone has none yet)
+        self.log = open(reporting.RESULTS_DIR / "vllm-server.log", "w")
         env = os.environ | {"VLLM_SERVER_DEV_MODE": "1"}  # for /reset_prefix_cache between rates
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + 600

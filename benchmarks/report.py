@@ -135,12 +135,13 @@ def weights_line(data) -> str | None:
 
 @contextlib.contextmanager
 def keep_partial_results(report: Callable[[bool], object]):
-    """Run a benchmark's measurements; on Ctrl-C write what was measured so far through
-    `report(interrupted=True)`, then stop."""
+    """Run a benchmark's measurements; on Ctrl-C, or an error (a peer that dies after ours
+    ran), write what was measured so far through `report(interrupted=True)`, then stop."""
     try:
         yield
-    except KeyboardInterrupt:
-        print("\ninterrupted: writing the results measured so far")
+    except (KeyboardInterrupt, Exception) as exc:
+        print(f"\n{'interrupted' if isinstance(exc, KeyboardInterrupt) else f'stopped by {exc!r}'}: "
+              "writing the results measured so far")
         report(True)
         raise
 

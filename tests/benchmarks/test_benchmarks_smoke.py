@@ -237,3 +237,34 @@ def test_agent_programs_scenario_reports_job_completion_times_off_and_on(results
         assert 0 < run["short"]["mean_s"] <= run["short"]["p90_s"] and run["long"]["mean_s"] > 0
         assert 0 < run["cached_share"] < 1  # later calls re-send the conversation: the cache holds some
     assert (results_dir / "agent_programs.md").stat().st_size > 0
+
+
+def test_a_benchmark_stopped_by_an_error_keeps_what_was_measured(results_dir, monkeypatch):
+    """A peer that dies after our systems ran (or any other error) must not throw away the
+    figures measured before it: they are written as interrupted, then the error goes on."""
+    def peer_died(*args, **kwargs):
+        raise RuntimeError("peer died")
+    monkeypatch.setattr(throughput, "run_sequential", peer_died)
+    with pytest.raises(RuntimeError, match="peer died"):
+        throughput.main(["--model", "dummy-tiny", "--limit", "3", "--skip-transformers", "--skip-http",
+                         "--fixed-requests", "2", "--single-tokens", "4"])
+    saved = json.loads(next(results_dir.glob("throughput-*.json")).read_text())
+    assert saved["interrupted"] is True and saved["runs"]["continuous"]["output_tokens"] > 0
+
+
+def test_the_agents_benchmarks_vllm_server_logs_to_the_results_folder_from_any_directory(results_dir, tmp_path,
+                                                                                        monkeypatch):
+    """From a fresh clone (no results folder yet) or another working directory, a vLLM that
+    does not start is reported with the path of its log, which holds its output."""
+    import argparse
+    from benchmarks.agent_latency import VllmServer
+    from engine.loader import DEFAULT_MODEL
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    args = argparse.Namespace(model=DEFAULT_MODEL, num_kv_blocks=192, max_num_seqs=8, max_model_len=2048,
+                              vllm_python="/bin/false")
+    with pytest.raises(RuntimeError, match="did not start") as failed:
+        VllmServer(args)
+    assert str(results_dir / "vllm-server.log") in str(failed.value)
+    assert (results_dir / "vllm-server.log").exists()
