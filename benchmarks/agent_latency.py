@@ -273,12 +273,10 @@ def point(rate: float, outcomes: list[Outcome], unloaded: list[float], slo_facto
 def engine_work(before: dict, after: dict) -> dict:
     """What the engine did for one rate's programs: forward passes, prompt tokens it ran
     (misses and recomputes), calls preempted, and what happened to the KV it kept."""
-    def pins(stats: dict) -> dict:
-        return stats.get("kv_pins", {})
     return {"steps": after["num_steps"] - before["num_steps"],
             "prefill_tokens_computed": after["prefill_tokens_computed_total"] - before["prefill_tokens_computed_total"],
             "preemptions": after["num_preemptions"] - before["num_preemptions"],
-            "kv_pins": {k: v - pins(before).get(k, 0) for k, v in pins(after).items()}}
+            "kv_pins": {k: v - before["kv_pins"][k] for k, v in after["kv_pins"].items()}}
 
 
 def headline(data: dict, slo_factor: float) -> list[str]:
