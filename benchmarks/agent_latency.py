@@ -4,6 +4,7 @@ scheduling with KV kept across tool calls (vs vLLM-CPU through LiteLLM, where in
 
     python -m benchmarks agents [--rates 0.5,1,2,3] [--programs 24]
     python -m benchmarks agents --vllm-python ~/peers/vllm/bin/python
+    python -m benchmarks agents --repeats 3   # medians of 3 runs, the systems interleaved
 
 A program is one run of an ADK `LlmAgent` by `Runner.run_async`: a question from the mixed
 chat workload, then 1-8 calls of a real async tool that sleeps a heavy-tailed 50 ms-5 s
@@ -20,7 +21,9 @@ that does); the headline is the best over the rates. After each tool call, the n
 prompt holds the previous call's whole conversation: the share of its prompt served from
 the prefix cache (hit rate) and the tokens computed again are reported. Writes
 benchmarks/results/agents.{md,json,png} (and vllm-server.log); Ctrl-C, or a peer that fails, keeps
-what was measured.
+what was measured. With --repeats, every system runs each rate that many times, the
+systems taking turns (so that the shared machine's drift meets each alike), and the table
+shows the medians (each run's goodput beside it; every run in the JSON under "runs").
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import json
 import math
 import os
 import random
+import statistics
 import subprocess
 import time
 import urllib.request
@@ -267,7 +271,24 @@ def point(rate: float, outcomes: list[Outcome], unloaded: list[float], slo_facto
             "mean_prompt_tokens": sum(c[0] for o in outcomes for c in o.calls) / max(1, sum(len(o.calls) for o in outcomes)),
             "prompt_tokens_after_tools": prompt_after, "computed_after_tools": prompt_after - cached_after,
             "hit_rate_after_tools": cached_after / prompt_after if prompt_after else None,
-            "answers": [o.answer for o in outcomes], "tools_per_program": [o.tools for o in outcomes]}
+            "answers": [o.answer for o in outcomes], "tools_per_program": [o.tools for o in outcomes],
+            "latencies_s": latencies}
+
+
+def median_point(points: list[dict]) -> dict:
+    """One rate's repeats as one point: the median of each figure (engine counters too), the
+    first repeat's lists (answers, latencies), and each repeat's goodput under goodput_runs."""
+    assert points and all(p["rate"] == points[0]["rate"] for p in points)
+
+    def median(values: list):
+        if isinstance(values[0], dict):
+            return {k: median([v[k] for v in values]) for k in values[0]}
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            return statistics.median_low(values)  # a count stays one that was measured
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            return statistics.median(values)
+        return values[0]
+    return {k: median([p[k] for p in points]) for k in points[0]} | {"goodput_runs": [p["goodput"] for p in points]}
 
 
 def engine_work(before: dict, after: dict) -> dict:
@@ -327,17 +348,25 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--num-kv-blocks", type=int, default=192, help="a small cache (16 tokens a block): eviction happens")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--policies", default=",".join(POLICIES), help="which of ours, comma-separated")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="runs of each system at each rate (the same programs and arrivals); the table shows medians")
     ap.add_argument("--vllm-python", default=os.environ.get("PEER_VLLM_PYTHON"))
     ap.add_argument("--from-json", default=None, help="re-render the report and plot of an earlier run's JSON")
     args = ap.parse_args(argv)
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     rates = [float(r) for r in args.rates.split(",")]
     programs = make_programs(args.programs, args.seed)
-    data: dict = {"rates": rates, "programs": [p.__dict__ for p in programs], "systems": {}, "unloaded_s": None}
+    # runs: every measured point; systems: per rate, the median of its repeats
+    data: dict = {"rates": rates, "repeats": args.repeats, "programs": [p.__dict__ for p in programs],
+                  "runs": {}, "systems": {}, "unloaded_s": None}
+
+    def goodput_cell(p: dict) -> str:
+        runs = p.get("goodput_runs", [])
+        return f"{p['goodput']:.3g}" + (f" ({', '.join(f'{g:.3g}' for g in runs)})" if len(runs) > 1 else "")
 
     def report(interrupted: bool = False) -> dict:
         rows = [[name, p["rate"], p["p50_s"], p["p95_s"], p["p99_s"], p["p95_slowdown"], p["attainment"],
-                 p["goodput"], p["hit_rate_after_tools"] if p["hit_rate_after_tools"] is not None else "-",
+                 goodput_cell(p), p["hit_rate_after_tools"] if p["hit_rate_after_tools"] is not None else "-",
                  p["computed_after_tools"], p.get("prefill_tokens_computed", "-"), p.get("preemptions", "-")]
                 for name, pts in data["systems"].items() for p in pts]
         table = markdown_table(["system", "programs/s", "p50 s", "p95 s", "p99 s", "p95 slowdown", "SLO met",
@@ -368,30 +397,38 @@ def main(argv: list[str] | None = None) -> dict:
         data["unloaded_s"] = [o.latency_s + sum(p.tool_seconds) for o, p in zip(alone, programs)]
         print("unloaded program latency: p50 %.2f s, max %.2f s" % (percentile(data["unloaded_s"], 50),
                                                                    max(data["unloaded_s"])), flush=True)
-        for policy in [p for p in args.policies.split(",") if p]:
-            for i, rate in enumerate(rates):
-                runner, stats, stop = engine_runner(args, policy, f"{len(data['systems'])}-{i}")
-                try:
-                    asyncio.run(run_alone(runner, programs[:1]))  # load and warm up, as vLLM's server is
-                    before = stats()
-                    outcomes = asyncio.run(run_rate(runner, programs, poisson_arrivals(len(programs), rate, args.seed)))
-                    after = stats()
-                finally:
-                    stop()
-                data["systems"].setdefault(policy, []).append(point(rate, outcomes, data["unloaded_s"], args.slo_factor)
-                                                              | engine_work(before, after))
-                print(policy, rate, {k: v for k, v in data["systems"][policy][-1].items()
-                                     if k not in ("answers", "tools_per_program")}, flush=True)
+        def record(system: str, measured: dict) -> None:
+            runs = data["runs"].setdefault(system, [])
+            runs.append(measured)
+            data["systems"][system] = [median_point([p for p in runs if p["rate"] == r])
+                                       for r in rates if any(p["rate"] == r for p in runs)]
+            print(system, {k: v for k, v in measured.items() if k not in ("answers", "tools_per_program", "latencies_s")},
+                  flush=True)
+
+        # Repeats interleave the policies (rate by rate), so that the machine's drift meets each alike.
+        for i, rate in enumerate(rates):
+            for repeat in range(args.repeats):
+                for policy in [p for p in args.policies.split(",") if p]:
+                    runner, stats, stop = engine_runner(args, policy, f"{policy}-{i}-{repeat}".replace(" ", "_"))
+                    try:
+                        asyncio.run(run_alone(runner, programs[:1]))  # load and warm up, as vLLM's server is
+                        before = stats()
+                        outcomes = asyncio.run(run_rate(runner, programs,
+                                                        poisson_arrivals(len(programs), rate, args.seed)))
+                        after = stats()
+                    finally:
+                        stop()
+                    record(policy, point(rate, outcomes, data["unloaded_s"], args.slo_factor)
+                           | engine_work(before, after))
         if args.vllm_python:
             server = VllmServer(args)
             try:
                 asyncio.run(run_alone(server.runner(), programs[:1]))
                 for rate in rates:
-                    outcomes = asyncio.run(run_rate(server.runner(), programs,
-                                                    poisson_arrivals(len(programs), rate, args.seed)))
-                    data["systems"].setdefault(VLLM, []).append(point(rate, outcomes, data["unloaded_s"],
-                                                                      args.slo_factor))
-                    print(VLLM, rate, data["systems"][VLLM][-1]["p95_s"], flush=True)
+                    for _ in range(args.repeats):
+                        outcomes = asyncio.run(run_rate(server.runner(), programs,
+                                                        poisson_arrivals(len(programs), rate, args.seed)))
+                        record(VLLM, point(rate, outcomes, data["unloaded_s"], args.slo_factor))
             finally:
                 server.stop()
     return report()

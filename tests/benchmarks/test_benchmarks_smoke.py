@@ -268,3 +268,19 @@ def test_the_agents_benchmarks_vllm_server_logs_to_the_results_folder_from_any_d
         VllmServer(args)
     assert str(results_dir / "vllm-server.log") in str(failed.value)
     assert (results_dir / "vllm-server.log").exists()
+
+
+def test_the_agents_benchmark_reports_a_rates_repeats_by_their_medians():
+    """--repeats: each figure is the median of the runs (counts the lower middle one, so a
+    count stays a measured count), lists come from the first run, and every run's goodput
+    is kept beside the median."""
+    from benchmarks.agent_latency import median_point
+    runs = [{"rate": 2.0, "goodput": g, "p95_s": p95, "preemptions": n, "hit_rate_after_tools": None,
+             "kv_pins": {"taken": t}, "answers": [a]}
+            for g, p95, n, t, a in [(1.5, 12.0, 3, 10, "x"), (0.5, 30.0, 1, 4, "y"), (1.0, 14.0, 2, 8, "z")]]
+    point = median_point(runs)
+    assert point == {"rate": 2.0, "goodput": 1.0, "p95_s": 14.0, "preemptions": 2, "hit_rate_after_tools": None,
+                     "kv_pins": {"taken": 8}, "answers": ["x"], "goodput_runs": [1.5, 0.5, 1.0]}
+    assert median_point(runs[:2])["preemptions"] == 1 and median_point(runs[:2])["goodput"] == 1.0
+    with pytest.raises(AssertionError):
+        median_point([runs[0], runs[1] | {"rate": 3.0}])
