@@ -20,7 +20,7 @@ its unloaded latency. Goodput at a rate: programs per second that meet it (rate 
 that does); the headline is the best over the rates. After each tool call, the next call's
 prompt holds the previous call's whole conversation: the share of its prompt served from
 the prefix cache (hit rate) and the tokens computed again are reported. Writes
-benchmarks/results/agents.{md,json,png} (and vllm-server.log); Ctrl-C, or a peer that fails, keeps
+benchmarks/results/agents.{md,json,png}, agents_goodput.png (and vllm-server.log); Ctrl-C, or a peer that fails, keeps
 what was measured. With --repeats, every system runs each rate that many times, the
 systems taking turns (so that the shared machine's drift meets each alike), and the table
 shows the medians (each run's goodput beside it; every run in the JSON under "runs").
@@ -357,7 +357,8 @@ def main(argv: list[str] | None = None) -> dict:
     rates = [float(r) for r in args.rates.split(",")]
     programs = make_programs(args.programs, args.seed)
     # runs: every measured point; systems: per rate, the median of its repeats
-    data: dict = {"rates": rates, "repeats": args.repeats, "programs": [p.__dict__ for p in programs],
+    setting = {k: getattr(args, k) for k in ("seed", "programs", "max_num_seqs", "num_kv_blocks", "slo_factor")}
+    data: dict = {"setting": setting, "rates": rates, "repeats": args.repeats, "programs": [p.__dict__ for p in programs],
                   "runs": {}, "systems": {}, "unloaded_s": None}
 
     def goodput_cell(p: dict) -> str:
@@ -373,15 +374,18 @@ def main(argv: list[str] | None = None) -> dict:
                                 "goodput (programs/s)", "hit rate after tools", "prompt tokens computed after tools",
                                 "prefill tokens computed (engine)", "preemptions"],
                                rows)
-        table += "\n\n" + "\n".join(f"- {line}" for line in headline(data, args.slo_factor))
-        write("agents", f"ADK agent programs under Poisson load ({args.programs} programs a rate, 1-8 tool calls of "
-                        f"50 ms-5 s, batch {args.max_num_seqs}, {args.num_kv_blocks} KV blocks, SLO "
-                        f"{args.slo_factor:g}x unloaded)", table, data, interrupted)
-        if data["systems"]:
-            plot_lines("agents", "programs arriving per second", "p95 program latency (s)",
-                       {name: ([p["rate"] for p in pts], [p["p95_s"] for p in pts])
-                        for name, pts in data["systems"].items()},
-                       title="ADK agent programs: p95 latency against load")
+        s = data.get("setting", setting)  # a re-rendered run's own (an older JSON has none: the flags')
+        table += "\n\n" + "\n".join(f"- {line}" for line in headline(data, s["slo_factor"]))
+        write("agents", f"ADK agent programs under Poisson load ({s['programs']} programs a rate, 1-8 tool calls of "
+                        f"50 ms-5 s, batch {s['max_num_seqs']}, {s['num_kv_blocks']} KV blocks, SLO "
+                        f"{s['slo_factor']:g}x unloaded)", table, data, interrupted)
+        for png, key, ylabel, what in [("agents", "p95_s", "p95 program latency (s)", "p95 latency"),
+                                       ("agents_goodput", "goodput", "goodput (programs/s within the SLO)", "goodput")]:
+            if data["systems"]:
+                plot_lines(png, "programs arriving per second", ylabel,
+                           {name: ([p["rate"] for p in pts], [p[key] for p in pts])
+                            for name, pts in data["systems"].items()},
+                           title=f"ADK agent programs: {what} against load")
         return data
 
     if args.from_json:

@@ -284,3 +284,21 @@ def test_the_agents_benchmark_reports_a_rates_repeats_by_their_medians():
     assert median_point(runs[:2])["preemptions"] == 1 and median_point(runs[:2])["goodput"] == 1.0
     with pytest.raises(AssertionError):
         median_point([runs[0], runs[1] | {"rate": 3.0}])
+
+
+def test_re_rendering_an_agents_run_keeps_its_setting_and_plots_latency_and_goodput(results_dir, tmp_path):
+    """--from-json: the title states the run's own setting (not this command's defaults),
+    and both plots (p95 latency and goodput against rate) are drawn."""
+    from benchmarks.agent_latency import Outcome, main as agents_main, point
+    outcomes = [Outcome(2.0, calls=[(100, 0, 10), (130, 96, 10)]), Outcome(9.0, calls=[(100, 0, 10)])]
+    measured = point(1.0, outcomes, [1.5, 2.0], 3.0)
+    assert measured["attainment"] == 0.5 and measured["hit_rate_after_tools"] == 96 / 130
+    saved = tmp_path / "run.json"
+    saved.write_text(json.dumps({
+        "setting": {"seed": 2, "programs": 2, "max_num_seqs": 4, "num_kv_blocks": 384, "slo_factor": 3.0},
+        "rates": [1.0], "programs": [], "runs": {}, "unloaded_s": [1.5, 2.0],
+        "systems": {"first come first served": [measured]}}))
+    agents_main(["--from-json", str(saved)])
+    title = (results_dir / "agents.md").read_text().splitlines()[0]
+    assert "(2 programs a rate" in title and "batch 4, 384 KV blocks" in title
+    assert (results_dir / "agents.png").stat().st_size > 0 and (results_dir / "agents_goodput.png").stat().st_size > 0
