@@ -61,6 +61,9 @@ POLICIES = {  # EngineConfig options of each policy of ours
     # at most twice the default batch (8) of programs in progress
     "oldest first + KV kept + at most 16 in progress": {"program_scheduling": True, "program_order": "first_arrived",
                                                         "program_kv_retention": True, "max_programs_in_progress": 16},
+    "oldest first + KV kept + swapped + at most 16 in progress": {
+        "program_scheduling": True, "program_order": "first_arrived", "program_kv_retention": True,
+        "preemption_mode": "swap", "max_programs_in_progress": 16},
 }
 VLLM = "vLLM-CPU"
 INSTRUCTION = ("You are a research assistant. Work step by step: call the lookup tool for each step of the "
