@@ -49,21 +49,17 @@ from engine.config import DEFAULT_MODEL
 
 APP = "agents_bench"
 CALL_TOKENS = 48  # a tool call's output budget: {"step": N} and the format's wrapping
-_LEAST_KV = {"program_scheduling": True, "program_kv_retention": True}  # least attained service first (default order)
-_OLDEST_KV = _LEAST_KV | {"program_order": "first_arrived"}
+_OLDEST_KV = {"program_scheduling": True, "program_order": "first_arrived", "program_kv_retention": True}
 _SWAPPED = {"preemption_mode": "swap"}  # KV that must yield goes to a CPU pool as large as the cache (engine_runner)
 _CAP = {"max_programs_in_progress": 16}  # at most twice the default batch (8) of programs in progress
-_PREEMPTIVE = {"program_preemption": True}  # a call whose program goes first takes a full batch's slot
 POLICIES = {  # EngineConfig options of each policy of ours
     "first come first served": {},
     "program scheduling": {"program_scheduling": True, "program_kv_retention": False},
-    "program scheduling + KV kept": _LEAST_KV,
+    "program scheduling + KV kept": {"program_scheduling": True, "program_kv_retention": True},
     "oldest program first + KV kept": _OLDEST_KV,
     "oldest program first + KV kept + swapped": _OLDEST_KV | _SWAPPED,
     "oldest first + KV kept + at most 16 in progress": _OLDEST_KV | _CAP,
     "oldest first + KV kept + swapped + at most 16 in progress": _OLDEST_KV | _SWAPPED | _CAP,
-    "oldest first + KV kept + swapped + preemptive": _OLDEST_KV | _SWAPPED | _PREEMPTIVE,
-    "least attained first + KV kept + swapped + preemptive": _LEAST_KV | _SWAPPED | _PREEMPTIVE,
 }
 VLLM = "vLLM-CPU"
 INSTRUCTION = ("You are a research assistant. Work step by step: call the lookup tool for each step of the "

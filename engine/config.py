@@ -95,10 +95,6 @@ class EngineConfig:
     # With program scheduling: a new program's first call waits while this many programs are in
     # progress (a call running or waiting, or its KV pinned between calls); None: no cap
     max_programs_in_progress: int | None = None
-    # With program scheduling: a waiting call whose program goes first takes the batch slot of
-    # the running call whose program goes last, which is preempted (swapped or recomputed, as
-    # preemption_mode says), so a full batch does not hold a short program behind long ones
-    program_preemption: bool = False
     # Keep a program's KV blocks pinned between its calls (across its tool calls) for a
     # time-to-live (Continuum's idea); None: on exactly when program_scheduling is
     program_kv_retention: bool | None = None
@@ -144,8 +140,6 @@ class EngineConfig:
                "'least_attained' or 'first_arrived'")
         _check(self.max_programs_in_progress is None or self.max_programs_in_progress >= 1,
                "max_programs_in_progress", self.max_programs_in_progress, ">= 1 or None")
-        _check(not self.program_preemption or self.program_scheduling, "program_preemption", self.program_preemption,
-               "False without program_scheduling (it preempts by the programs' order)")
         if not self.enable_chunked_prefill and self.max_model_len is not None:
             _check(self.max_num_batched_tokens >= self.max_model_len, "max_num_batched_tokens",
                    self.max_num_batched_tokens, f">= max_model_len ({self.max_model_len}) without chunked prefill")

@@ -250,13 +250,8 @@ class Scheduler:
         cap = self.config.max_programs_in_progress if self.config.program_scheduling else None
         active = self._programs_in_progress() if cap is not None else set()
         for req in self._admission_order():
-            if budget <= 0:
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
-            if len(self.running) >= self.config.max_num_seqs:
-                victim = self._slot_victim(req)
-                if victim is None:
-                    break
-                budget += self._preempt(victim, out)
             if cap is not None and req.program is not None and req.program not in active and len(active) >= cap:
                 continue  # a new program's first call waits while the cap is reached
             if req.status == RequestStatus.SWAPPED:
@@ -300,34 +295,23 @@ class Scheduler:
         active |= set(self.swap_space.pins) if self.swap_space is not None else set()
         return active | {r.program for r in self.waiting if r.program in self.program_service}
 
-    def _standing(self, req: Request, now: float, rank: float | None = None) -> tuple[int, float]:
-        """Where `req` stands, lower first: its priority, then (program scheduling) its
-        program's rank, each less one level per PRIORITY_AGING_S since it arrived (ranks by
-        first arrival need no aging)."""
-        aged = int((now - req.arrival_time) // PRIORITY_AGING_S)  # whole levels gained by waiting
-        rank = self._program_rank(req) if rank is None else rank
-        return req.priority - aged, rank - aged * (self.config.program_order == "least_attained")
-
     def _admission_order(self) -> list[Request]:
         """The waiting requests in the order they may start, computed once a step: by
-        standing (priority and program rank, aged), then by queue position (FIFO, preempted
-        requests put back in front)."""
+        priority, aged; then (program scheduling) by their program's rank (service levels
+        aged; first arrivals need no aging); then by queue position (FIFO, preempted requests
+        put back in front)."""
         waiting = list(self.waiting)
         ranks = [self._program_rank(r) for r in waiting]
         if all(r.priority == waiting[0].priority for r in waiting) and all(rk == ranks[0] for rk in ranks):
             return waiting
         now = time.time()
-        return [waiting[i] for i in sorted(range(len(waiting)), key=lambda i: (self._standing(waiting[i], now, ranks[i]), i))]
+        rank_ages = self.config.program_order == "least_attained"
 
-    def _slot_victim(self, req: Request) -> Request | None:
-        """With program_preemption, the running request whose batch slot `req` takes: the one
-        standing last, if `req` stands strictly ahead of it (so two never take turns at one
-        slot while their standings hold); else None."""
-        if not self.config.program_preemption or not self.running:
-            return None
-        now = time.time()
-        victim = max(self.running, key=lambda r: (self._standing(r, now), r.arrival_time))
-        return victim if self._standing(req, now) < self._standing(victim, now) else None
+        def key(i: int) -> tuple[int, float, int]:
+            r = waiting[i]
+            aged = int((now - r.arrival_time) // PRIORITY_AGING_S)  # whole levels gained by waiting
+            return r.priority - aged, ranks[i] - aged * rank_ages, i
+        return [waiting[i] for i in sorted(range(len(waiting)), key=key)]
 
     def _start(self, req: Request) -> None:
         req.status = RequestStatus.RUNNING

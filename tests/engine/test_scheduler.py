@@ -228,48 +228,6 @@ def test_with_the_oldest_program_first_a_started_programs_next_call_goes_before_
     assert order_seen[0] == calls[first].request_id and len(order_seen) == 2
 
 
-@pytest.mark.parametrize("preemption_mode", ["recompute", "swap"])
-@pytest.mark.parametrize("program_preemption", [False, True])
-def test_with_program_preemption_a_started_programs_call_takes_the_slot_of_a_new_programs(program_preemption,
-                                                                                       preemption_mode):
-    """program_preemption: under a full batch, the next call of the program that started
-    first takes the batch slot of a newer program's running call, which is preempted and
-    finishes later with the tokens it would have had; without it the call waits its turn."""
-    def run(program_preemption: bool) -> tuple[LLMEngine, dict[str, list[int]], list[str]]:
-        engine = tiny_engine(max_num_seqs=1, max_model_len=512, program_scheduling=True, program_order="first_arrived",
-                             program_preemption=program_preemption, preemption_mode=preemption_mode,
-                             program_kv_retention=False)
-        engine.add_request(list(range(10, 60)), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
-                           program="old")
-        while engine.has_unfinished():  # the old program's first call, before its tool call
-            engine.step()
-        new = engine.add_request(list(range(30, 70)), SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
-                                 program="new")
-        for _ in range(4):
-            engine.step()
-        old_next = engine.add_request(list(range(200, 220)), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
-                                      program="old")
-        finished = []
-        while engine.has_unfinished():
-            engine.step()
-            finished += [r.request_id for r in (new, old_next) if r.is_finished and r.request_id not in finished]
-        assert_all_blocks_free(engine)
-        return engine, {"new": new.output_token_ids, "old": old_next.output_token_ids}, \
-            ["new" if rid == new.request_id else "old" for rid in finished]
-    engine, tokens, finished = run(program_preemption)
-    if program_preemption:
-        assert finished == ["old", "new"] and engine.scheduler.num_preemptions == 1
-    else:
-        assert finished == ["new", "old"] and engine.scheduler.num_preemptions == 0
-    assert tokens == run(not program_preemption)[1]  # preempted, not changed
-    assert len(tokens["new"]) == 30 and len(tokens["old"]) == 4
-
-
-def test_program_preemption_without_program_scheduling_is_a_value_error():
-    with pytest.raises(ValueError, match="program_preemption"):
-        EngineConfig(model="dummy-tiny", program_preemption=True)
-
-
 @pytest.mark.parametrize("cap", [None, 1])
 def test_a_new_program_waits_while_the_cap_of_programs_in_progress_is_reached(cap):
     """max_programs_in_progress: with one program in progress, another program's first call
