@@ -302,3 +302,50 @@ def test_re_rendering_an_agents_run_keeps_its_setting_and_plots_latency_and_good
     title = (results_dir / "agents.md").read_text().splitlines()[0]
     assert "(2 programs a rate" in title and "batch 4, 384 KV blocks" in title
     assert (results_dir / "agents.png").stat().st_size > 0 and (results_dir / "agents_goodput.png").stat().st_size > 0
+
+
+def _agents_run(tmp_path, name: str, unloaded: list[float], rates_p95: dict[str, list[tuple[float, float]]]):
+    """An agents run's JSON: per system, (rate, latency of both programs) points."""
+    from benchmarks.agent_latency import Outcome, point
+    runs = {system: [point(rate, [Outcome(lat, calls=[(100, 0, 10)]), Outcome(lat, calls=[(100, 0, 10)])], unloaded, 3.0)
+                     for rate, lat in pts] for system, pts in rates_p95.items()}
+    saved = tmp_path / name
+    saved.write_text(json.dumps({
+        "setting": {"seed": 0, "programs": 2, "max_num_seqs": 8, "num_kv_blocks": 192, "slo_factor": 3.0},
+        "rates": sorted({p["rate"] for pts in runs.values() for p in pts}), "repeats": 1, "programs": [],
+        "runs": runs, "unloaded_s": unloaded, "systems": {}}))
+    return saved
+
+
+def test_agents_runs_of_more_rates_merge_into_one_table_with_the_tail_reading_of_the_slo(results_dir, tmp_path):
+    """--from-json a,b: the runs of both files as one table, each rate's median taken over
+    both; the SLO also read as a bound on the tail (p95 <= 3x the unloaded p95)."""
+    from benchmarks.agent_latency import main as agents_main
+    ours = "oldest program first + KV kept + swapped"
+    first = _agents_run(tmp_path, "a.json", [1.0, 3.0], {"first come first served": [(1.0, 3.0), (2.0, 9.0)],
+                                                          ours: [(1.0, 3.0), (2.0, 4.0)]})
+    more = _agents_run(tmp_path, "b.json", [1.0, 3.0], {"first come first served": [(1.5, 5.5), (2.0, 7.0)],
+                                                         ours: [(1.5, 3.0), (2.0, 6.0)]})
+    data = agents_main(["--from-json", f"{first},{more}"])
+    fcfs = data["systems"]["first come first served"]
+    assert [p["rate"] for p in fcfs] == [1.0, 1.5, 2.0] and fcfs[2]["p95_s"] == 8.0  # the median of 9 and 7
+    assert fcfs[2]["goodput_runs"] == [1.0, 1.0]  # the program of 3 s alone meets 3x at 9 s and 7 s
+    text = (results_dir / "agents.md").read_text()
+    # per program (each within 3x its own 1 or 3 s), first come first served meets the SLO up to 1/s ...
+    assert "At 1 programs/s, the highest rate where first come first served meets" in text
+    assert f"p95 of {ours} there: 3.00 s (1.00x lower)" in text
+    # ... as a bound on the tail (p95 <= 3x 3 s), up to 2/s, where ours is 5 s (the median of 4 and 6)
+    assert "first come first served 2/s, oldest program first + KV kept + swapped 2/s" in text
+    assert f"p95 of {ours} there: 5.00 s (1.60x lower)" in text
+
+
+def test_agents_runs_of_other_programs_or_unloaded_latencies_are_refused(tmp_path, capsys):
+    from benchmarks.agent_latency import main as agents_main
+    first = _agents_run(tmp_path, "a.json", [2.0, 2.0], {"first come first served": [(1.0, 5.0)]})
+    other = _agents_run(tmp_path, "b.json", [2.0, 3.0], {"first come first served": [(2.0, 5.0)]})
+    with pytest.raises(SystemExit):
+        agents_main(["--from-json", f"{first},{other}"])
+    assert "differ in unloaded_s" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # refused before any engine starts: the saved run has no programs
+        agents_main(["--unloaded-from", str(first), "--programs", "2"])
+    assert "measured other programs" in capsys.readouterr().err
