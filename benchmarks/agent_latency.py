@@ -299,8 +299,12 @@ def merge_runs(saved: list[dict]) -> dict:
     if len(saved) == 1:
         return first
     for other in saved[1:]:
-        for key in ("setting", "programs", "unloaded_s"):
-            if other.get(key) != first.get(key):
+        setting, other_setting = first.get("setting", {}), other.get("setting", {})
+        shared = setting.keys() & other_setting.keys()  # (older runs did not store the model)
+        for key, same in [("setting", all(setting[k] == other_setting[k] for k in shared)),
+                          ("programs", other.get("programs") == first.get("programs")),
+                          ("unloaded_s", other.get("unloaded_s") == first.get("unloaded_s"))]:
+            if not same:
                 raise ValueError(f"these runs differ in {key}: merge only runs of the same programs and setting, "
                                  "the later ones measured with --unloaded-from the first")
         if not other.get("runs") or not first.get("runs"):
@@ -312,8 +316,8 @@ def merge_runs(saved: list[dict]) -> dict:
     rates = sorted({p["rate"] for points in runs.values() for p in points})
     systems = {system: [median_point([p for p in points if p["rate"] == r]) for r in rates
                         if any(p["rate"] == r for p in points)] for system, points in runs.items()}
-    return first | {"rates": rates, "runs": runs, "systems": systems, "interrupted": any(d.get("interrupted") for d in saved),
-                    "repeats": max(d.get("repeats", 1) for d in saved)}
+    return first | {"rates": rates, "runs": runs, "systems": systems, "repeats": max(d.get("repeats", 1) for d in saved),
+                    "interrupted": any(d.get("interrupted") for d in saved)}
 
 
 def engine_work(before: dict, after: dict) -> dict:
@@ -403,7 +407,8 @@ def main(argv: list[str] | None = None) -> dict:
     rates = [float(r) for r in args.rates.split(",")]
     programs = make_programs(args.programs, args.seed)
     # runs: every measured point; systems: per rate, the median of its repeats
-    setting = {k: getattr(args, k) for k in ("seed", "programs", "max_num_seqs", "num_kv_blocks", "slo_factor")}
+    setting = {k: getattr(args, k) for k in ("model", "seed", "programs", "max_num_seqs", "num_kv_blocks",
+                                             "slo_factor")}
     data: dict = {"setting": setting, "rates": rates, "repeats": args.repeats, "programs": [p.__dict__ for p in programs],
                   "runs": {}, "systems": {}, "unloaded_s": None}
 
@@ -443,6 +448,8 @@ def main(argv: list[str] | None = None) -> dict:
         earlier = json.loads(Path(args.unloaded_from).read_text())
         if earlier.get("programs") != json.loads(json.dumps(data["programs"])):
             ap.error(f"{args.unloaded_from} measured other programs (its --seed or --programs differ)")
+        if earlier.get("setting", {}).get("model", args.model) != args.model:
+            ap.error(f"{args.unloaded_from} measured another model ({earlier['setting']['model']})")
         data["unloaded_s"] = earlier["unloaded_s"]
     with keep_partial_results(report):
         if data["unloaded_s"] is None:

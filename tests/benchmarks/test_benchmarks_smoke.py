@@ -304,14 +304,16 @@ def test_re_rendering_an_agents_run_keeps_its_setting_and_plots_latency_and_good
     assert (results_dir / "agents.png").stat().st_size > 0 and (results_dir / "agents_goodput.png").stat().st_size > 0
 
 
-def _agents_run(tmp_path, name: str, unloaded: list[float], rates_p95: dict[str, list[tuple[float, float]]]):
+def _agents_run(tmp_path, name: str, unloaded: list[float], rates_p95: dict[str, list[tuple[float, float]]],
+                **setting):
     """An agents run's JSON: per system, (rate, latency of both programs) points."""
     from benchmarks.agent_latency import Outcome, point
-    runs = {system: [point(rate, [Outcome(lat, calls=[(100, 0, 10)]), Outcome(lat, calls=[(100, 0, 10)])], unloaded, 3.0)
-                     for rate, lat in pts] for system, pts in rates_p95.items()}
+    def both(latency: float) -> list[Outcome]:
+        return [Outcome(latency, calls=[(100, 0, 10)]), Outcome(latency, calls=[(100, 0, 10)])]
+    runs = {system: [point(rate, both(lat), unloaded, 3.0) for rate, lat in pts] for system, pts in rates_p95.items()}
     saved = tmp_path / name
     saved.write_text(json.dumps({
-        "setting": {"seed": 0, "programs": 2, "max_num_seqs": 8, "num_kv_blocks": 192, "slo_factor": 3.0},
+        "setting": {"seed": 0, "programs": 2, "max_num_seqs": 8, "num_kv_blocks": 192, "slo_factor": 3.0} | setting,
         "rates": sorted({p["rate"] for pts in runs.values() for p in pts}), "repeats": 1, "programs": [],
         "runs": runs, "unloaded_s": unloaded, "systems": {}}))
     return saved
@@ -346,6 +348,19 @@ def test_agents_runs_of_other_programs_or_unloaded_latencies_are_refused(tmp_pat
     with pytest.raises(SystemExit):
         agents_main(["--from-json", f"{first},{other}"])
     assert "differ in unloaded_s" in capsys.readouterr().err
+    smaller_cache = _agents_run(tmp_path, "c.json", [2.0, 2.0], {"first come first served": [(2.0, 5.0)]},
+                                num_kv_blocks=96)
+    with pytest.raises(SystemExit):
+        agents_main(["--from-json", f"{first},{smaller_cache}"])
+    assert "differ in setting" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # refused before any engine starts: the saved run has no programs
         agents_main(["--unloaded-from", str(first), "--programs", "2"])
     assert "measured other programs" in capsys.readouterr().err
+    from benchmarks.agent_latency import make_programs
+    programs = json.loads(json.dumps([p.__dict__ for p in make_programs(2, 0)]))  # as a saved run holds them
+    other_model = json.loads(first.read_text()) | {"programs": programs}
+    other_model["setting"]["model"] = "gemma3-270m"
+    first.write_text(json.dumps(other_model))
+    with pytest.raises(SystemExit):
+        agents_main(["--unloaded-from", str(first), "--programs", "2"])
+    assert "measured another model (gemma3-270m)" in capsys.readouterr().err
