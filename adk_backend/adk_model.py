@@ -18,7 +18,8 @@ from google.adk.models.llm_response import LlmResponse
 from google.genai import types
 from pydantic import TypeAdapter
 
-from adk_backend.agent_runs import CURRENT_AGENT_TOTALS, CURRENT_PROGRAM, ServiceTierPlugin  # noqa: F401 (old home)
+from adk_backend.agent_runs import CURRENT_PROGRAM, ServiceTierPlugin  # noqa: F401 (their old home)
+from adk_backend.agent_runs import CURRENT_AGENT_TOTALS, program_of
 from adk_backend.chat import (CHAT_MAX_TOKENS, CHAT_TEMPERATURE, ChatResult, chat_stream, finite_logprob,
                               priority_of, top_candidates)
 from adk_backend.chat_format import ToolCall, assistant_message, tool_message
@@ -64,7 +65,7 @@ class EngineLlm(BaseLlm):
             priority = priority_of(getattr(llm_request, "service_tier", None))
             tokens: list[tuple[int, dict]] = []  # (token id, its logprobs) when asked for
             async for item in chat_stream(engine, messages, spec, params, template_kwargs, priority,
-                                          CURRENT_PROGRAM.get()):
+                                          program_of(llm_request)):
                 if isinstance(item, ChatResult):
                     if (totals := CURRENT_AGENT_TOTALS.get()) is not None:
                         totals.add_call(item.prompt_token_ids, item.output_token_ids, item.num_cached_tokens,

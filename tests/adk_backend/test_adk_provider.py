@@ -249,9 +249,12 @@ def test_response_logprobs_give_each_chosen_token_its_top_candidates_and_their_m
     assert final.avg_logprobs == pytest.approx(sum(c.log_probability for c in chosen) / len(chosen))
 
 
-def test_every_model_call_of_one_adk_run_carries_that_runs_program(monkeypatch):
-    """The plugin names the run (app/session/invocation): a tool call and the answer after
-    it are one program; the next run is another."""
+@pytest.mark.parametrize("plugin", [True, False])
+def test_every_model_call_of_one_adk_run_carries_that_runs_program(monkeypatch, plugin):
+    """The plugin names the run (app/session/invocation); without it (a plain Runner) the
+    model reads the run from the request (instruction and history up to the run's user
+    message): either way a tool call and the answer after it are one program; the next run
+    is another, and so is another session's run."""
     from adk_backend.tool_policy import call_tools_then_answer
     from agents.tools.agent import add_numbers
     engine, seen = engine_for(ALIAS), []
@@ -264,19 +267,24 @@ def test_every_model_call_of_one_adk_run_carries_that_runs_program(monkeypatch):
     agent = LlmAgent(name="calc", model=f"engine/{ALIAS}", tools=[add_numbers],
                      before_model_callback=call_tools_then_answer,
                      generate_content_config=types.GenerateContentConfig(max_output_tokens=48))
-    runner = InMemoryRunner(agent=agent, app_name="t", plugins=[adk_backend.ServiceTierPlugin()])
+    runner = InMemoryRunner(agent=agent, app_name="t", plugins=[adk_backend.ServiceTierPlugin()] if plugin else [])
 
-    async def two_runs():
+    async def runs(texts: tuple[str, ...]):
         session = await runner.session_service.create_session(app_name="t", user_id="u")
         runs = []
-        for text in ("What is 2 plus 3?", "And 4 plus 5?"):
+        for text in texts:
             runs.append([e async for e in runner.run_async(user_id="u", session_id=session.id, new_message=types.Content(
                 role="user", parts=[types.Part(text=text)]))])
         return session, runs
-    session, runs = asyncio.run(two_runs())
-    first, second = ({e.invocation_id for e in events} for events in runs)
+    session, (first_run, second_run) = asyncio.run(runs(("What is 2 plus 3?", "And 4 plus 5?")))
+    first, second = ({e.invocation_id for e in events} for events in (first_run, second_run))
     assert len(first) == len(second) == 1
-    assert seen == [f"t/{session.id}/{first.pop()}"] * 2 + [f"t/{session.id}/{second.pop()}"] * 2
+    if plugin:
+        assert seen == [f"t/{session.id}/{first.pop()}"] * 2 + [f"t/{session.id}/{second.pop()}"] * 2
+    else:
+        assert len(seen) == 4 and seen[0] == seen[1] != seen[2] == seen[3] and seen[0].startswith("run/")
+        asyncio.run(runs(("What is 7 plus 1?",)))  # another session, another opening
+        assert len(seen) == 6 and seen[4] == seen[5] and seen[4] not in seen[:4]
 
 
 def test_kv_is_kept_across_a_tool_call_and_let_go_after_the_final_answer():
