@@ -28,7 +28,6 @@ from adk_backend.tool_formats import HERMES, ToolCallFormat
 from engine import StructuredOutputsParams
 
 ToolMode = Literal["auto", "required", "none"]
-_MAX_WHITESPACE = 2  # between JSON tokens inside a call: enough for a newline, no runaway
 
 
 @dataclass
@@ -102,7 +101,9 @@ def _call_tag(fn: dict, calls: ToolCallFormat) -> dict:
 
 
 def _json(schema: dict) -> dict:
-    return {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": _MAX_WHITESPACE}
+    """JSON of `schema`, its separators fixed by the engine (json.dumps's: a call renders back
+    into the next prompt as the same tokens)."""
+    return {"type": "json_schema", "json_schema": schema}
 
 
 def _arguments_schema(fn: dict) -> dict:

@@ -32,8 +32,33 @@ STARTUP_TIMEOUT_S = 120.0  # a child that has not imported xgrammar by then neve
 _TOKENIZERS_KEPT = 4
 
 
+# JSON's separators where a grammar fixes them: json.dumps's, which chat templates (`tojson`)
+# and tool_formats also write, so a call the model generated and the same call rendered back
+# into the next prompt are the same tokens, and that prompt is a prefix-cache hit through it.
+SEPARATORS = (", ", ": ")
+
+
+def fixed_separators(fmt, json_to_ebnf):
+    """A structural tag's formats with every plain JSON content (a `json_schema` format that
+    asks for no whitespace of its own: no `max_whitespace_cnt`, default style, no excludes,
+    no any_order) as a grammar of fixed separators, as JSON mode is; `json_to_ebnf(schema)`
+    converts one schema."""
+    if isinstance(fmt, list):
+        return [fixed_separators(f, json_to_ebnf) for f in fmt]
+    if not isinstance(fmt, dict):
+        return fmt
+    if (fmt.get("type") == "json_schema" and fmt.get("max_whitespace_cnt") is None and fmt.get("style", "json") == "json"
+            and not fmt.get("excludes") and not fmt.get("any_order") and set(fmt) <= {
+                "type", "json_schema", "style", "max_whitespace_cnt", "excludes", "any_order"}):
+        return {"type": "grammar", "grammar": json_to_ebnf(fmt["json_schema"])}
+    return {k: fixed_separators(v, json_to_ebnf) for k, v in fmt.items()}
+
+
 def _serve() -> None:
     import xgrammar as xgr
+
+    def json_to_ebnf(schema) -> str:
+        return str(xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False, separators=SEPARATORS))
     compilers: OrderedDict[str, xgr.GrammarCompiler] = OrderedDict()
     sys.stdout.write("ready\n")
     sys.stdout.flush()
@@ -50,9 +75,10 @@ def _serve() -> None:
         compiler = compilers[path]
         compile_by_kind = {
             # fixed separators: a small model cannot run away into whitespace
-            "json_schema": lambda s: compiler.compile_json_schema(s, any_whitespace=False),
+            "json_schema": lambda s: compiler.compile_json_schema(s, any_whitespace=False, separators=SEPARATORS),
             "regex": compiler.compile_regex, "grammar": compiler.compile_grammar,
-            "structural_tag": compiler.compile_structural_tag,
+            "structural_tag": lambda s: compiler.compile_structural_tag(
+                json.dumps(fixed_separators(json.loads(s), json_to_ebnf))),
         }
         try:
             reply = {"grammar": compile_by_kind[request["kind"]](request["source"]).serialize_json()}

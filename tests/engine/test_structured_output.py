@@ -140,6 +140,37 @@ def test_stop_strings_eos_and_max_tokens_inside_a_grammar():
     assert held.text == full.text and held.finish_reason == "stop"
 
 
+def test_json_in_a_structural_tag_has_json_dumps_separators_so_a_call_renders_back_as_generated():
+    """A tag's JSON content, as JSON mode, is generated with fixed separators (json.dumps's):
+    the text of a call is what tool_formats renders back into the next prompt."""
+    args = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                                             "b": {"type": "array", "items": {"type": "boolean"}, "maxItems": 3}},
+            "required": ["a", "b"], "additionalProperties": False}
+    tag = {"type": "structural_tag", "format": {"type": "tag", "begin": "<call>", "content": {
+        "type": "json_schema", "json_schema": args}, "end": "</call>"}}
+    tagged = TINY.generate([[5 + i, 6] for i in range(8)], [
+        SamplingParams(temperature=1.0, seed=i, max_tokens=60, structured_outputs={"structural_tag": tag})
+        for i in range(8)])
+    plain = TINY.generate([[7, 8]], SamplingParams(temperature=1.0, seed=0, max_tokens=60,
+                                                   structured_outputs={"json": args}))
+    for out in [o.outputs[0] for o in tagged + plain]:
+        body = out.text.removeprefix("<call>").removesuffix("</call>")
+        assert out.finish_reason == "stop" and body == json.dumps(json.loads(body)), out.text
+
+
+def test_only_json_that_asks_for_no_whitespace_of_its_own_gets_fixed_separators():
+    from engine.grammar_worker import fixed_separators
+    plain = {"type": "json_schema", "json_schema": {"type": "integer"}}
+    spaced = plain | {"max_whitespace_cnt": 4}
+    fmt = {"type": "sequence", "elements": [plain, {"type": "tag", "begin": "<", "content": spaced, "end": ">"},
+                                             {"type": "tag", "begin": "(", "content": plain, "end": ")"}]}
+    rewritten = fixed_separators(fmt, lambda schema: f"root ::= {json.dumps(schema)!r}")
+    grammar = {"type": "grammar", "grammar": "root ::= '{\"type\": \"integer\"}'"}
+    assert rewritten == {"type": "sequence", "elements": [grammar, {"type": "tag", "begin": "<", "content": spaced,
+                                                                    "end": ">"},
+                                                          {"type": "tag", "begin": "(", "content": grammar, "end": ")"}]}
+
+
 def test_bad_grammars_are_value_errors_that_name_the_problem_and_the_engine_keeps_serving():
     with pytest.raises(ValueError, match="exactly one of"):
         SamplingParams(structured_outputs={"json": {"type": "object"}, "regex": "a"})
