@@ -79,6 +79,11 @@ def _control_tokens(tokenizer) -> tuple[frozenset[str], frozenset[str], frozense
         frozenset(added) | frozenset(tokenizer.all_special_ids)
 
 
+def control_token_ids(tokenizer) -> frozenset[int]:
+    """The ids of every added and special token: those a client's text never encodes to."""
+    return _control_tokens(tokenizer)[2]
+
+
 def max_token_chars(tokenizer) -> int:
     """No token decodes to more characters than its vocabulary entry has."""
     return _max_token_chars(tokenizer)

@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 from engine import chat_template
 from engine.config import ModelConfig
+from engine.program_tokens import ProgramTokens
 from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.structured_output import GrammarCompiler
@@ -30,8 +31,13 @@ class CheckedPrompt(NamedTuple):
 
 class InputProcessor:
     def __init__(self, tokenizer, model_config: ModelConfig, max_model_len: int,
-                 grammars: GrammarCompiler, model_name: str, sampling_defaults: dict | None = None) -> None:
+                 grammars: GrammarCompiler, model_name: str, sampling_defaults: dict | None = None,
+                 continue_programs: bool = True) -> None:
         self.tokenizer = tokenizer
+        # an agent program's next call in the tokens its last call ended with (engine/program_tokens.py)
+        self.program_tokens = ProgramTokens(
+            lambda ids: tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False),
+            chat_template.control_token_ids(tokenizer)) if tokenizer is not None and continue_programs else None
         self.sampling_defaults = dict(sampling_defaults or {})  # from generation_config.json
         self.model_config = model_config
         self.max_model_len = max_model_len
@@ -111,6 +117,9 @@ class InputProcessor:
         already compiled (AsyncLLM compiles them off the event loop), else compiled here."""
         checked = prompt if isinstance(prompt, CheckedPrompt) else self.check(prompt, params)
         text, ids, params = checked
+        if program is not None and text is not None and self.program_tokens is not None:
+            continued = self.program_tokens.continued(program, ids)
+            ids = continued if len(continued) < self.max_model_len else ids
         if params.structured_outputs is not None and grammar is None:
             grammar = self.grammars.compile(params.structured_outputs)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"

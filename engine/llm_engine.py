@@ -82,7 +82,7 @@ class LLMEngine:
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size,
                                         self.model_config.eos_token_ids, config.grammar_compile_timeout)
         self.inputs = InputProcessor(self.tokenizer, self.model_config, self.max_model_len, self.grammars, config.model,
-                                     loaded.sampling_defaults)
+                                     loaded.sampling_defaults, continue_programs=config.enable_prefix_caching)
         self.outputs = OutputProcessor(self.tokenizer)  # AsyncLLM gives it the step thread's own tokenizer
         self.requests: dict[str, list[Request]] = {}   # request id -> its sequences, until its output is final
         self.step_count = 0
@@ -214,6 +214,9 @@ class LLMEngine:
         leaving = self.scheduler.leaving(sched, [r for r in done if not r.is_finished])
         for req in leaving:
             self.scheduler.finish(req, req.finish_reason)
+            if req.program is not None and req.index == 0 and req.finish_reason in ("stop", "length") \
+                    and self.inputs.program_tokens is not None:
+                self.inputs.program_tokens.record(req.program, req.all_token_ids)
         return self._step_output(sched, list(dict.fromkeys([*result.sampled, *leaving])), leaving)
 
     def _append_token(self, req: Request, token: int, logprobs: dict[int, Logprob] | None, now: float) -> None:

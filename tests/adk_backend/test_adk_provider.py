@@ -287,20 +287,33 @@ def test_every_model_call_of_one_adk_run_carries_that_runs_program(monkeypatch, 
         assert len(seen) == 6 and seen[4] == seen[5] and seen[4] not in seen[:4]
 
 
-def test_kv_is_kept_across_a_tool_call_and_let_go_after_the_final_answer():
+def test_kv_is_kept_across_a_tool_call_and_let_go_after_the_final_answer(monkeypatch):
     """A run's call that ends in a tool call leaves its KV pinned for the run's next call,
-    which takes it; the final answer (no tool call) lets its KV go at once instead of holding
-    it for a time-to-live, taking memory from programs still between tool calls."""
+    which takes it, its prompt continuing the first call's tokens as the model wrote them, so
+    every full block of them is a cache hit; the final answer (no tool call) lets its KV go at
+    once instead of holding it for a time-to-live, taking memory from programs still between
+    tool calls."""
+    from adk_backend.agent_runs import AgentEngineTotals
     from adk_backend.tool_policy import call_tools_then_answer
     from agents.tools.agent import add_numbers
     engine = engine_for(ALIAS)
     before = dict(engine.stats()["kv_pins"])
+    calls = []
+    add_call = AgentEngineTotals.add_call
+
+    def spy(self, prompt_ids, output_ids, cached, queued):
+        calls.append((list(prompt_ids), list(output_ids), cached))
+        return add_call(self, prompt_ids, output_ids, cached, queued)
+    monkeypatch.setattr(AgentEngineTotals, "add_call", spy)
     agent = LlmAgent(name="calc", model=f"engine/{ALIAS}", tools=[add_numbers],
                      before_model_callback=call_tools_then_answer,
                      generate_content_config=types.GenerateContentConfig(max_output_tokens=48))
     runner = InMemoryRunner(agent=agent, app_name="t", plugins=[adk_backend.ServiceTierPlugin()])
     events = asyncio.run(run_session(runner, "What is 2 plus 3?", RunConfig(max_llm_calls=4)))
     assert any(e.get_function_calls() for e in events) and events[-1].content.parts[0].text
+    (first_prompt, first_output, _), (second_prompt, _, cached) = calls
+    wrote = first_prompt + first_output
+    assert second_prompt[:len(wrote)] == wrote and cached >= len(wrote) // 16 * 16  # block size 16
 
     def counted() -> dict:
         return {k: v - before.get(k, 0) for k, v in engine.stats()["kv_pins"].items()}
