@@ -9,10 +9,13 @@ the reply and everything after it are computed again. So each program's last cal
 ids (prompt and output) are kept, and the next call's prompt takes them in place of its own
 tokens for the same text: the model sees the same text, in the tokens it wrote itself.
 
-Only where that is exact: the prompt's own tokens spell the last call's text through one of
-their boundaries, with the same control tokens (a control token the model wrote stands only
-where the prompt has it too), within a bounded stretch (a reply, not a conversation). Else
-the prompt keeps its own tokens. Written by the step thread, read by the input thread.
+Only where that is exact: the prompt's own tokens spell the last call's whole text through
+one of their boundaries, with the same control tokens (a control token the model wrote
+stands only where the prompt has it too). Else the prompt keeps its own tokens. The first
+difference can lie far back (each call's reply, respelled, is in every later prompt), so
+the boundary is found by a binary search over decodes of the differing stretch: a few
+decodes, each no longer than the prompt. Written by the step thread, read by the input
+thread.
 """
 from __future__ import annotations
 
@@ -22,7 +25,6 @@ from collections import OrderedDict
 from typing import Callable
 
 MAX_TOKENS = 1 << 22       # ids kept over all programs (4 bytes each), least recently used out first
-MAX_REALIGNED = 256        # tokens of the last call's end that may be re-spelled (its reply)
 
 
 class ProgramTokens:
@@ -61,17 +63,21 @@ class ProgramTokens:
             if a != b:
                 break
             same += 1
-        if same == len(last) or same == len(ids) or len(last) - same > MAX_REALIGNED:
-            return ids  # continues it already; or the prompt ends in it; or diverged long before its end
+        if same == len(last) or same == len(ids):
+            return ids  # continues it already; or the prompt ends within it
         text = self._decode(last[same:])
-        end = same
-        while end < len(ids) and end - same <= 2 * MAX_REALIGNED:
-            end += 1
-            spelled = self._decode(ids[same:end])
-            if len(spelled) >= len(text):
-                break
-        if spelled != text or [t for t in last[same:] if t in self._control] != [t for t in ids[same:end]
-                                                                               if t in self._control]:
+        # the fewest of the prompt's next tokens that spell as much text (log2 of the stretch
+        # decodes, on the input thread every client shares)
+        lo, hi = same + 1, len(ids)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(self._decode(ids[same:mid])) >= len(text):
+                hi = mid
+            else:
+                lo = mid + 1
+        end = lo
+        if self._decode(ids[same:end]) != text or [t for t in last[same:] if t in self._control] != [
+                t for t in ids[same:end] if t in self._control]:
             return ids
         self.num_continued += 1
         return last + ids[end:]

@@ -1,7 +1,6 @@
 """An agent program's next call continues the tokens its last call ended with."""
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.chat_template import ProtectedText
-from engine.program_tokens import MAX_REALIGNED
 
 PROMPT = "<|im_start|>user\nAdd 2 and 3.<|im_end|>\n<|im_start|>assistant\n"
 PARAMS = SamplingParams(temperature=0, max_tokens=4)
@@ -52,19 +51,25 @@ def test_a_control_token_the_model_wrote_is_not_taken_where_the_prompt_has_plain
     assert engine.make_request(protected, PARAMS, program="p").prompt_token_ids == own
 
 
-def test_only_a_bounded_stretch_is_respelled_and_not_without_prefix_caching():
-    """The last call's tokens are taken where they diverge from the prompt's own within
-    MAX_REALIGNED tokens of their end (its reply), not where they diverged long before."""
+def test_a_third_call_continues_the_second_though_the_first_reply_was_respelled_long_before():
+    """Every later prompt holds the first call's reply: the prompt's own tokens differ from
+    the kept ones there, however far back, and the whole of the last call is still taken."""
     engine = _engine()
     tok = engine.tokenizer
-    prompt_ids = engine.make_request(PROMPT, PARAMS).prompt_token_ids
-    split = tok.encode(" {", add_special_tokens=False) + tok.encode('"', add_special_tokens=False)
-    for xs, taken in [(8, True), (MAX_REALIGNED + 8, False)]:
-        reply = split + tok.encode(" x" * xs, add_special_tokens=False)
-        engine.inputs.program_tokens.record("p", prompt_ids + reply)
-        after = PROMPT + tok.decode(reply) + "!"
-        own = engine.make_request(after, PARAMS).prompt_token_ids
-        continued = engine.make_request(after, PARAMS, program="p").prompt_token_ids
-        assert own[:len(prompt_ids + reply)] != prompt_ids + reply
-        assert (continued[:len(prompt_ids + reply)] == prompt_ids + reply) is taken and (continued == own) is not taken
+    last = _last_call(engine, "p")
+    second = PROMPT + ' {"a": 2}<|im_end|>\n<|im_start|>tool\n' + "five " * 400 + "<|im_end|>\n<|im_start|>assistant\n"
+    second_ids = engine.make_request(second, PARAMS, program="p").prompt_token_ids
+    assert second_ids[:len(last)] == last
+    reply = tok.encode(" {", add_special_tokens=False) + tok.encode('"', add_special_tokens=False) + \
+        tok.encode('b": 7}', add_special_tokens=False) + [tok.convert_tokens_to_ids("<|im_end|>")]
+    engine.inputs.program_tokens.record("p", second_ids + reply)
+    third = second + ' {"b": 7}<|im_end|>\n<|im_start|>tool\n8<|im_end|>\n'
+    own = engine.make_request(third, PARAMS).prompt_token_ids
+    continued = engine.make_request(third, PARAMS, program="p").prompt_token_ids
+    assert len(second_ids + reply) - len(last) > 256  # the first difference lies that far back
+    assert continued[:len(second_ids + reply)] == second_ids + reply
+    assert tok.decode(continued, skip_special_tokens=False) == tok.decode(own, skip_special_tokens=False) == third
+
+
+def test_without_prefix_caching_prompts_keep_their_own_tokens():
     assert _engine(enable_prefix_caching=False).inputs.program_tokens is None
