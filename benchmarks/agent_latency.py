@@ -322,10 +322,12 @@ def merge_runs(saved: list[dict]) -> dict:
 
 def engine_work(before: dict, after: dict) -> dict:
     """What the engine did for one rate's programs: forward passes, prompt tokens it ran
-    (misses and recomputes), calls preempted, and what happened to the KV it kept."""
+    (misses and recomputes), calls preempted, what happened to the KV it kept, and the calls
+    whose prompt continued their program's last call token for token."""
     return {"steps": after["num_steps"] - before["num_steps"],
             "prefill_tokens_computed": after["prefill_tokens_computed_total"] - before["prefill_tokens_computed_total"],
             "preemptions": after["num_preemptions"] - before["num_preemptions"],
+            "prompts_continued": after["program_prompts_continued"] - before["program_prompts_continued"],
             "kv_pins": {k: v - before["kv_pins"][k] for k, v in after["kv_pins"].items()}}
 
 

@@ -31,7 +31,7 @@ def test_the_next_calls_prompt_takes_the_tokens_the_last_call_wrote_for_the_same
     assert own[:len(last)] != last and continued[:len(last)] == last
     decode = lambda ids: engine.tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
     assert decode(continued) == decode(own) == after
-    assert engine.inputs.program_tokens.num_continued == 1
+    assert engine.inputs.program_tokens.num_continued == engine.stats()["program_prompts_continued"] == 1
     # another program, or the same one whose prompt says something else, keeps its own tokens
     assert engine.make_request(after, PARAMS, program="q").prompt_token_ids == own
     other = after.replace('"a": 2', '"a": 3')
