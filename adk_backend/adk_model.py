@@ -57,6 +57,7 @@ class EngineLlm(BaseLlm):
         try:
             engine = engine_for(self.model)
             messages = contents_to_messages(llm_request)
+            program = program_of(messages)
             spec = reply_spec(llm_request.config, self.parallel_tool_calls)
             if spec.response_schema is not None:
                 messages = with_schema_instruction(messages, spec.response_schema)
@@ -64,8 +65,7 @@ class EngineLlm(BaseLlm):
             template_kwargs, show_thoughts = thinking_options(llm_request.config)
             priority = priority_of(getattr(llm_request, "service_tier", None))
             tokens: list[tuple[int, dict]] = []  # (token id, its logprobs) when asked for
-            async for item in chat_stream(engine, messages, spec, params, template_kwargs, priority,
-                                          program_of(llm_request)):
+            async for item in chat_stream(engine, messages, spec, params, template_kwargs, priority, program):
                 if isinstance(item, ChatResult):
                     if (totals := CURRENT_AGENT_TOTALS.get()) is not None:
                         totals.add_call(item.prompt_token_ids, item.output_token_ids, item.num_cached_tokens,

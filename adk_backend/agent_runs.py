@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
+import json
 from dataclasses import dataclass
 
 from google.adk.models.llm_request import LlmRequest
@@ -60,26 +61,21 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 CURRENT_PROGRAM: contextvars.ContextVar[str | None] = contextvars.ContextVar("engine_program", default=None)
 
 
-def program_of(llm_request: LlmRequest) -> str:
-    """The call's agent program: the plugin's name for its run, else one read from the request
-    itself, so that a plain `Runner` needs no change: the agent's instruction and the
-    conversation up to the user's message that started the run. Every call of the run shares
-    them (its tool calls and their results come after that message) and the next run's
-    differ (its own message comes after). Runs whose instruction and history are identical so
-    far (two sessions opening with the same words) count as one program until they differ;
-    their KV prefix is the same anyway."""
+def program_of(messages: list[dict]) -> str:
+    """A call's agent program (its neutral chat `messages`: chat_format): the plugin's name for
+    its run, else one read from the call itself, so that a plain `Runner` (or a LiteLLM
+    caller) needs no change: the messages up to the user's message that started the run, the
+    system instruction first. Every call of the run shares them (its tool calls and their
+    results come after that message) and the next run's differ (its own message comes
+    after). Runs whose instruction and history are identical so far (two sessions opening
+    with the same words) count as one program until they differ; their KV prefix is the same
+    anyway."""
     named = CURRENT_PROGRAM.get()
     if named is not None:
         return named
-    contents = llm_request.contents
-    started = max((i for i, c in enumerate(contents) if c.role == "user" and c.parts
-                   and any(p.text for p in c.parts) and not any(p.function_response for p in c.parts)), default=-1)
-    instruction = llm_request.config.system_instruction if llm_request.config else None
-    digest = hashlib.sha256(instruction.model_dump_json().encode() if hasattr(instruction, "model_dump_json")
-                            else str(instruction or "").encode())
-    for content in contents[:started + 1]:
-        digest.update(content.model_dump_json(exclude_none=True).encode())
-    return "run/" + digest.hexdigest()[:32]
+    started = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=len(messages) - 1)
+    opening = json.dumps(messages[:started + 1], sort_keys=True, default=str)
+    return "run/" + hashlib.sha256(opening.encode()).hexdigest()[:32]
 CURRENT_AGENT_TOTALS: contextvars.ContextVar[AgentEngineTotals | None] = contextvars.ContextVar(
     "engine_agent_totals", default=None)
 

@@ -16,6 +16,7 @@ from litellm import CustomLLM
 from litellm.llms.custom_llm import CustomLLMError
 from litellm.types.utils import ChatCompletionMessageToolCall, Function, GenericStreamingChunk, ModelResponse, Usage
 
+from adk_backend.agent_runs import program_of
 from adk_backend.chat import ChatResult, chat_stream
 from adk_backend.engines import engine_for, model_name
 from adk_backend.openai_format import (finish_reason, openai_reply_spec, openai_sampling, openai_to_messages,
@@ -36,7 +37,8 @@ class EngineLiteLLM(CustomLLM):
             engine = engine_for(model_name(model))
             params = openai_sampling(optional_params, engine.sampling_defaults)
             template_kwargs = optional_params.get("chat_template_kwargs")
-            program = optional_params.get("prompt_cache_key")  # as on /v1: the agent program
+            # as on /v1, else the run ADK's plugin named or the conversation itself names
+            program = optional_params.get("prompt_cache_key") or program_of(msgs)
             async for item in chat_stream(engine, msgs, spec, params, template_kwargs, program=program):
                 yield item
         except ENGINE_ERRORS as exc:

@@ -250,11 +250,12 @@ def test_response_logprobs_give_each_chosen_token_its_top_candidates_and_their_m
 
 
 @pytest.mark.parametrize("plugin", [True, False])
-def test_every_model_call_of_one_adk_run_carries_that_runs_program(monkeypatch, plugin):
+@pytest.mark.parametrize("wrapper", ["native", "litellm"])
+def test_every_model_call_of_one_adk_run_carries_that_runs_program(monkeypatch, plugin, wrapper):
     """The plugin names the run (app/session/invocation); without it (a plain Runner) the
-    model reads the run from the request (instruction and history up to the run's user
-    message): either way a tool call and the answer after it are one program; the next run
-    is another, and so is another session's run."""
+    model reads the run from the call (instruction and history up to the run's user
+    message): either way, through the native model or LiteLLM, a tool call and the answer
+    after it are one program; the next run is another, and so is another session's run."""
     from adk_backend.tool_policy import call_tools_then_answer
     from agents.tools.agent import add_numbers
     engine, seen = engine_for(ALIAS), []
@@ -264,8 +265,8 @@ def test_every_model_call_of_one_adk_run_carries_that_runs_program(monkeypatch, 
         seen.append(program)
         return original(prompt, params, *args, program=program, **kwargs)
     monkeypatch.setattr(engine, "generate", spy)
-    agent = LlmAgent(name="calc", model=f"engine/{ALIAS}", tools=[add_numbers],
-                     before_model_callback=call_tools_then_answer,
+    model = f"engine/{ALIAS}" if wrapper == "native" else LiteLlm(model=f"engine/{ALIAS}")
+    agent = LlmAgent(name="calc", model=model, tools=[add_numbers], before_model_callback=call_tools_then_answer,
                      generate_content_config=types.GenerateContentConfig(max_output_tokens=48))
     runner = InMemoryRunner(agent=agent, app_name="t", plugins=[adk_backend.ServiceTierPlugin()] if plugin else [])
 
