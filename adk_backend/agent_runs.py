@@ -59,6 +59,8 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 # Set by ServiceTierPlugin in the task that then calls the model: the call's agent program
 # ("<app>/<session>/<invocation>") and its agent's totals.
 CURRENT_PROGRAM: contextvars.ContextVar[str | None] = contextvars.ContextVar("engine_program", default=None)
+CURRENT_AGENT_TOTALS: contextvars.ContextVar[AgentEngineTotals | None] = contextvars.ContextVar(
+    "engine_agent_totals", default=None)
 
 
 def program_of(messages: list[dict]) -> str:
@@ -76,8 +78,6 @@ def program_of(messages: list[dict]) -> str:
     started = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=len(messages) - 1)
     opening = json.dumps(messages[:started + 1], sort_keys=True, default=str)
     return "run/" + hashlib.sha256(opening.encode()).hexdigest()[:32]
-CURRENT_AGENT_TOTALS: contextvars.ContextVar[AgentEngineTotals | None] = contextvars.ContextVar(
-    "engine_agent_totals", default=None)
 
 
 class ServiceTierPlugin(BasePlugin):

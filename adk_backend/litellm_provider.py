@@ -37,7 +37,7 @@ class EngineLiteLLM(CustomLLM):
             engine = engine_for(model_name(model))
             params = openai_sampling(optional_params, engine.sampling_defaults)
             template_kwargs = optional_params.get("chat_template_kwargs")
-            # as on /v1, else the run ADK's plugin named or the conversation itself names
+            # the agent program: prompt_cache_key as on /v1, else as for the native ADK model
             program = optional_params.get("prompt_cache_key") or program_of(msgs)
             async for item in chat_stream(engine, msgs, spec, params, template_kwargs, program=program):
                 yield item
