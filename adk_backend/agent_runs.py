@@ -19,6 +19,8 @@ from google.adk.models.llm_request import LlmRequest
 from google.adk.plugins.base_plugin import BasePlugin
 from opentelemetry import trace
 
+from engine.program_tokens import common_prefix
+
 
 @dataclass
 class AgentEngineTotals:
@@ -32,7 +34,7 @@ class AgentEngineTotals:
 
     def add_call(self, prompt_ids: list[int], output_ids: list[int], cached: int, queued: float | None) -> None:
         if self._last is not None:  # KV that existed once: its last token was never fed back
-            seen = min(_common_prefix(self._last, prompt_ids), len(self._last) - 1)
+            seen = min(common_prefix(self._last, prompt_ids), len(self._last) - 1)
             self.prefill_recomputed += max(0, seen - cached)
         self._last = list(prompt_ids) + list(output_ids)
         self.model_calls += 1
@@ -46,14 +48,6 @@ class AgentEngineTotals:
                 "engine.agent.prompt_tokens": self.prompt_tokens,
                 "engine.agent.cache_read.input_tokens": self.cached_tokens,
                 "engine.agent.prefill_recomputed_tokens": self.prefill_recomputed}
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 # Set by ServiceTierPlugin in the task that then calls the model: the call's agent program

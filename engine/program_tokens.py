@@ -27,6 +27,15 @@ from typing import Callable
 MAX_TOKENS = 1 << 22       # ids kept over all programs (4 bytes each), least recently used out first
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many tokens `a` and `b` share from their start."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
 class ProgramTokens:
     def __init__(self, decode: Callable[[list[int]], str], control_ids: frozenset[int],
                  max_tokens: int = MAX_TOKENS) -> None:
@@ -58,11 +67,7 @@ class ProgramTokens:
         if last is None:
             return ids
         last = last.tolist()
-        same = 0
-        for a, b in zip(last, ids):
-            if a != b:
-                break
-            same += 1
+        same = common_prefix(last, ids)
         if same == len(last) or same == len(ids):
             return ids  # continues it already; or the prompt ends within it
         text = self._decode(last[same:])
