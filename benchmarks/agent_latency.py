@@ -291,6 +291,11 @@ def median_point(points: list[dict]) -> dict:
     return {k: median([p[k] for p in points]) for k in points[0]} | {"goodput_runs": [p["goodput"] for p in points]}
 
 
+def medians_by_rate(points: list[dict], rates: list[float]) -> list[dict]:
+    """One system's runs as one point per rate it ran (in `rates`' order): their medians."""
+    return [median_point([p for p in points if p["rate"] == r]) for r in rates if any(p["rate"] == r for p in points)]
+
+
 def merge_runs(saved: list[dict]) -> dict:
     """Runs of the same programs in one setting, judged against the same unloaded latencies
     (the later ones measured with --unloaded-from the first), as one: every run of every
@@ -314,8 +319,7 @@ def merge_runs(saved: list[dict]) -> dict:
         for system, points in data["runs"].items():
             runs.setdefault(system, []).extend(points)
     rates = sorted({p["rate"] for points in runs.values() for p in points})
-    systems = {system: [median_point([p for p in points if p["rate"] == r]) for r in rates
-                        if any(p["rate"] == r for p in points)] for system, points in runs.items()}
+    systems = {system: medians_by_rate(points, rates) for system, points in runs.items()}
     return first | {"rates": rates, "runs": runs, "systems": systems, "repeats": max(d.get("repeats", 1) for d in saved),
                     "interrupted": any(d.get("interrupted") for d in saved)}
 
@@ -339,10 +343,9 @@ def headline(data: dict, slo_factor: float) -> list[str]:
     lines = []
     floor = percentile(data["unloaded_s"], 95)  # each program's latency >= its unloaded one, so the p95s are too
 
-    def p95_cut_at(rate: float) -> None:
-        a = next(p for p in fcfs if p["rate"] == rate)
+    def p95_cut_at(a: dict) -> None:  # each policy of ours against first come first served's point `a`
         for name, pts in systems.items():
-            b = next((p for p in pts if p["rate"] == rate), None)
+            b = next((p for p in pts if p["rate"] == a["rate"]), None)
             if name in POLICIES and name != "first come first served" and b:
                 lines.append(f"p95 of {name} there: {b['p95_s']:.2f} s ({a['p95_s'] / b['p95_s']:.2f}x lower).")
     if meeting:
@@ -353,7 +356,7 @@ def headline(data: dict, slo_factor: float) -> list[str]:
                      "target is 1.5x lower.")
         lines.append(f"No order can go below the programs' unloaded latencies, whose p95 is {floor:.2f} s: at most "
                      f"{a['p95_s'] / floor:.2f}x lower there.")
-        p95_cut_at(rate)
+        p95_cut_at(a)
     # The SLO read as one bound on the tail rather than on each program: the issue's words
     # ("p95 program latency <= 3x its unloaded latency") allow both; this one is the looser.
     tail_ok = {name: max((p["rate"] for p in pts if p["p95_s"] <= slo_factor * floor), default=None)
@@ -363,7 +366,7 @@ def headline(data: dict, slo_factor: float) -> list[str]:
                  + ", ".join(f"{name} {'none' if r is None else f'{r:g}/s'}" for name, r in tail_ok.items()) + ".")
     if tail_ok.get("first come first served") is not None:
         lines.append(f"At {tail_ok['first come first served']:g}/s, first come first served's highest by that reading:")
-        p95_cut_at(tail_ok["first come first served"])
+        p95_cut_at(next(p for p in fcfs if p["rate"] == tail_ok["first come first served"]))
     goodput = {name: max((p["goodput"] for p in pts), default=0.0) for name, pts in systems.items()}
     for name, g in goodput.items():
         line = f"Goodput of {name}: {g:.2f} programs/s"
@@ -467,8 +470,7 @@ def main(argv: list[str] | None = None) -> dict:
         def record(system: str, measured: dict) -> None:
             runs = data["runs"].setdefault(system, [])
             runs.append(measured)
-            data["systems"][system] = [median_point([p for p in runs if p["rate"] == r])
-                                       for r in rates if any(p["rate"] == r for p in runs)]
+            data["systems"][system] = medians_by_rate(runs, rates)
             print(system, {k: v for k, v in measured.items() if k not in ("answers", "tools_per_program", "latencies_s")},
                   flush=True)
 
