@@ -1,8 +1,9 @@
 // Paged decode attention over a model-dtype cache [num_blocks, block_size, Hkv, D]:
 // out[b, h] = softmax(q[b, h] . K_b^T * scale) V_b over the last min(seq_lens[b], window)
-// tokens, read straight through block_tables (no gather). One task per (sequence, KV head):
-// its G query heads share each row read; while a task's P.V pass reads V from cache, the
-// next task's K rows are prefetched (prefetch_task_k). Three forms:
+// tokens, read straight through block_tables (no gather). One task per (sequence, KV head,
+// chunk of 256 rows or more: DecodeTask): its G query heads share each row read; while a
+// task's P.V pass reads V from cache, the next task's K rows are prefetched
+// (prefetch_task_k). Three forms:
 //   - bf16 cache on an AVX512-BF16 build, head_dim 64/128/256: 16-row tiles, vdpbf16ps;
 //   - head_dim a multiple of 16 up to 256: 16-lane vectors (vec.h), every ISA level;
 //   - any other shape: plain loops.
@@ -27,17 +28,121 @@ inline int64_t row_offset(const AttentionArgs& a, int64_t b, int64_t kvh, int64_
   return (a.bt[b * a.max_blocks + t / a.bs] * a.bs + t % a.bs) * a.Hkv * a.D + kvh * a.D;
 }
 
+// A decode task: rows [r0, r1) of KV head kvh of sequence b. With one task per (sequence,
+// KV head), a batch of one gave SmolLM2's 3 KV heads to 2 cores, one idle a third of the
+// time; so a sequence's visible rows are split into max(1, rows / kChunkRows) chunks of equal
+// size (cut at multiples of 16), one task each, and the chunks' results merged. The cuts
+// follow from the sequence alone, so its result never depends on the rest of the batch.
+constexpr int64_t kChunkRows = 256;  // 128 measured no better
+struct DecodeTask {
+  int64_t b, kvh, r0, r1;
+  int64_t part;   // its slot among the partial results; -1: the task covers the whole sequence
+  int64_t split;  // the index of its (sequence, KV head) among the split ones
+};
+
+// The tasks of a decode step, sequence by sequence, KV head by head, chunk by chunk.
+struct DecodePlan {
+  std::vector<DecodeTask> tasks;
+  std::vector<int64_t> first_part, num_parts;  // of each split (sequence, KV head)
+};
+
+inline DecodePlan plan_decode_tasks(const int64_t* lens, int64_t B, int64_t Hkv, int64_t window) {
+  DecodePlan plan;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t L = lens[b], first = first_visible(L, window), n = std::max<int64_t>(1, (L - first) / kChunkRows);
+    for (int64_t kvh = 0; kvh < Hkv; ++kvh) {
+      if (n == 1) {
+        plan.tasks.push_back({b, kvh, first, L, -1, -1});
+        continue;
+      }
+      const int64_t split = static_cast<int64_t>(plan.first_part.size());
+      const int64_t part0 = plan.first_part.empty() ? 0 : plan.first_part.back() + plan.num_parts.back();
+      plan.first_part.push_back(part0);
+      plan.num_parts.push_back(n);
+      for (int64_t c = 0; c < n; ++c) {
+        const int64_t r0 = c == 0 ? first : (first + c * (L - first) / n) / 16 * 16;
+        const int64_t r1 = c == n - 1 ? L : (first + (c + 1) * (L - first) / n) / 16 * 16;
+        plan.tasks.push_back({b, kvh, r0, r1, part0 + c, split});
+      }
+    }
+  }
+  return plan;
+}
+
+// Where a task's result for query head g goes: the output row, or its partial slot of D + 2
+// floats (the output over its rows alone, then their largest score and sum of exps). The
+// task that completes a split (sequence, KV head), on whichever core, merges its parts: each
+// part weighed by its share of the softmax's denominator, exp(m_k - M) l_k, in part order.
+template <typename T>
+struct TaskOutput {
+  T* out; float* parts; int64_t H, G, D;
+  const DecodePlan* plan;
+  std::atomic<int64_t>* remaining;  // parts still running, per split (sequence, KV head)
+
+  void write(const DecodeTask& task, int64_t g, const float* row, SoftmaxStats st) const {
+    if (task.part < 0) {
+      T* dst = out + (task.b * H + task.kvh * G + g) * D;
+      for (int64_t d = 0; d < D; ++d) store(dst, d, row[d]);
+      return;
+    }
+    float* slot = parts + (task.part * G + g) * (D + 2);
+    std::memcpy(slot, row, D * sizeof(float));
+    slot[D] = st.max, slot[D + 1] = st.sum;
+  }
+
+  void finish(const DecodeTask& task) const {
+    if (task.part < 0 || remaining[task.split].fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+    const int64_t p0 = plan->first_part[task.split], np = plan->num_parts[task.split];
+    for (int64_t g = 0; g < G; ++g) {
+      float m = -INFINITY, total = 0.f, row[256];  // D <= 256: vec_shape and the tile forms
+      for (int64_t k = 0; k < np; ++k) m = std::max(m, parts[((p0 + k) * G + g) * (D + 2) + D]);
+      std::fill(row, row + D, 0.f);
+      for (int64_t k = 0; k < np; ++k) {
+        const float* slot = parts + ((p0 + k) * G + g) * (D + 2);
+        const float w = std::exp(slot[D] - m) * slot[D + 1];
+        total += w;
+        for (int64_t d = 0; d < D; ++d) row[d] += w * slot[d];
+      }
+      T* dst = out + (task.b * H + task.kvh * G + g) * D;
+      for (int64_t d = 0; d < D; ++d) store(dst, d, row[d] / total);
+    }
+  }
+};
+
+// Runs the step's tasks on every core: each core makes its worker (make_worker(), a
+// callable owning its buffers) and calls worker(task, the next task on this core or null,
+// output) on its share.
+template <typename T, typename F>
+void run_decode_tasks(const int64_t* lens, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t window, T* out,
+                      const F& make_worker) {
+  const DecodePlan plan = plan_decode_tasks(lens, B, Hkv, window);
+  const int64_t splits = static_cast<int64_t>(plan.num_parts.size());
+  const int64_t parts = splits ? plan.first_part.back() + plan.num_parts.back() : 0;
+  std::vector<float> partial(parts * (H / Hkv) * (D + 2));
+  std::vector<std::atomic<int64_t>> remaining(splits);
+  for (int64_t s = 0; s < splits; ++s) remaining[s].store(plan.num_parts[s], std::memory_order_relaxed);
+  const TaskOutput<T> o{out, partial.data(), H, H / Hkv, D, &plan, remaining.data()};
+  const std::vector<DecodeTask>& tasks = plan.tasks;
+  parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+    auto work = make_worker();
+    for (int64_t i = begin; i < end; ++i) {
+      work(tasks[i], i + 1 < end ? &tasks[i + 1] : nullptr, o);
+      o.finish(tasks[i]);
+    }
+  });
+}
+
 // Part `part` of `parts` of task `next`'s K rows, into L2. A task's P.V pass reads V rows
 // that its Q.K pass brought into cache, so DRAM would idle through it, and the next task
 // would then wait on every K row it reads: spread over that pass, these prefetches overlap
 // the two. Cold caches, SmolLM2's heads, a batch of 8 at 532 tokens, us a layer: bf16
 // tiles 220 -> 180, float32 on avx2 698 -> 461 (avx512 581 -> 452), bf16 on avx2 533 -> 340.
 template <typename T>
-void prefetch_task_k(const AttentionArgs& a, const T* k_cache, int64_t next, int64_t part, int64_t parts) {
-  const int64_t b = next / a.Hkv, kvh = next % a.Hkv, L = a.lens[b], first = first_visible(L, a.window);
-  const Slice s = slice_of(L - first, part, parts);
-  for (int64_t t = first + s.begin; t < first + s.end; ++t)
-    prefetch_bytes(k_cache + row_offset(a, b, kvh, t), a.D * int64_t(sizeof(T)), false);
+void prefetch_task_k(const AttentionArgs& a, const T* k_cache, const DecodeTask* next, int64_t part, int64_t parts) {
+  if (!next) return;
+  const Slice s = slice_of(next->r1 - next->r0, part, parts);
+  for (int64_t t = next->r0 + s.begin; t < next->r0 + s.end; ++t)
+    prefetch_bytes(k_cache + row_offset(a, next->b, next->kvh, t), a.D * int64_t(sizeof(T)), false);
 }
 
 template <typename T>
@@ -88,19 +193,17 @@ void decode_attention_loops(const AttentionArgs& a) {
 // once into 16-lane vectors and used by all G query heads of its group.
 template <typename T>
 void decode_attention_vec(const AttentionArgs& a) {
-  constexpr int64_t kMaxG = 16, kMaxC = 16;
-  const int64_t B = a.B, H = a.H, D = a.D, C = D / 16, Hkv = a.Hkv, G = H / Hkv, window = a.window;
-  const int64_t* lens = a.lens;
-  const float scale = a.scale;
-  const T* qp = static_cast<const T*>(a.q); T* op = static_cast<T*>(a.out);
+  const int64_t H = a.H, D = a.D, C = D / 16, G = H / a.Hkv;
+  const T* qp = static_cast<const T*>(a.q);
   const T* kp = static_cast<const T*>(a.k_cache); const T* vp = static_cast<const T*>(a.v_cache);
-  parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
-    F16 qv[kMaxG][kMaxC], acc[kMaxG][kMaxC];
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / Hkv, kvh = task % Hkv, L = lens[b], t0 = first_visible(L, window), n = L - t0;
+  run_decode_tasks(a.lens, a.B, H, a.Hkv, D, a.window, static_cast<T*>(a.out), [&] {
+    return [&, scores = std::vector<float>()](const DecodeTask& task, const DecodeTask* next,
+                                              const TaskOutput<T>& o) mutable {
+      constexpr int64_t kMaxG = 16, kMaxC = 16;  // here, not in the function: GCC 12 crashed on the capture
+      F16 qv[kMaxG][kMaxC], acc[kMaxG][kMaxC];
+      const int64_t b = task.b, kvh = task.kvh, t0 = task.r0, L = task.r1, n = L - t0;
       scores.resize(G * n);
-      const F16 sc = f16_set1((float)scale);
+      const F16 sc = f16_set1(a.scale);
       for (int64_t g = 0; g < G; ++g)
         for (int64_t c = 0; c < C; ++c) qv[g][c] = f16_mul(f16_load(qp + (b * H + kvh * G + g) * D + c * 16), sc);
       for (int64_t t = t0; t < L; ++t) {
@@ -115,12 +218,13 @@ void decode_attention_vec(const AttentionArgs& a) {
           scores[g * n + t - t0] = f16_sum(s);
         }
       }
+      SoftmaxStats stats[kMaxG];
       for (int64_t g = 0; g < G; ++g) {
-        softmax(&scores[g * n], n);
+        stats[g] = softmax(&scores[g * n], n);
         for (int64_t c = 0; c < C; ++c) acc[g][c] = f16_zero();
       }
       for (int64_t t = t0; t < L; ++t) {
-        if ((t - t0) % 16 == 0 && task + 1 < end) prefetch_task_k(a, kp, task + 1, (t - t0) / 16, (n + 15) / 16);
+        if ((t - t0) % 16 == 0) prefetch_task_k(a, kp, next, (t - t0) / 16, (n + 15) / 16);
         const T* vrow = vp + row_offset(a, b, kvh, t);
         F16 vv[kMaxC];
         for (int64_t c = 0; c < C; ++c) vv[c] = f16_load(vrow + c * 16);
@@ -130,10 +234,11 @@ void decode_attention_vec(const AttentionArgs& a) {
         }
       }
       for (int64_t g = 0; g < G; ++g) {
-        T* dst = op + (b * H + kvh * G + g) * D;
-        for (int64_t c = 0; c < C; ++c) f16_store(dst + c * 16, acc[g][c]);
+        alignas(64) float row[16 * kMaxC];
+        for (int64_t c = 0; c < C; ++c) f16_store(row + c * 16, acc[g][c]);
+        o.write(task, g, row, stats[g]);
       }
-    }
+    };
   });
 }
 
@@ -169,22 +274,22 @@ inline __m512 sum16x16(const __m512 p[16]) {
 template <int P>
 void decode_attention_bf16(const AttentionArgs& a) {
   constexpr int64_t D = 32 * P, C = D / 16;
-  const int64_t B = a.B, H = a.H, bs = a.bs, Hkv = a.Hkv, G = H / Hkv, max_blocks = a.max_blocks, window = a.window;
-  const int64_t* bt = a.bt; const int64_t* lens = a.lens;
+  const int64_t H = a.H, bs = a.bs, Hkv = a.Hkv, G = H / Hkv, max_blocks = a.max_blocks;
+  const int64_t* bt = a.bt;
   const float scale = a.scale;
   const uint16_t* qp = static_cast<const uint16_t*>(a.q);
-  bf16* op = static_cast<bf16*>(a.out);
   const uint16_t* kp = static_cast<const uint16_t*>(a.k_cache);
   const uint16_t* vp16 = static_cast<const uint16_t*>(a.v_cache);
   const int64_t row = Hkv * D;
-  parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, acc;
-    std::vector<uint16_t> pbuf;  // the probabilities in bf16, in token pairs
-    std::vector<int64_t> offs;  // element offset of each cached row's head kvh, from the first tile's
-    alignas(64) uint16_t vbuf[16 * D];  // a tile's V rows, interleaved in pairs
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / Hkv, kvh = task % Hkv, L = lens[b];
-      const int64_t first = first_visible(L, window), base = first / 16 * 16;  // rows from base on
+  run_decode_tasks(a.lens, a.B, H, Hkv, D, a.window, static_cast<bf16*>(a.out), [&] {
+    return [&, scores = std::vector<float>(), acc = std::vector<float>(),
+            pbuf = std::vector<uint16_t>(),  // the probabilities in bf16, in token pairs
+            offs = std::vector<int64_t>(),   // element offset of each cached row's head kvh, from the first tile's
+            stats = std::vector<SoftmaxStats>(G)](const DecodeTask& task, const DecodeTask* next,
+                                                  const TaskOutput<bf16>& o) mutable {
+      alignas(64) uint16_t vbuf[16 * D];  // a tile's V rows, interleaved in pairs
+      const int64_t b = task.b, kvh = task.kvh, L = task.r1;
+      const int64_t first = task.r0, base = first / 16 * 16;  // rows from base on
       const int64_t n = L - base, tiles = (n + 15) / 16, Lp = tiles * 16, skip = first - base;
       scores.resize(G * Lp);
       pbuf.resize(G * Lp);
@@ -218,7 +323,7 @@ void decode_attention_bf16(const AttentionArgs& a) {
       }
       for (int64_t g = 0; g < G; ++g) {
         float* sg = &scores[g * Lp];
-        softmax(sg + skip, n - skip);
+        stats[g] = softmax(sg + skip, n - skip);
         std::fill(sg, sg + skip, 0.f);  // before the window
         std::fill(sg + n, sg + Lp, 0.f);  // the pad rows of the last pair weigh nothing
         for (int64_t t = 0; t < Lp; t += 16)
@@ -226,7 +331,7 @@ void decode_attention_bf16(const AttentionArgs& a) {
       }
       for (int64_t tile = 0; tile < tiles; ++tile) {
         const int64_t t0 = tile * 16, pairs = (std::min<int64_t>(16, n - t0) + 1) / 2;
-        if (task + 1 < end) prefetch_task_k(a, kp, task + 1, tile, tiles);
+        prefetch_task_k(a, kp, next, tile, tiles);
         // Two rows' words interleaved (unpacklo/hi per 128-bit lane), so that one vdpbf16ps
         // adds p[t] v[t] + p[t+1] v[t+1] for 16 dims; lane j of accumulator 2c (2c+1) is dim
         // 32c + 8(j/4) + j%4 (+4), put back in order at the end.
@@ -253,13 +358,14 @@ void decode_attention_bf16(const AttentionArgs& a) {
         }
       }
       for (int64_t g = 0; g < G; ++g) {
-        bf16* dst = op + (b * H + kvh * G + g) * D;
+        float ordered[D];
         for (int64_t d = 0; d < D; ++d) {
           const int64_t r = d % 32, w = r % 8;
-          store(dst, d, acc[g * D + (2 * (d / 32) + w / 4) * 16 + (r / 8) * 4 + w % 4]);
+          ordered[d] = acc[g * D + (2 * (d / 32) + w / 4) * 16 + (r / 8) * 4 + w % 4];
         }
+        o.write(task, g, ordered, stats[g]);
       }
-    }
+    };
   });
 }
 #endif

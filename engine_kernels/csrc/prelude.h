@@ -2,6 +2,8 @@
 // namespace opens (level_<isa>.cpp); the kernel sources themselves include nothing.
 #pragma once
 #include <algorithm>
+#include <atomic>
+#include <cassert>
 #include <cmath>
 #include <cstdint>
 #include <cstring>

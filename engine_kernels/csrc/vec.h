@@ -237,8 +237,10 @@ inline F16 f16_exp(F16 x) {  // exp_approx in every lane
   return f16_load(f);
 }
 
-// softmax in place over n floats
-inline void softmax(float* s, int64_t n) {
+// softmax in place over n floats; returns the largest score and the sum of the exps (what
+// merging softmaxes over parts of a row needs: attention.h's split decode tasks)
+struct SoftmaxStats { float max, sum; };
+inline SoftmaxStats softmax(float* s, int64_t n) {
   float m = -INFINITY;
   int64_t t = 0;
   if (n >= 16) {
@@ -253,6 +255,7 @@ inline void softmax(float* s, int64_t n) {
   const float inv = 1.f / sum;
 #pragma omp simd
   for (t = 0; t < n; ++t) s[t] *= inv;
+  return {m, sum};
 }
 
 // ---------------------------------------------------------------------------------------

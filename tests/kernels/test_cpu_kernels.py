@@ -78,7 +78,10 @@ def _decode_meta(lens: torch.Tensor, bs: int, nblocks: int):
 @pytest.mark.parametrize("bs,window", [(16, None), (5, None), (16, 37)])  # 5: a 16-row tile spans blocks
 def test_paged_decode_attention_matches_reference(kernels, dtype, gqa, D, bs, window):
     Hkv = 2
-    lens = torch.tensor([1, 16, 17, 100, 33, 300])  # empty tails, full blocks, block-boundary crossings
+    # empty tails, full blocks, block-boundary crossings; past 256 rows a sequence is split into
+    # tasks of 256 (600: three, the last partial; 270 with the window: its first visible row in
+    # the first, and a tile of the second)
+    lens = torch.tensor([1, 16, 17, 100, 33, 300, 270, 600])
     nblocks = int(-(-lens.max() // bs)) * len(lens)
     kc, vc = torch.randn(nblocks, bs, Hkv, D, dtype=dtype), torch.randn(nblocks, bs, Hkv, D, dtype=dtype)
     tables, meta = _decode_meta(lens, bs, nblocks)
@@ -86,6 +89,31 @@ def test_paged_decode_attention_matches_reference(kernels, dtype, gqa, D, bs, wi
     ref = torch_paged_attention(q.float(), kc.float(), vc.float(), meta, 0.125, window)
     out = kernels.paged_decode_attention(q, kc, vc, tables, lens, 0.125, window or 0)
     torch.testing.assert_close(out.float(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("kv", ["model dtype", "int8"])
+def test_a_sequences_decode_attention_is_the_same_bits_alone_or_in_any_batch(kernels, kv):
+    """Long sequences are split into tasks of 256 rows at fixed positions, so that a batch of
+    one keeps both cores busy; the split must not depend on the rest of the batch."""
+    from engine_kernels import kv_quant
+    Hkv, G, D, bs = 3, 3, 64, 16
+    lens = torch.tensor([700, 5, 300, 1000, 40])
+    nblocks = int(-(-lens.max() // bs)) * len(lens)
+    if kv == "int8":
+        kc, vc = (torch.zeros(kv_quant.cache_shape(nblocks, bs, Hkv, D), dtype=torch.uint8) for _ in range(2))
+        slots = torch.arange(nblocks * bs)
+        kv_quant.write(kc, torch.randn(nblocks * bs, Hkv, D), slots, "k")
+        kv_quant.write(vc, torch.randn(nblocks * bs, Hkv, D), slots, "v")
+    else:
+        kc, vc = torch.randn(nblocks, bs, Hkv, D).bfloat16(), torch.randn(nblocks, bs, Hkv, D).bfloat16()
+    tables, _ = _decode_meta(lens, bs, nblocks)
+    q = torch.randn(len(lens), Hkv * G, D).bfloat16()
+    batch = kernels.paged_decode_attention(q, kc, vc, tables, lens, 0.125, 0)
+    for i in range(len(lens)):
+        alone = kernels.paged_decode_attention(q[i:i + 1], kc, vc, tables[i:i + 1], lens[i:i + 1], 0.125, 0)
+        assert torch.equal(alone[0], batch[i]), f"sequence {i} ({int(lens[i])} tokens)"
+    reordered = kernels.paged_decode_attention(q.flip(0), kc, vc, tables.flip(0), lens.flip(0), 0.125, 0)
+    assert torch.equal(reordered.flip(0), batch)
 
 
 def test_engine_on_cpu_kernels_equals_engine_on_torch_reference(cpu_isa):
