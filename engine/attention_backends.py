@@ -137,8 +137,9 @@ class CpuBackend(TorchBackend):
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                scale: float, window: int | None = None) -> torch.Tensor:
-        """Decodes by the C++ kernel, prompt chunks on the torch path (an int8 cache read by
-        the C++ dequantizer)."""
+        """Decodes by the C++ kernel; prompt chunks by the C++ prefill kernel where it runs
+        (a bf16 cache on AVX512-BF16), else on the torch path (an int8 cache read by the C++
+        dequantizer)."""
         nd = meta.num_decodes
         if nd and not meta.prefills:
             return self.ops.paged_decode_attention(q, k_cache, v_cache, meta.decode_block_tables,
@@ -147,8 +148,17 @@ class CpuBackend(TorchBackend):
         if nd:
             out[:nd] = self.ops.paged_decode_attention(q[:nd], k_cache, v_cache, meta.decode_block_tables,
                                                        meta.decode_seq_lens, scale, window or 0)
-        torch_attention.torch_prefills(out, q, k_cache, v_cache, meta, scale, window, read=self._read_cache)
+        if self._prefill_kernel(q.dtype, q.shape[-1], k_cache.dtype):
+            for p in meta.prefills:
+                rows = slice(p.start, p.start + p.num_tokens)
+                out[rows] = self.ops.paged_prefill_attention(q[rows], k_cache, v_cache, p.block_table,
+                                                             p.context_len, scale, window or 0)
+        else:
+            torch_attention.torch_prefills(out, q, k_cache, v_cache, meta, scale, window, read=self._read_cache)
         return out
+
+    def _prefill_kernel(self, dtype: torch.dtype, head_dim: int, cache_dtype: torch.dtype) -> bool:
+        return cache_dtype == dtype and self.ops.prefill_attention_supported(dtype, head_dim)
 
     def _read_cache(self, cache: torch.Tensor, block_ids: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
         if cache.dtype != torch.uint8:
@@ -159,8 +169,10 @@ class CpuBackend(TorchBackend):
         isa = self.ops.isa_level()
         attention = (f"{isa}_int8_tiles" if kv_cache_dtype == "int8"
                      else self.ops.attention_kernel_name(dtype, head_dim, group))
+        prefill = ("avx512_bf16_lanes" if kv_cache_dtype != "int8" and self._prefill_kernel(dtype, head_dim, dtype)
+                   else "torch_sdpa")
         return {"norms": f"{isa}_cpp", "rope_kv_write": f"{isa}_cpp", "activation": f"{isa}_cpp",
-                "decode_attention": attention, "prefill_attention": "torch_sdpa"}
+                "decode_attention": attention, "prefill_attention": prefill}
 
 
 class TritonBackend(TorchBackend):

@@ -31,7 +31,7 @@ _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = [_CSRC / name for name in ("bindings.cpp", "level_avx512.cpp", "level_avx2.cpp", "level_generic.cpp")]
 # included sources: in the digest, so a change rebuilds
 _INCLUDED = [_CSRC / name for name in ("table.h", "prelude.h", "level.h", "vec.h", "elementwise.h", "attention.h",
-                                       "kv_int8.h", "quant.h", "gemv_bf16.h", "sampling.h")]
+                                       "prefill_attention.h", "kv_int8.h", "quant.h", "gemv_bf16.h", "sampling.h")]
 _FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
 
 ISA_LEVELS = ("avx512", "avx2", "generic")  # best first

@@ -144,6 +144,36 @@ class Kernels {
     return out;
   }
 
+  bool prefill_attention_supported(at::ScalarType dtype, int64_t head_dim) const {
+    return t_->prefill_attention != nullptr && t_->has_bf16() && dtype == at::kBFloat16 &&
+           (head_dim == 64 || head_dim == 128 || head_dim == 256);
+  }
+
+  // A prompt chunk's attention: q [n, H, D] its rows, the last n of the `context_len`
+  // positions held by the blocks `block_table` lists, each attending causally (within
+  // `window`; 0: none) over bf16 caches [blocks, block_size, Hkv, D]
+  at::Tensor paged_prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                     const at::Tensor& block_table, int64_t context_len, double scale,
+                                     int64_t window) const {
+    TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q must be contiguous [n, H, D]");
+    const int64_t n = q.size(0), H = q.size(1), D = q.size(2);
+    TORCH_CHECK(prefill_attention_supported(q.scalar_type(), D),
+                "prefill attention needs bf16, head_dim 64, 128 or 256 and AVX512-BF16 (prefill_attention_supported)");
+    TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes() &&
+                k_cache.dim() == 4 && k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type() &&
+                k_cache.size(3) == D && H % k_cache.size(2) == 0,
+                "caches must be contiguous bf16 [blocks, block_size, Hkv, D], H a multiple of Hkv");
+    TORCH_CHECK(block_table.scalar_type() == at::kLong && block_table.dim() == 1 &&
+                block_table.numel() * k_cache.size(1) >= context_len && context_len >= n && n >= 1 && window >= 0,
+                "an int64 block table [num_blocks] holding context_len >= n >= 1 positions; window >= 0");
+    auto blocks = block_table.contiguous();
+    auto out = at::empty_like(q);
+    t_->prefill_attention(out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                          blocks.data_ptr<int64_t>(), n, context_len, H, k_cache.size(2), D, k_cache.size(1),
+                          (float)scale, window);
+    return out;
+  }
+
   // Blocks of an int8 cache as values [n, block_size, Hkv, D] in `dtype`
   at::Tensor dequantize_kv_blocks(const at::Tensor& cache, const at::Tensor& block_ids, bool is_k,
                                   at::ScalarType dtype) const {
@@ -347,6 +377,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("act_and_mul", &Kernels::act_and_mul, no_gil)
       .def("int8_attention_supported", &Kernels::int8_attention_supported)
       .def("paged_decode_attention", &Kernels::paged_decode_attention, no_gil)
+      .def("prefill_attention_supported", &Kernels::prefill_attention_supported)
+      .def("paged_prefill_attention", &Kernels::paged_prefill_attention, no_gil)
       .def("dequantize_kv_blocks", &Kernels::dequantize_kv_blocks, no_gil)
       .def("quant_linear", &Kernels::quant_linear, no_gil)
       .def("has_bf16_gemv", &Kernels::has_bf16_gemv)

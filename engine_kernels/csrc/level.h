@@ -7,6 +7,7 @@ using engine::KernelTable;
 #include "vec.h"
 #include "elementwise.h"
 #include "attention.h"
+#include "prefill_attention.h"
 #include "kv_int8.h"
 #include "quant.h"
 #include "gemv_bf16.h"
@@ -27,9 +28,9 @@ const KernelTable table = {
     rope_write_kv_int8, decode_attention_int8, dequantize_kv_blocks,
     quant_linear,
 #if ENGINE_AVX512 && ENGINE_BF16
-    gemv_bf16,
+    gemv_bf16, prefill_attention,
 #else
-    nullptr,
+    nullptr, nullptr,
 #endif
     argmax_rows, apply_token_bitmask,
 };

@@ -55,6 +55,11 @@ struct KernelTable {
   // gemv_bf16.h (where has_bf16() only): y [M, N] bf16 = x [M, K] bf16 W^T, W packed [N/64, K/2, 64, 2]
   void (*gemv_bf16)(void* y, const void* x, int64_t M, int64_t K, int64_t N, const void* w_packed,
                     const float* bias);
+  // prefill_attention.h (where has_bf16() only): out, q [n, H, D] bf16, a prompt chunk's rows;
+  // caches [blocks, block_size, Hkv, D] bf16; blocks: its block table; C: its cached positions
+  void (*prefill_attention)(void* out, const void* q, const void* k_cache, const void* v_cache,
+                            const int64_t* blocks, int64_t n, int64_t C, int64_t H, int64_t Hkv, int64_t D,
+                            int64_t block_size, float scale, int64_t window);
 
   // sampling.h: logits [N, V] fp32 with row stride
   void (*argmax_rows)(int64_t* out, const float* logits, int64_t N, int64_t V, int64_t stride);

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from engine.attention import AttentionMetadata, torch_paged_attention
+from engine.attention import AttentionMetadata, PrefillSeq, torch_paged_attention, torch_prefills
 from engine_kernels import reference
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -89,6 +89,39 @@ def test_paged_decode_attention_matches_reference(kernels, dtype, gqa, D, bs, wi
     ref = torch_paged_attention(q.float(), kc.float(), vc.float(), meta, 0.125, window)
     out = kernels.paged_decode_attention(q, kc, vc, tables, lens, 0.125, window or 0)
     torch.testing.assert_close(out.float(), ref, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("gqa,D", [(1, 64), (3, 64), (4, 128), (4, 256)])
+@pytest.mark.parametrize("bs,window", [(16, None), (5, None), (16, 37)])  # 5: a 16-row tile spans blocks
+@pytest.mark.parametrize("n,cached", [(1, 0), (16, 0), (37, 0), (100, 1000), (5, 300), (33, 17)])
+def test_paged_prefill_attention_matches_reference(kernels, gqa, D, bs, window, n, cached):
+    """A prompt chunk of n rows after `cached` positions: 16 query positions to a task (37: a
+    partial last block of positions; 100 after 1,000: the call after a tool call)."""
+    if not kernels.prefill_attention_supported(torch.bfloat16, D):
+        assert kernels.isa_level() != "avx512" or not kernels.has_bf16_gemv()  # AVX512-BF16 runs it
+        pytest.skip(f"no prefill kernel at the {kernels.isa_level()} level on this CPU (torch's SDPA runs it)")
+    Hkv, C = 2, cached + n
+    nblocks = -(-C // bs) + 4
+    kc, vc = torch.randn(nblocks, bs, Hkv, D).bfloat16(), torch.randn(nblocks, bs, Hkv, D).bfloat16()
+    table = torch.randperm(nblocks)[:-(-C // bs)]
+    q = torch.randn(n, Hkv * gqa, D).bfloat16()
+    meta = AttentionMetadata(slot_mapping=torch.zeros(0, dtype=torch.long), num_decodes=0, decode_block_tables=None,
+                             decode_seq_lens=None, decode_mask=None, prefills=[PrefillSeq(0, n, C, table)])
+    ref = torch.empty(n, Hkv * gqa, D)
+    torch_prefills(ref, q.float(), kc.float(), vc.float(), meta, D ** -0.5, window)
+    out = kernels.paged_prefill_attention(q, kc, vc, table, C, D ** -0.5, window or 0)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_paged_prefill_attention_refuses_what_it_does_not_run(kernels):
+    q, cache, table = torch.zeros(4, 2, 64), torch.zeros(2, 16, 1, 64), torch.arange(2)
+    with pytest.raises(RuntimeError, match="bf16"):
+        kernels.paged_prefill_attention(q, cache, cache, table, 4, 0.125, 0)  # float32
+    if kernels.prefill_attention_supported(torch.bfloat16, 64):
+        with pytest.raises(RuntimeError, match="context_len >= n"):
+            kernels.paged_prefill_attention(q.bfloat16(), cache.bfloat16(), cache.bfloat16(), table, 3, 0.125, 0)
+        with pytest.raises(RuntimeError, match="positions"):  # two blocks of 16 hold 32
+            kernels.paged_prefill_attention(q.bfloat16(), cache.bfloat16(), cache.bfloat16(), table, 40, 0.125, 0)
 
 
 @pytest.mark.parametrize("kv", ["model dtype", "int8"])
