@@ -5,6 +5,10 @@ building the batch (prepare), the decoder layers (per-op: of which linears and
 attention; the rest is norms, RoPE + KV write, activations and the Python between them),
 the LM head, and sampling plus bookkeeping. Every request decodes exactly --tokens
 tokens after a prompt of --prompt-tokens; the prefill steps are not counted.
+
+`--prefill-after 0,1000,2000` adds a table of prompt chunks: --prefill-tokens new tokens
+after that many cached ones (a prefix-cache hit: the call after a tool call), the step's ms
+split into attention, linears and the rest; median of 3.
 """
 from __future__ import annotations
 
@@ -87,6 +91,27 @@ def profile(llm: LLM, batch: int, tokens: int, fused: bool, prompt_tokens: int =
             "tokens_per_s": batch / t["step"] * 1e3}
 
 
+def prefill_profile(llm: LLM, cached: int, new: int, reps: int = 3) -> dict:
+    """One request's prompt of `new` tokens after `cached` ones already in the prefix cache."""
+    timer = StepTimer(llm)
+    params = SamplingParams(temperature=0, max_tokens=1)
+    runs = []
+    for rep in range(reps):
+        base = [1] + [300 + (rep * 7919 + i) % 30000 for i in range(cached)]
+        llm.generate([base], params, use_tqdm=False)  # now cached
+        timer.totals.clear()
+        timer.active = True
+        llm.generate([base + [20000 + (rep * 104729 + i) % 9000 for i in range(new)]], params, use_tqdm=False)
+        timer.active = False
+        runs.append(dict(timer.totals))
+    for layer in llm.engine.runner.model.layers:
+        del layer.forward  # the timer's wrapper
+    t = sorted(runs, key=lambda r: r["step"])[len(runs) // 2]
+    return {"cached": cached, "new": new, "step_ms": t["step"] * 1e3, "attention": t["attention"] * 1e3,
+            "linears": t["linears"] * 1e3, "rest": (t["step"] - t["attention"] - t["linears"]) * 1e3,
+            "prefill_attention": llm.engine.stats()["platform"]["kernels"]["prefill_attention"]}
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(prog="python -m benchmarks step", description=__doc__)
     ap.add_argument("--model", default=DEFAULT_MODEL)
@@ -95,6 +120,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=32, help="context before the timed steps")
+    ap.add_argument("--prefill-after", default="", help="cached tokens before a timed prompt chunk, e.g. 0,1000")
+    ap.add_argument("--prefill-tokens", type=int, default=100, help="the timed prompt chunk's new tokens")
     args = ap.parse_args(argv)
     llm = LLM(args.model, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=256)
     weights = llm.engine.stats()["weights"]
@@ -106,6 +133,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                f"KV cache {weights['kv_cache_dtype']}")
     write("step_profile", f"Decode step breakdown, ms per step ({args.model}, {kernels})", table,
           {"rows": rows, "weights": weights})
+    if args.prefill_after:
+        chunks = [prefill_profile(llm, int(c), args.prefill_tokens) for c in args.prefill_after.split(",")]
+        keys = ["cached", "new", "step_ms", "attention", "linears", "rest"]
+        write("prefill_profile", f"A prompt chunk after cached tokens, ms ({args.model}, prefill attention: "
+              f"{chunks[0]['prefill_attention']})", markdown_table(keys, [[c[k] for k in keys] for c in chunks]),
+              {"rows": chunks, "weights": weights})
+        rows += chunks
     return rows
 
 

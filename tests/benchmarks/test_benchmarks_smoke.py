@@ -217,6 +217,17 @@ def test_step_profile_splits_a_decode_step_into_its_parts(results_dir):
     assert "linears:" in (results_dir / "step_profile.md").read_text()
 
 
+def test_step_profile_times_a_prompt_chunk_after_cached_tokens(results_dir):
+    from benchmarks import step_profile
+    rows = step_profile.main(["--model", "dummy-tiny", "--batches", "1", "--tokens", "2", "--prefill-after", "0,64",
+                              "--prefill-tokens", "20"])
+    chunks = [r for r in rows if "cached" in r]
+    assert [(c["cached"], c["new"]) for c in chunks] == [(0, 20), (64, 20)]
+    for c in chunks:
+        assert 0 < c["attention"] and 0 < c["linears"] and c["attention"] + c["linears"] < c["step_ms"]
+    assert "| 64 | 20 |" in (results_dir / "prefill_profile.md").read_text()
+
+
 def test_peers_scenario_reports_a_missing_peer_instead_of_failing(results_dir):
     from benchmarks import peers
     data = peers.main(["--limit", "3", "--single-tokens", "6", "--repeats", "1", "--skip-bf16",
