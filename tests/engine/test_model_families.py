@@ -98,10 +98,12 @@ def test_bf16_prompt_chunks_through_the_cpu_prefill_kernel_equal_the_torch_path_
     attends to the same rows in the same order."""
     from engine.attention import torch_prefills
     from engine.attention_backends import CpuBackend
+    from engine.platform import current_platform
     from engine_kernels import cpu
-    kernels = cpu.load("avx512")
+    platform = current_platform("cpu")  # the level this machine runs, ENGINE_CPU_ISA's cap included
+    kernels = cpu.load(platform.isa)
     if kernels is None or not kernels.prefill_attention_supported(torch.bfloat16, 64):
-        pytest.skip("no AVX512-BF16 here: bf16 prompts run on torch's SDPA")
+        pytest.skip(f"no AVX512-BF16 at the {platform.isa} level: bf16 prompts run on torch's SDPA, if at all")
     checked = []
     attend = CpuBackend.attend
 
