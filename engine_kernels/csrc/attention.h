@@ -242,6 +242,15 @@ void decode_attention_vec(const AttentionArgs& a) {
   });
 }
 
+// Where dim d of a row lands among the dwords of two rows interleaved by unpacklo/hi_epi16
+// per 32 dims (lane L of a 128-bit lane pair holds dims 8L..8L+3 in the low half, +4..+7 in
+// the high): the dword holding (v0[d], v1[d]); so also the lane, among the C accumulators of
+// a P.V by vdpbf16ps on such pairs, that sums dim d.
+inline int64_t pair_dword(int64_t d) {
+  const int64_t c = d / 32, r = d % 32, lane = r / 8, w = r % 8;
+  return c * 32 + (w < 4 ? 0 : 16) + lane * 4 + w % 4;
+}
+
 #if ENGINE_AVX512 && ENGINE_BF16
 // Lane i of the result is the sum of p[i]'s 16 lanes: 45 shuffles and adds for 16 rows,
 // where a horizontal sum per row costs about 8 dependent ones.
@@ -334,7 +343,7 @@ void decode_attention_bf16(const AttentionArgs& a) {
         prefetch_task_k(a, kp, next, tile, tiles);
         // Two rows' words interleaved (unpacklo/hi per 128-bit lane), so that one vdpbf16ps
         // adds p[t] v[t] + p[t+1] v[t+1] for 16 dims; lane j of accumulator 2c (2c+1) is dim
-        // 32c + 8(j/4) + j%4 (+4), put back in order at the end.
+        // 32c + 8(j/4) + j%4 (+4), put back in order at the end (pair_dword).
         for (int64_t i = 0; i < pairs; ++i) {
           const uint16_t* v0 = vp16 + offs[t0 + 2 * i];
           const uint16_t* v1 = vp16 + offs[t0 + 2 * i + 1];
@@ -359,10 +368,7 @@ void decode_attention_bf16(const AttentionArgs& a) {
       }
       for (int64_t g = 0; g < G; ++g) {
         float ordered[D];
-        for (int64_t d = 0; d < D; ++d) {
-          const int64_t r = d % 32, w = r % 8;
-          ordered[d] = acc[g * D + (2 * (d / 32) + w / 4) * 16 + (r / 8) * 4 + w % 4];
-        }
+        for (int64_t d = 0; d < D; ++d) ordered[d] = acc[g * D + pair_dword(d)];
         o.write(task, g, ordered, stats[g]);
       }
     };

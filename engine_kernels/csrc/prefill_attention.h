@@ -19,14 +19,6 @@
 // Within bf16 tolerance of the reference (engine/attention.py's torch_prefills), tested.
 
 #if ENGINE_AVX512 && ENGINE_BF16
-// Where dim d of a row lands among the dwords of two rows interleaved by unpacklo/hi_epi16
-// per 32 dims (lane L of a 128-bit lane pair holds dims 8L..8L+3 in the low half, +4..+7 in
-// the high): the dword holding (v0[d], v1[d]).
-inline int64_t pair_dword(int64_t d) {
-  const int64_t c = d / 32, r = d % 32, lane = r / 8, w = r % 8;
-  return c * 32 + (w < 4 ? 0 : 16) + lane * 4 + w % 4;
-}
-
 template <int P>
 void prefill_attention_bf16(bf16* out, const uint16_t* q, const uint16_t* kc, const uint16_t* vc,
                             const int64_t* blocks, int64_t n, int64_t C, int64_t H, int64_t Hkv, int64_t bs,
