@@ -23,9 +23,12 @@ struct AttentionArgs {  // a decode step's attention over a model-dtype cache
   int64_t window;
 };
 
+// The cache row (block * block_size + slot) of position t of the sequence whose block table is `blocks`.
+inline int64_t paged_row(const int64_t* blocks, int64_t bs, int64_t t) { return blocks[t / bs] * bs + t % bs; }
+
 // Element offset of row t of KV head kvh of sequence b in a [blocks, block_size, Hkv, D] cache.
 inline int64_t row_offset(const AttentionArgs& a, int64_t b, int64_t kvh, int64_t t) {
-  return (a.bt[b * a.max_blocks + t / a.bs] * a.bs + t % a.bs) * a.Hkv * a.D + kvh * a.D;
+  return paged_row(a.bt + b * a.max_blocks, a.bs, t) * a.Hkv * a.D + kvh * a.D;
 }
 
 // A decode task: rows [r0, r1) of KV head kvh of sequence b. With one task per (sequence,
@@ -147,8 +150,8 @@ void prefetch_task_k(const AttentionArgs& a, const T* k_cache, const DecodeTask*
 
 template <typename T>
 void decode_attention_loops(const AttentionArgs& a) {
-  const int64_t B = a.B, H = a.H, D = a.D, bs = a.bs, Hkv = a.Hkv, G = H / Hkv, row = Hkv * D, max_blocks = a.max_blocks;
-  const int64_t* bt = a.bt; const int64_t* lens = a.lens;
+  const int64_t B = a.B, H = a.H, D = a.D, Hkv = a.Hkv, G = H / Hkv;
+  const int64_t* lens = a.lens;
   const int64_t window = a.window;
   const float scale = a.scale;
   const T* qp = static_cast<const T*>(a.q); T* op = static_cast<T*>(a.out);
@@ -161,7 +164,7 @@ void decode_attention_loops(const AttentionArgs& a) {
       for (int64_t g = 0; g < G; ++g)
         for (int64_t d = 0; d < D; ++d) qf[g * D + d] = load(qp, (b * H + kvh * G + g) * D + d);
       for (int64_t t = t0; t < L; ++t) {
-        const T* krow = kp + (bt[b * max_blocks + t / bs] * bs + t % bs) * row + kvh * D;
+        const T* krow = kp + row_offset(a, b, kvh, t);
         for (int64_t d = 0; d < D; ++d) kf[d] = load(krow, d);
         for (int64_t g = 0; g < G; ++g) {
           const float* qg = &qf[g * D];
@@ -174,7 +177,7 @@ void decode_attention_loops(const AttentionArgs& a) {
       for (int64_t g = 0; g < G; ++g) softmax(&scores[g * n], n);
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = t0; t < L; ++t) {
-        const T* vrow = vp + (bt[b * max_blocks + t / bs] * bs + t % bs) * row + kvh * D;
+        const T* vrow = vp + row_offset(a, b, kvh, t);
         for (int64_t d = 0; d < D; ++d) kf[d] = load(vrow, d);
         for (int64_t g = 0; g < G; ++g) {
           const float p = scores[g * n + t - t0];

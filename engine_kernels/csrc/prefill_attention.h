@@ -49,7 +49,7 @@ void prefill_attention_bf16(bf16* out, const uint16_t* q, const uint16_t* kc, co
         const uint16_t* vrow[16];
         for (int64_t r = 0; r < 16; ++r) {
           const int64_t t = std::min(t0 + r, hi - 1);  // rows past hi: read, masked
-          const int64_t off = (blocks[t / bs] * bs + t % bs) * row + kvh * D;
+          const int64_t off = paged_row(blocks, bs, t) * row + kvh * D;
           krow[r] = kc + off, vrow[r] = vc + off;
         }
         __m512 s[16];
