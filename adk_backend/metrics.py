@@ -49,19 +49,24 @@ class EngineMetrics:
         self.prompts_continued = Counter("engine:program_prompts_continued",
                                          "Programs' next calls that took their last call's own tokens", label,
                                          registry=r)
+        self.jump_forward_tokens = Counter("engine:jump_forward_tokens",
+                                           "Output tokens a grammar forced, computed without a decode step each",
+                                           label, registry=r)
         self._last: dict[str, dict] = {}
 
     def attach(self, model: str, engine: AsyncLLM) -> None:
         for metric in (self.ttft, self.itl, self.e2e, self.queue, self.running, self.waiting, self.swapped,
                        self.kv_usage, self.preemptions, self.prefix_queries, self.prefix_hits, self.prompt_tokens,
-                       self.generation_tokens, self.kv_pinned, self.kv_pinned_swapped, self.prompts_continued):
+                       self.generation_tokens, self.kv_pinned, self.kv_pinned_swapped, self.prompts_continued,
+                       self.jump_forward_tokens):
             metric.labels(model)  # every series exists (at 0) from the first scrape
         pins_counted: dict[str, int] = {}  # by outcome
         last_token: dict[str, float] = {}
         counters = {"num_preemptions": self.preemptions, "prefix_cache_queries": self.prefix_queries,
                     "prefix_cache_hits": self.prefix_hits, "prompt_tokens_total": self.prompt_tokens,
                     "generation_tokens_total": self.generation_tokens,
-                    "program_prompts_continued": self.prompts_continued}
+                    "program_prompts_continued": self.prompts_continued,
+                    "jump_forward_tokens_total": self.jump_forward_tokens}
         counted = dict.fromkeys(counters, 0)
 
         def on_step(step) -> None:  # runs on the engine's step thread, with its StepOutput

@@ -6,8 +6,11 @@ without grammar-constrained decoding, and what constraining costs in throughput.
 Accuracy: 36 single-call tasks of our own over six tools (benchmarks/workloads/
 tool_tasks.json), each with its expected function and key arguments, in every OpenAI
 tool_choice mode. "constrained" is this engine (the reply grammar of adk_backend.
-reply_grammar); "unconstrained" is the same prompt decoded freely, as main did before
-grammars (required and named calls were opened by a prompt prefix). A call is schema-valid
+reply_grammar), decoded a token a step or with jump-forward (the text the grammar forces,
+such as the call's name and keys, appended in one step: engine/jump_forward.py);
+"unconstrained" is the same prompt decoded freely, as main did before grammars (required
+and named calls were opened by a prompt prefix). Each mode's 36 tasks run as one batch;
+its wall time and steps are reported. A call is schema-valid
 when it names a declared tool and its arguments validate against that tool's JSON schema
 (jsonschema); it is correct when it is also the expected function with the expected key
 arguments (strings compared case-insensitively, numbers by value).
@@ -76,8 +79,14 @@ def _same(got, want) -> bool:
     return isinstance(got, (int, float)) and not isinstance(got, bool) and float(got) == float(want)
 
 
-def accuracy(llm: LLM, tools: list[dict], tasks: list[dict], mode: str, constrained: bool,
-             max_tokens: int) -> dict:
+# how each mode's tasks are decoded: (name, held to the reply grammar, jump-forward)
+DECODINGS = (("unconstrained", False, False), ("constrained, a token a step", True, False),
+             ("constrained, jump-forward", True, True))
+
+
+def accuracy(llm: LLM, tools: list[dict], tasks: list[dict], mode: str, decoding: str, max_tokens: int) -> dict:
+    _, constrained, jump = next(d for d in DECODINGS if d[0] == decoding)
+    llm.engine.config.jump_forward = jump  # read every step: one engine decodes both ways
     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
     prompts, params, prefixes = [], [], []
     for task in tasks:
@@ -90,14 +99,18 @@ def accuracy(llm: LLM, tools: list[dict], tasks: list[dict], mode: str, constrai
         prefixes.append(prefix)
         params.append(SamplingParams(temperature=0, max_tokens=max_tokens,
                                      structured_outputs=reply_grammar(spec) if constrained else None))
+    steps = llm.stats()["num_steps"]
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
     seconds = time.perf_counter() - start
     scores = [score(prefix + o.outputs[0].text, task, schemas) for prefix, o, task in zip(prefixes, outs, tasks)]
     n = len(tasks)
-    return {"mode": mode, "constrained": constrained, "tasks": n,
+    llm.engine.config.jump_forward = True
+    return {"mode": mode, "decoding": decoding, "constrained": constrained, "tasks": n,
             "call_rate": sum(s[0] for s in scores) / n, "schema_valid_rate": sum(s[1] for s in scores) / n,
             "correct_rate": sum(s[2] for s in scores) / n, "seconds": seconds,
+            "steps": llm.stats()["num_steps"] - steps,
+            "output_tokens": sum(len(o.outputs[0].token_ids) for o in outs),
             "samples": [o.outputs[0].text[:200] for o in outs[:3]]}
 
 
@@ -142,11 +155,12 @@ def main(argv: list[str] | None = None) -> dict:
     data: dict = {"accuracy": [], "throughput": None}
 
     def report(interrupted: bool = False) -> dict:
-        rows = [[r["mode"], "constrained" if r["constrained"] else "unconstrained", r["tasks"],
+        rows = [[r["mode"], r["decoding"], r["tasks"],
                  f"{100 * r['call_rate']:.0f}%", f"{100 * r['schema_valid_rate']:.0f}%",
-                 f"{100 * r['correct_rate']:.0f}%"] for r in data["accuracy"]]
+                 f"{100 * r['correct_rate']:.0f}%", r["output_tokens"], r["steps"], r["seconds"]]
+                for r in data["accuracy"]]
         table = markdown_table(["tool_choice", "decoding", "tasks", "replies with a call", "schema-valid call",
-                                "correct call"], rows)
+                                "correct call", "output tokens", "steps", "seconds"], rows)
         tp = data["throughput"]
         if tp:
             table += "\n\n" + markdown_table(
@@ -157,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
             table += f"\n\nConstrained throughput is {100 * tp['ratio']:.0f}% of unconstrained (target: at least 90%)."
         if data["accuracy"]:
             plot_bars("tool_calling", "correct calls (%)",
-                      {f"{r['mode']}, {'grammar' if r['constrained'] else 'free'}": 100 * r["correct_rate"]
+                      {f"{r['mode']}, {r['decoding']}": 100 * r["correct_rate"]
                        for r in data["accuracy"]}, title=f"Correct tool calls, {args.model}")
         write("tool_calling", f"Tool calling on {args.model}", table, data, interrupted)
         return data
@@ -166,8 +180,8 @@ def main(argv: list[str] | None = None) -> dict:
         llm = LLM(args.model, max_num_seqs=args.max_num_seqs)
         tools, tasks = load_tasks(args.limit)
         for mode in MODES:
-            for constrained in (False, True):
-                data["accuracy"].append(accuracy(llm, tools, tasks, mode, constrained, args.max_tokens))
+            for decoding, _, _ in DECODINGS:
+                data["accuracy"].append(accuracy(llm, tools, tasks, mode, decoding, args.max_tokens))
         if not args.skip_throughput:
             data["throughput"] = throughput(llm, load_workload("mixed_chat_128", args.throughput_limit), args.repeats)
     return report()

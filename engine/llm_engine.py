@@ -91,6 +91,7 @@ class LLMEngine:
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
         self.num_prefill_tokens_computed = 0  # prompt tokens run through the model: cache misses and recomputes
+        self.num_jump_forward_tokens = 0      # output tokens a grammar forced, appended without a step each
         log.info("engine ready: %s, %s on %s (%s attention), %d KV blocks of %d tokens (%s), max_model_len %d",
                  config.model, config.dtype, self.platform, backend.name, num_blocks, config.block_size,
                  "int8" if int8_kv else config.dtype, self.max_model_len)
@@ -195,8 +196,15 @@ class LLMEngine:
                 self.scheduler.finish(seq, "error")
             return self._step_output(sched, failed, failed)
         now = time.time()
+        jumped = generated = 0  # forced tokens computed; output tokens among multi-token rows (not prefill)
         for req, n in sched.scheduled:
             if req not in sched.pads:
+                last_sampled = req.num_tokens - req.num_forced_pending - 1
+                forced = max(0, req.num_computed_tokens + n - (last_sampled + 1))
+                req.num_forced_pending -= forced
+                jumped += forced
+                if n > 1 and forced:  # a row from the last sampled token on carries it too
+                    generated += forced + (req.num_computed_tokens == last_sampled)
                 req.num_computed_tokens += n
                 self.kv.cache_full_blocks(req)
         done: list[Request] = []
@@ -205,6 +213,8 @@ class LLMEngine:
                 req.error, req.finish_reason = result.errors[i], "error"
             else:
                 self._append_token(req, token, lp, now)
+                if req.finish_reason is None and self._jumps_forward(req):
+                    self._append_forced(req, now)
             if req.finish_reason is not None:
                 done.append(req)
         for req in result.sampled:
@@ -217,7 +227,24 @@ class LLMEngine:
             if req.program is not None and req.index == 0 and req.finish_reason in ("stop", "length") \
                     and self.inputs.program_tokens is not None:
                 self.inputs.program_tokens.record(req.program, req.all_token_ids)
-        return self._step_output(sched, list(dict.fromkeys([*result.sampled, *leaving])), leaving)
+        return self._step_output(sched, list(dict.fromkeys([*result.sampled, *leaving])), leaving, jumped, generated)
+
+    def _jumps_forward(self, req: Request) -> bool:
+        """Whether the text `req`'s grammar forces next is appended at once (jump_forward):
+        not where each token must carry logprobs, nor before parallel samples fork."""
+        return (self.config.jump_forward and req.grammar is not None and req.sampling_params.logprobs is None
+                and not req.forks and req.status == RequestStatus.RUNNING
+                and self.config.scheduling_policy != "static")
+
+    def _append_forced(self, req: Request, now: float) -> None:
+        """Appends the tokens of the text `req`'s grammar forces after its last token; the
+        next step computes them in one chunk (engine/jump_forward.py)."""
+        for token in self.grammars.jump_forward().forced_tokens(req.grammar, self.outputs.tokenizer):
+            self._append_token(req, token, None, now)
+            req.num_forced_pending += 1
+            self.num_jump_forward_tokens += 1
+            if req.finish_reason is not None:  # a stop string, max_tokens
+                return
 
     def _append_token(self, req: Request, token: int, logprobs: dict[int, Logprob] | None, now: float) -> None:
         p = req.sampling_params
@@ -252,15 +279,17 @@ class LLMEngine:
         if n_out >= req.max_output_tokens:
             req.finish_reason = "length"
 
-    def _step_output(self, sched, updated: list[Request], finished: list[Request]) -> StepOutput:
+    def _step_output(self, sched, updated: list[Request], finished: list[Request], jumped: int = 0,
+                     generated: int = 0) -> StepOutput:
         decodes = sched.num_decodes
         stats = StepStats(step=self.step_count, time=time.time(), batch_size=len(sched.scheduled),
-                          num_decodes=decodes, num_prefill_tokens=sched.num_tokens - decodes,
+                          num_decodes=decodes, num_prefill_tokens=sched.num_tokens - decodes - generated,
                           scheduled={r.request_id: n for r, n in sched.scheduled},
                           finished=[r.request_id for r in finished],
                           preempted=[r.request_id for r in sched.preempted],
                           num_free_blocks=self.kv.num_free_blocks,
-                          num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting))
+                          num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+                          num_jump_forward_tokens=jumped)
         self.step_history.append(stats)
         self.num_prefill_tokens_computed += stats.num_prefill_tokens
         self.peak_batch_size = max(self.peak_batch_size, stats.batch_size)
@@ -300,6 +329,7 @@ class LLMEngine:
             "prompt_tokens_total": self.num_prompt_tokens,
             "prefill_tokens_computed_total": self.num_prefill_tokens_computed,
             "generation_tokens_total": self.num_generated_tokens,
+            "jump_forward_tokens_total": self.num_jump_forward_tokens,
             "grammar_cache_hits": self.grammars.cache_hits,
             "grammar_cache_misses": self.grammars.cache_misses,
             "weights": self.weights,

@@ -100,6 +100,7 @@ class Request:
         self.status = RequestStatus.WAITING
         self.all_token_ids: list[int] = list(self.prompt_token_ids)
         self.num_computed_tokens = 0
+        self.num_forced_pending = 0          # jump-forward tokens at the end, not computed yet
         self.block_ids: list[int] = []
         self.block_hashes: list[int] = []   # chained hashes of this request's full blocks
         self.metrics = RequestMetrics(arrival_time=self.arrival_time)
@@ -158,13 +159,14 @@ class StepStats:
     time: float
     batch_size: int                 # requests in the forward pass
     num_decodes: int
-    num_prefill_tokens: int
+    num_prefill_tokens: int         # prompt tokens and recomputed ones (not jump-forward output)
     scheduled: dict[str, int]       # request id -> tokens computed
     finished: list[str]
     preempted: list[str]
     num_free_blocks: int            # after the step (finished requests' blocks returned)
     num_running: int
     num_waiting: int
+    num_jump_forward_tokens: int = 0  # forced output tokens computed in chunks (engine/jump_forward.py)
 
 
 @dataclass

@@ -29,6 +29,7 @@ import torch
 import xgrammar as xgr
 
 from engine import grammar_worker
+from engine.jump_forward import JumpForward
 from engine.sampling_params import StructuredOutputsParams
 
 
@@ -54,6 +55,14 @@ class GrammarCompiler:
         self._info_file = tempfile.NamedTemporaryFile("w", suffix=".json", prefix="tokenizer-info-")
         self.cache_hits = 0
         self.cache_misses = 0
+        self._jump_forward: JumpForward | None = None
+
+    def jump_forward(self) -> JumpForward:
+        """Forced text as this tokenizer's tokens (engine/jump_forward.py); built once."""
+        if self._jump_forward is None:
+            special = set(self.tokenizer.all_special_ids) | set(self.stop_token_ids)
+            self._jump_forward = JumpForward(self._tokenizer_info().decoded_vocab, special)
+        return self._jump_forward
 
     def _tokenizer_info(self) -> xgr.TokenizerInfo:
         with self._init_lock:  # reading the vocabulary takes ~0.2 s: once, on first use

@@ -153,12 +153,15 @@ def test_workload_generators_are_reproducible():
 def test_tool_calling_scenario_scores_every_mode_and_measures_the_grammar_cost(results_dir):
     data = tool_calling.main(["--model", "dummy-tiny", "--limit", "4", "--max-tokens", "48",
                               "--throughput-limit", "4", "--repeats", "1"])
-    rows = {(r["mode"], r["constrained"]): r for r in data["accuracy"]}
-    assert set(rows) == {(m, c) for m in ("required", "named", "auto") for c in (False, True)}
+    rows = {(r["mode"], r["decoding"]): r for r in data["accuracy"]}
+    assert set(rows) == {(m, d) for m in ("required", "named", "auto") for d, _, _ in tool_calling.DECODINGS}
     # a random model never writes a valid call on its own; under the grammar every call it
     # completes validates (the real model's rates are in test_structured_http)
-    assert rows[("required", False)]["schema_valid_rate"] == 0
-    assert all(r["schema_valid_rate"] == r["call_rate"] for (_, c), r in rows.items() if c)
+    assert rows[("required", "unconstrained")]["schema_valid_rate"] == 0
+    assert all(r["schema_valid_rate"] == r["call_rate"] for r in rows.values() if r["constrained"])
+    # the forced text of a required call (its name and keys) goes in without a step a token
+    one_by_one, jumping = rows[("named", "constrained, a token a step")], rows[("named", "constrained, jump-forward")]
+    assert jumping["output_tokens"] > 0 and jumping["steps"] < one_by_one["steps"] - 10
     tp = data["throughput"]
     assert tp["median_none"] > 0 and tp["median_half"] > 0 and tp["ratio"] == tp["median_half"] / tp["median_none"]
     assert (results_dir / "tool_calling.md").exists() and (results_dir / "tool_calling.png").exists()

@@ -110,7 +110,8 @@ def test_metrics_health_and_dev_ui(server, client):
                  "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
                  "vllm:num_preemptions_total", "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total",
                  "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "engine:kv_blocks_pinned",
-                 "engine:kv_blocks_pinned_swapped", "engine:program_prompts_continued_total"):
+                 "engine:kv_blocks_pinned_swapped", "engine:program_prompts_continued_total",
+                 "engine:jump_forward_tokens_total"):
         assert f'{name}{{model_name="{MODEL}"}}' in text, name
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
     assert httpx.get(server.url + "/dev-ui/").status_code == 200
