@@ -54,6 +54,7 @@ _SWAPPED = {"preemption_mode": "swap"}  # KV that must yield goes to a CPU pool 
 _CAP = {"max_programs_in_progress": 16}  # at most twice the default batch (8) of programs in progress
 POLICIES = {  # EngineConfig options of each policy of ours
     "first come first served": {},
+    "first come first served (a token a step)": {"jump_forward": False},  # forced call text decoded, not jumped
     "program scheduling": {"program_scheduling": True, "program_kv_retention": False},
     "program scheduling + KV kept": {"program_scheduling": True, "program_kv_retention": True},
     "oldest program first + KV kept": _OLDEST_KV,
