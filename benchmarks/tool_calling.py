@@ -7,7 +7,7 @@ Accuracy: 36 single-call tasks of our own over six tools (benchmarks/workloads/
 tool_tasks.json), each with its expected function and key arguments, in every OpenAI
 tool_choice mode. "constrained" is this engine (the reply grammar of adk_backend.
 reply_grammar), decoded a token a step or with jump-forward (the text the grammar forces,
-such as the call's name and keys, appended in one step: engine/jump_forward.py);
+such as the call's name and keys, appended in one step: engine/structured_output.py);
 "unconstrained" is the same prompt decoded freely, as main did before grammars (required
 and named calls were opened by a prompt prefix). Each mode's 36 tasks run as one batch;
 its wall time and steps are reported. A call is schema-valid

@@ -110,7 +110,7 @@ class EngineConfig:
     num_threads: int | None = None            # CPU threads for torch (default: all cores)
     grammar_compile_timeout: float = 10.0     # seconds a structured-output grammar may take to compile
     # Text a grammar forces (a tool call's name and keys) is appended in one step, not decoded a
-    # token a step (engine/jump_forward.py); requests that ask for logprobs decode every token
+    # token a step (engine/structured_output.py); requests that ask for logprobs decode every token
     jump_forward: bool = True
     stalled_stream_timeout: float = 60.0      # AsyncLLM aborts a request whose reader stops reading this long
 

@@ -29,7 +29,7 @@ from engine.request import Logprob, Request, RequestOutput, RequestStatus, StepO
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.static_scheduler import StaticScheduler
-from engine.structured_output import GrammarCompiler
+from engine.structured_output import ForcedTokens, GrammarCompiler
 from engine.swap import CpuKVPool, SwapSpace, cpu_blocks_for
 from engine_kernels import kv_quant
 
@@ -81,6 +81,7 @@ class LLMEngine:
         self.scheduler = scheduler_cls(config, self.kv, swap_space)
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size,
                                         self.model_config.eos_token_ids, config.grammar_compile_timeout)
+        self.forced_tokens = ForcedTokens(self.model_config.vocab_size)  # jump-forward
         self.inputs = InputProcessor(self.tokenizer, self.model_config, self.max_model_len, self.grammars, config.model,
                                      loaded.sampling_defaults, continue_programs=config.enable_prefix_caching)
         self.outputs = OutputProcessor(self.tokenizer)  # AsyncLLM gives it the step thread's own tokenizer
@@ -238,13 +239,14 @@ class LLMEngine:
 
     def _append_forced(self, req: Request, now: float) -> None:
         """Appends the tokens of the text `req`'s grammar forces after its last token; the
-        next step computes them in one chunk (engine/jump_forward.py)."""
-        for token in self.grammars.jump_forward().forced_tokens(req.grammar, self.outputs.tokenizer):
-            self._append_token(req, token, None, now)
-            req.num_forced_pending += 1
-            self.num_jump_forward_tokens += 1
-            if req.finish_reason is not None:  # a stop string, max_tokens
-                return
+        next step computes them in one chunk (engine/structured_output.py)."""
+        while tokens := self.forced_tokens(req.grammar):
+            for token in tokens:
+                self._append_token(req, token, None, now)
+                req.num_forced_pending += 1
+                self.num_jump_forward_tokens += 1
+                if req.finish_reason is not None:  # the grammar's end, a stop string, max_tokens
+                    return
 
     def _append_token(self, req: Request, token: int, logprobs: dict[int, Logprob] | None, now: float) -> None:
         p = req.sampling_params

@@ -166,7 +166,7 @@ class StepStats:
     num_free_blocks: int            # after the step (finished requests' blocks returned)
     num_running: int
     num_waiting: int
-    num_jump_forward_tokens: int = 0  # forced output tokens computed in chunks (engine/jump_forward.py)
+    num_jump_forward_tokens: int = 0  # forced output tokens computed in chunks (jump-forward)
 
 
 @dataclass

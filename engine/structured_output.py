@@ -11,10 +11,25 @@ Each step, `GrammarBitmask.apply` fills one token bitmask for every constrained 
 batch and applies it to the logits in one vectorized op before sampling; free rows share
 the batch untouched.
 
+Jump-forward (`EngineConfig.jump_forward`): where the grammar allows one continuation only
+(a required call's `<tool_call>\n{"name": "lookup", "arguments": {"step": ` once its first
+character is out, JSON keys, a tag's end), decoding it a token a step spends a forward pass
+of the whole batch on each token, and a small model under a mask spells it in fragments
+(SmolLM2 wrote a `lookup` call in 59 tokens, 55 of them forced). After each sampled token
+the engine appends the forced text's tokens at once (xgrammar's
+`find_jump_forward_tokens`: the longest vocabulary tokens that spell it, stop and special
+tokens excluded, and without a last token that could merge with what the model writes
+next); the next step computes them as one chunk with the request's last token and samples
+after them, as SGLang's jump-forward. Where that leaves a token out but the mask allows
+that one token only (a tag's closing `>`; the stop token once the grammar is complete), it
+is appended too: the sampler could pick nothing else. A request that asks for logprobs
+decodes every token.
+
 Invariant: a request's matcher has accepted exactly its output tokens, in order. Tokens
-are accepted only where they are sampled (`LLMEngine._append_token`), so preemption (swap
-or recompute), chunked prefill and prefix-cache hits, which recompute or reuse KV but never
-resample a token, leave it right; an aborted request drops its matcher with itself.
+are accepted only where they are appended (`LLMEngine._append_token`: sampled, or forced
+by jump-forward), so preemption (swap or recompute), chunked prefill and prefix-cache hits,
+which recompute or reuse KV but never resample a token, leave it right; an aborted request
+drops its matcher with itself.
 """
 from __future__ import annotations
 
@@ -29,7 +44,6 @@ import torch
 import xgrammar as xgr
 
 from engine import grammar_worker
-from engine.jump_forward import JumpForward
 from engine.sampling_params import StructuredOutputsParams
 
 
@@ -55,14 +69,6 @@ class GrammarCompiler:
         self._info_file = tempfile.NamedTemporaryFile("w", suffix=".json", prefix="tokenizer-info-")
         self.cache_hits = 0
         self.cache_misses = 0
-        self._jump_forward: JumpForward | None = None
-
-    def jump_forward(self) -> JumpForward:
-        """Forced text as this tokenizer's tokens (engine/jump_forward.py); built once."""
-        if self._jump_forward is None:
-            special = set(self.tokenizer.all_special_ids) | set(self.stop_token_ids)
-            self._jump_forward = JumpForward(self._tokenizer_info().decoded_vocab, special)
-        return self._jump_forward
 
     def _tokenizer_info(self) -> xgr.TokenizerInfo:
         with self._init_lock:  # reading the vocabulary takes ~0.2 s: once, on first use
@@ -214,6 +220,29 @@ def _first_line(exc: BaseException) -> str:
         if ": " in text and ".cc:" in text.split(": ", 1)[0]:
             text = text.split(": ", 1)[1]
     return text
+
+
+class ForcedTokens:
+    """The tokens a request's grammar forces next (jump-forward), for one vocabulary."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.mask = xgr.allocate_token_bitmask(1, vocab_size)
+
+    def __call__(self, matcher: xgr.GrammarMatcher) -> list[int]:
+        tokens = matcher.find_jump_forward_tokens()
+        if tokens or matcher.is_terminated() or not (matcher.is_completed() or matcher.find_jump_forward_string()):
+            return tokens
+        only = self.only_allowed(matcher)
+        return [] if only is None else [only]
+
+    def only_allowed(self, matcher: xgr.GrammarMatcher) -> int | None:
+        """The next token, where the grammar allows exactly one."""
+        matcher.fill_next_token_bitmask(self.mask)
+        words = self.mask[0].nonzero()
+        if len(words) != 1:
+            return None
+        word = int(self.mask[0, words[0]]) & 0xFFFFFFFF  # 32 tokens a word, stored as int32
+        return int(words[0]) * 32 + word.bit_length() - 1 if word & (word - 1) == 0 else None
 
 
 class GrammarBitmask:
