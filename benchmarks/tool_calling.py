@@ -86,7 +86,7 @@ DECODINGS = (("unconstrained", False, False), ("constrained, a token a step", Tr
 
 def accuracy(llm: LLM, tools: list[dict], tasks: list[dict], mode: str, decoding: str, max_tokens: int) -> dict:
     _, constrained, jump = next(d for d in DECODINGS if d[0] == decoding)
-    llm.engine.config.jump_forward = jump  # read every step: one engine decodes both ways
+    configured, llm.engine.config.jump_forward = llm.engine.config.jump_forward, jump  # read every step
     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
     prompts, params, prefixes = [], [], []
     for task in tasks:
@@ -105,7 +105,7 @@ def accuracy(llm: LLM, tools: list[dict], tasks: list[dict], mode: str, decoding
     seconds = time.perf_counter() - start
     scores = [score(prefix + o.outputs[0].text, task, schemas) for prefix, o, task in zip(prefixes, outs, tasks)]
     n = len(tasks)
-    llm.engine.config.jump_forward = True
+    llm.engine.config.jump_forward = configured
     return {"mode": mode, "decoding": decoding, "constrained": constrained, "tasks": n,
             "call_rate": sum(s[0] for s in scores) / n, "schema_valid_rate": sum(s[1] for s in scores) / n,
             "correct_rate": sum(s[2] for s in scores) / n, "seconds": seconds,

@@ -114,8 +114,10 @@ def test_cancelled_streams_free_their_blocks_and_the_rest_complete(engine, refer
             assert isinstance(r, asyncio.CancelledError)
         else:
             assert r[0] == offline[i].outputs[0].token_ids
-    # a consumer that lags gets the tokens of several steps in one delta: at least the 3 it waited for
-    assert all(len(r[0]) >= 3 for r in results[30:])
+    # a consumer that lags gets the tokens of several steps in one delta: at least the 3 it
+    # waited for, and the very tokens the engine gives that prompt
+    for i, r in enumerate(results[30:]):
+        assert len(r[0]) >= 3 and r[0] == reference[40 + i][:len(r[0])]
     wait_for(lambda: not engine.engine.has_unfinished())
     assert_all_blocks_free(engine.engine)
     assert engine.stats()["num_running"] == 0
