@@ -19,7 +19,7 @@ from google.genai import types
 from pydantic import TypeAdapter
 
 from adk_backend.agent_runs import CURRENT_PROGRAM, ServiceTierPlugin  # noqa: F401 (their old home)
-from adk_backend.agent_runs import CURRENT_AGENT_TOTALS, program_of
+from adk_backend.agent_runs import program_of, record_agent_call
 from adk_backend.chat import (CHAT_MAX_TOKENS, CHAT_TEMPERATURE, ChatResult, chat_stream, finite_logprob,
                               priority_of, top_candidates)
 from adk_backend.chat_format import ToolCall, assistant_message, tool_message
@@ -67,9 +67,8 @@ class EngineLlm(BaseLlm):
             tokens: list[tuple[int, dict]] = []  # (token id, its logprobs) when asked for
             async for item in chat_stream(engine, messages, spec, params, template_kwargs, priority, program):
                 if isinstance(item, ChatResult):
-                    if (totals := CURRENT_AGENT_TOTALS.get()) is not None:
-                        totals.add_call(item.prompt_token_ids, item.output_token_ids, item.num_cached_tokens,
-                                        item.time_in_queue)
+                    record_agent_call(item.prompt_token_ids, item.output_token_ids, item.num_cached_tokens,
+                                      item.time_in_queue, item.num_computed_tokens)
                     response = final_response(item, show_thoughts)
                     if params.logprobs is not None:
                         response.logprobs_result, response.avg_logprobs = logprobs_result(tokens, params.logprobs)

@@ -2,21 +2,23 @@
 
 `ServiceTierPlugin` sees every model call of a run before the model does. It passes the
 run's service tier and identity to the engine: the identity (`<app>/<session>/<invocation>`)
-is the call's agent program (docs/agent-scheduling.md). Back the other way, each agent's
-model calls add up what they cost in the engine (time queued for the batch, prompt tokens
-computed again that the agent had computed before, e.g. after its KV was evicted during a
-tool call), and the agent's own `invoke_agent` span carries the totals, so Cloud Trace shows
-whether an agent's latency grows with load and why.
+is the call's agent program (docs/agent-scheduling.md). Back the other way, with or without
+the plugin, each agent's model calls add up what they cost in the engine (time queued for
+the batch, prompt tokens computed again that the agent had computed before, e.g. after its
+KV was evicted during a tool call), and the agent's own `invoke_agent` span carries the
+running totals, so Cloud Trace shows whether an agent's latency grows with load and why.
 """
 from __future__ import annotations
 
 import contextvars
 import hashlib
 import json
+import weakref
 from dataclasses import dataclass
 
 from google.adk.models.llm_request import LlmRequest
 from google.adk.plugins.base_plugin import BasePlugin
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from engine.program_tokens import common_prefix
@@ -31,12 +33,17 @@ class AgentEngineTotals:
     cached_tokens: int = 0           # prompt tokens served from the prefix cache
     prefill_recomputed: int = 0      # prompt tokens it had computed before and computed again
     _last: list[int] | None = None   # the previous call's prompt and reply token ids
+    _last_computed: int = 0          # how many of them had KV (the rest were appended after its last step)
 
-    def add_call(self, prompt_ids: list[int], output_ids: list[int], cached: int, queued: float | None) -> None:
-        if self._last is not None:  # KV that existed once: its last token was never fed back
-            seen = min(common_prefix(self._last, prompt_ids), len(self._last) - 1)
+    def add_call(self, prompt_ids: list[int], output_ids: list[int], cached: int, queued: float | None,
+                 computed: int | None = None) -> None:
+        """`computed`: of prompt and reply, the tokens whose KV the call computed (unknown:
+        all but the last, which was never fed back)."""
+        if self._last is not None:  # KV that existed once
+            seen = min(common_prefix(self._last, prompt_ids), self._last_computed)
             self.prefill_recomputed += max(0, seen - cached)
         self._last = list(prompt_ids) + list(output_ids)
+        self._last_computed = len(self._last) - 1 if computed is None else computed
         self.model_calls += 1
         self.time_in_queue += queued or 0.0
         self.prompt_tokens += len(prompt_ids)
@@ -50,11 +57,43 @@ class AgentEngineTotals:
                 "engine.agent.prefill_recomputed_tokens": self.prefill_recomputed}
 
 
+try:  # ADK's own key, not a public name: where a later ADK moves it, no totals (tests/adk_backend/test_tracing.py)
+    from google.adk.telemetry._instrumentation import _AGENT_INVOCATION_SCOPE_KEY
+except ImportError:
+    _AGENT_INVOCATION_SCOPE_KEY = None
+
+
+def _invoke_agent_span() -> trace.Span | None:
+    """The `invoke_agent` span of the agent whose model call is running, while it records.
+    ADK (2.x) publishes each agent run's telemetry scope in the OpenTelemetry context its
+    model calls inherit, and the scope's own context holds the agent's span: the innermost
+    agent, so each agent of a workflow is found, not its parent."""
+    if _AGENT_INVOCATION_SCOPE_KEY is None:
+        return None
+    scope = otel_context.get_value(_AGENT_INVOCATION_SCOPE_KEY)
+    span = trace.get_current_span(getattr(scope, "otel_context", None)) if scope is not None else None
+    return span if span is not None and span.is_recording() else None
+
+
+_AGENT_TOTALS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # invoke_agent span -> AgentEngineTotals
+
+
+def record_agent_call(prompt_ids: list[int], output_ids: list[int], cached: int, queued: float | None,
+                      computed: int | None = None) -> None:
+    """Adds one finished model call to its agent's totals and puts them on the agent's
+    `invoke_agent` span (each call overwrites them: the span ends with the agent's whole
+    run). No span (no SDK tracer provider, or a call outside an agent): nothing to do."""
+    span = _invoke_agent_span()
+    if span is None:
+        return
+    totals = _AGENT_TOTALS.setdefault(span, AgentEngineTotals())
+    totals.add_call(prompt_ids, output_ids, cached, queued, computed)
+    span.set_attributes(totals.span_attributes())
+
+
 # Set by ServiceTierPlugin in the task that then calls the model: the call's agent program
-# ("<app>/<session>/<invocation>") and its agent's totals.
+# ("<app>/<session>/<invocation>").
 CURRENT_PROGRAM: contextvars.ContextVar[str | None] = contextvars.ContextVar("engine_program", default=None)
-CURRENT_AGENT_TOTALS: contextvars.ContextVar[AgentEngineTotals | None] = contextvars.ContextVar(
-    "engine_agent_totals", default=None)
 
 
 def program_of(messages: list[dict]) -> str:
@@ -77,13 +116,12 @@ def program_of(messages: list[dict]) -> str:
 class ServiceTierPlugin(BasePlugin):
     """Carries what a run knows to every model call of it: `RunConfig.service_tier` (ADK
     itself copies it into the LlmRequest only for Gemini's interactions API) and the run's
-    identity, its agent program (EngineConfig.program_scheduling); puts each agent's engine
-    totals on its `invoke_agent` span. `Runner(..., plugins=[ServiceTierPlugin()])` or
-    `App(plugins=[...])`; `serve` adds it."""
+    identity, its agent program (EngineConfig.program_scheduling; without the plugin, the
+    program is read from the call's messages, see program_of). `Runner(...,
+    plugins=[ServiceTierPlugin()])` or `App(plugins=[...])`; `serve` adds it."""
 
     def __init__(self, name: str = "engine_service_tier") -> None:
         super().__init__(name=name)
-        self._totals: dict[tuple[str, str], AgentEngineTotals] = {}
 
     async def before_model_callback(self, *, callback_context, llm_request: LlmRequest):
         run_config = callback_context.run_config
@@ -91,17 +129,4 @@ class ServiceTierPlugin(BasePlugin):
             llm_request.service_tier = run_config.service_tier
         session = callback_context.session
         CURRENT_PROGRAM.set(f"{session.app_name}/{session.id}/{callback_context.invocation_id}")
-        key = (callback_context.invocation_id, callback_context.agent_name)
-        CURRENT_AGENT_TOTALS.set(self._totals.setdefault(key, AgentEngineTotals()))
         return None
-
-    async def after_agent_callback(self, *, agent, callback_context):
-        totals = self._totals.pop((callback_context.invocation_id, agent.name), None)
-        if totals is not None and totals.model_calls:
-            trace.get_current_span().set_attributes(totals.span_attributes())  # ADK's invoke_agent span
-        return None
-
-    async def after_run_callback(self, *, invocation_context) -> None:
-        # an agent that raised never reached after_agent_callback: its totals end with the run
-        for key in [k for k in self._totals if k[0] == invocation_context.invocation_id]:
-            del self._totals[key]

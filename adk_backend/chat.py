@@ -126,6 +126,7 @@ class ChatResult:
     prompt_token_ids: list[int] = dataclasses.field(default_factory=list)
     output_token_ids: list[int] = dataclasses.field(default_factory=list)  # the first sequence's
     time_in_queue: float | None = None  # seconds from arrival to the first step that ran it
+    num_computed_tokens: int | None = None  # of prompt + output: those whose KV it computed (RequestMetrics)
 
     @property
     def reply(self) -> ParsedReply:
@@ -236,4 +237,5 @@ async def chat_stream(engine, messages: list[dict], spec: ReplySpec, params: Sam
         engine.release_program_kv(program, last.metrics.finished_time)  # no tool call: no next call takes its KV
     yield ChatResult(choices=choices, request_id=last.request_id, num_prompt_tokens=len(last.prompt_token_ids),
                      num_cached_tokens=last.metrics.num_cached_tokens, prompt_token_ids=list(last.prompt_token_ids),
-                     output_token_ids=first_ids, time_in_queue=last.metrics.time_in_queue)
+                     output_token_ids=first_ids, time_in_queue=last.metrics.time_in_queue,
+                     num_computed_tokens=last.metrics.num_computed_tokens)

@@ -27,6 +27,9 @@ class RequestMetrics:
     finished_time: float | None = None
     num_cached_tokens: int = 0
     num_preemptions: int = 0
+    # tokens whose KV it had computed when it finished: its prompt and output less what was
+    # appended after its last step (the last sampled token, a closing jump-forward stretch)
+    num_computed_tokens: int | None = None
     batch_size_at_first_schedule: int | None = None
 
     @property

@@ -145,6 +145,7 @@ class Scheduler:
         if self.config.program_kv_retention and req.program is not None and reason in ("stop", "length"):
             now = time.time()
             self.kv.pin(req.program, req, now + self.pin_ttl(), now)
+        req.metrics.num_computed_tokens = req.num_computed_tokens
         self.kv.free(req)
         req.status = RequestStatus.FINISHED
         req.finish_reason = req.finish_reason or reason

@@ -294,27 +294,30 @@ def test_kv_is_kept_across_a_tool_call_and_let_go_after_the_final_answer(monkeyp
     every full block of them is a cache hit; the final answer (no tool call) lets its KV go at
     once instead of holding it for a time-to-live, taking memory from programs still between
     tool calls."""
-    from adk_backend.agent_runs import AgentEngineTotals
+    from adk_backend import adk_model
     from adk_backend.tool_policy import call_tools_then_answer
     from agents.tools.agent import add_numbers
     engine = engine_for(ALIAS)
     before = dict(engine.stats()["kv_pins"])
     calls = []
-    add_call = AgentEngineTotals.add_call
+    record = adk_model.record_agent_call
 
-    def spy(self, prompt_ids, output_ids, cached, queued):
-        calls.append((list(prompt_ids), list(output_ids), cached))
-        return add_call(self, prompt_ids, output_ids, cached, queued)
-    monkeypatch.setattr(AgentEngineTotals, "add_call", spy)
+    def spy(prompt_ids, output_ids, cached, queued, computed):  # each finished call, as the model reports it
+        calls.append((list(prompt_ids), list(output_ids), cached, computed))
+        return record(prompt_ids, output_ids, cached, queued, computed)
+    monkeypatch.setattr(adk_model, "record_agent_call", spy)
     agent = LlmAgent(name="calc", model=f"engine/{ALIAS}", tools=[add_numbers],
                      before_model_callback=call_tools_then_answer,
                      generate_content_config=types.GenerateContentConfig(max_output_tokens=48))
     runner = InMemoryRunner(agent=agent, app_name="t", plugins=[adk_backend.ServiceTierPlugin()])
     events = asyncio.run(run_session(runner, "What is 2 plus 3?", RunConfig(max_llm_calls=4)))
     assert any(e.get_function_calls() for e in events) and events[-1].content.parts[0].text
-    (first_prompt, first_output, _), (second_prompt, _, cached) = calls
+    (first_prompt, first_output, _, computed), (second_prompt, _, cached, _) = calls
     wrote = first_prompt + first_output
-    assert second_prompt[:len(wrote)] == wrote and cached >= len(wrote) // 16 * 16  # block size 16
+    # every full block the first call computed (a closing jump-forward stretch it appended
+    # after its last step, never: the second call computes those)
+    assert len(first_prompt) < computed < len(wrote)
+    assert second_prompt[:len(wrote)] == wrote and cached >= computed // 16 * 16  # block size 16
 
     def counted() -> dict:
         return {k: v - before.get(k, 0) for k, v in engine.stats()["kv_pins"].items()}

@@ -85,17 +85,20 @@ def test_each_adk_request_span_arrives_with_latency_attributes_under_its_generat
     assert len(trace_ids) == 6  # concurrent sessions never crossed traces
 
 
-def test_an_agents_invoke_agent_span_carries_what_its_model_calls_cost_in_the_engine(cloud_trace):
+@pytest.mark.parametrize("plugins", [[], ["ServiceTierPlugin"]], ids=["plain runner", "with ServiceTierPlugin"])
+def test_an_agents_invoke_agent_span_carries_what_its_model_calls_cost_in_the_engine(cloud_trace, plugins):
     """A tool call and the answer after it: the agent's own span sums their queue time,
     prompt and cached tokens, and the prompt tokens computed again though the agent had
-    computed them before (here only the unfilled last block: the cache is large)."""
-    from adk_backend import ServiceTierPlugin
+    computed them before (here only the unfilled last block: the cache is large). A plain
+    Runner needs nothing added; the plugin, where a user adds it, counts nothing twice."""
+    import adk_backend
     from adk_backend.tool_policy import call_tools_then_answer
     from agents.tools.agent import add_numbers
-    agent = LlmAgent(name="calc", model="engine/smollm2-traced", tools=[add_numbers],
+    name = f"calc_{len(plugins)}"
+    agent = LlmAgent(name=name, model="engine/smollm2-traced", tools=[add_numbers],
                      before_model_callback=call_tools_then_answer,
                      generate_content_config=types.GenerateContentConfig(max_output_tokens=48))
-    runner = InMemoryRunner(agent=agent, app_name="t", plugins=[ServiceTierPlugin()])
+    runner = InMemoryRunner(agent=agent, app_name="t", plugins=[getattr(adk_backend, p)() for p in plugins])
 
     async def run():
         s = await runner.session_service.create_session(app_name="t", user_id="u")
@@ -104,7 +107,7 @@ def test_an_agents_invoke_agent_span_carries_what_its_model_calls_cost_in_the_en
     events = asyncio.run(run())
     usage = [e.usage_metadata for e in events if e.usage_metadata is not None and not e.partial]
     assert len(usage) == 2 and any(e.get_function_calls() for e in events)
-    spans = [s for s in cloud_trace.spans if s.display_name.value == "invoke_agent calc"]
+    spans = [s for s in cloud_trace.spans if s.display_name.value == f"invoke_agent {name}"]
     assert len(spans) == 1
     span = spans[0]
     assert attr(span, "engine.agent.model_calls") == 2
@@ -112,6 +115,38 @@ def test_an_agents_invoke_agent_span_carries_what_its_model_calls_cost_in_the_en
     assert attr(span, "engine.agent.cache_read.input_tokens") == sum(u.cached_content_token_count for u in usage) > 0
     assert 0 <= attr(span, "engine.agent.prefill_recomputed_tokens") < 16  # block_size
     assert attr(span, "engine.agent.time_in_queue") >= 0
+
+
+def test_each_agent_of_a_workflow_carries_its_own_model_calls_and_the_workflow_none(cloud_trace):
+    """Two agents in a SequentialAgent, one run: each `invoke_agent` span sums its own
+    calls (a tool call and an answer each), not its sibling's; the workflow's span, which
+    called no model, carries no engine totals."""
+    from google.adk.agents import SequentialAgent
+    from adk_backend.tool_policy import call_tools_then_answer
+    from agents.tools.agent import add_numbers
+
+    def worker(name: str) -> LlmAgent:
+        return LlmAgent(name=name, model="engine/smollm2-traced", tools=[add_numbers],
+                        before_model_callback=call_tools_then_answer,
+                        generate_content_config=types.GenerateContentConfig(max_output_tokens=48))
+    runner = InMemoryRunner(agent=SequentialAgent(name="pipeline", sub_agents=[worker("first"), worker("second")]),
+                            app_name="t")
+
+    async def run():
+        s = await runner.session_service.create_session(app_name="t", user_id="u")
+        return [e async for e in runner.run_async(user_id="u", session_id=s.id, new_message=types.Content(
+            role="user", parts=[types.Part(text="What is 2 plus 3?")]))]
+    events = asyncio.run(run())
+    by_author = {a: [e.usage_metadata.prompt_token_count for e in events
+                     if e.author == a and e.usage_metadata is not None and not e.partial] for a in ("first", "second")}
+    assert all(len(v) == 2 for v in by_author.values()), by_author
+    spans = {s.display_name.value: s for s in cloud_trace.spans
+             if s.display_name.value in ("invoke_agent first", "invoke_agent second", "invoke_agent pipeline")}
+    for a in ("first", "second"):
+        assert attr(spans[f"invoke_agent {a}"], "engine.agent.model_calls") == 2
+        assert attr(spans[f"invoke_agent {a}"], "engine.agent.prompt_tokens") == sum(by_author[a])
+    assert sum(by_author["second"]) > sum(by_author["first"])  # the second agent reads the first's turns
+    assert attr(spans["invoke_agent pipeline"], "engine.agent.model_calls") is None
 
 
 def test_agent_totals_count_as_recomputed_only_tokens_computed_before_and_not_served_from_cache():
@@ -122,3 +157,8 @@ def test_agent_totals_count_as_recomputed_only_tokens_computed_before_and_not_se
     totals.add_call([1, 2, 9], [], cached=2, queued=None)  # another history: shares 1, 2, both cached
     assert (totals.model_calls, totals.time_in_queue, totals.prompt_tokens, totals.cached_tokens,
             totals.prefill_recomputed) == (3, 0.75, 15, 4, 3)
+    # a call that left its last 3 tokens uncomputed (a closing jump-forward stretch): only the
+    # computed ones count when the next call computes them
+    totals.add_call([1, 2, 3, 4], [5, 6, 7, 8], cached=2, queued=0.0, computed=5)  # 1, 2 cached: none again
+    totals.add_call([1, 2, 3, 4, 5, 6, 7, 8, 9], [], cached=4, queued=0.0)
+    assert totals.prefill_recomputed == 3 + 1

@@ -58,6 +58,20 @@ def test_forced_text_is_appended_in_one_step():
     assert_all_blocks_free(on.engine)
 
 
+def test_a_finished_request_reports_the_tokens_whose_kv_it_computed():
+    """What a caller's next turn can find in the prefix cache: a token a step leaves all but
+    the last sampled token computed; a call that ends in a forced stretch leaves that
+    stretch uncomputed too (it was appended after the last step)."""
+    params = SamplingParams(temperature=0, max_tokens=80, structured_outputs=TAG)
+    for llm in (LLM(**BASE, jump_forward=False), LLM(**BASE)):
+        result = llm.generate([PROMPT], params)[0]
+        total = len(PROMPT) + len(result.outputs[0].token_ids)
+        uncomputed_forced = llm.stats()["jump_forward_tokens_total"] - sum(
+            s.num_jump_forward_tokens for s in llm.engine.step_history)
+        assert result.metrics.num_computed_tokens == total - 1 - uncomputed_forced
+        assert (uncomputed_forced > 0) == llm.engine.config.jump_forward
+
+
 def test_the_token_after_a_jump_is_the_one_the_model_computes_at_its_position():
     """Teacher-forced reference: the same prompt plus the tokens up to the first free choice,
     decoded greedily without a grammar, gives the tokens the jumping engine sampled there
