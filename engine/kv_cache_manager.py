@@ -12,13 +12,13 @@ next call takes them, the front end learns the call ended in no tool call (the s
 `release_program_kv`), the pin expires, or an allocation would fail without them (pins
 yield to memory pressure, oldest first: pinning never refuses or preempts anyone). A pin
 whose program's next call is already waiting does not expire and yields last
-(`expire_pins`). Where a CPU swap pool exists (engine/swap.py), a yielding pin is handed to
-it (`spill`) instead of dropped.
+(`expire_pins`). Where a CPU swap pool exists (engine/swap.py), a yielding or expiring pin
+is handed to it (`spill`) instead of dropped.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -103,13 +103,15 @@ class Pin(NamedTuple):
 
 
 @dataclass
-class YieldedPin:
-    """A pin that yielded to memory pressure this step, as it was: its blocks may be handed
-    out again before the step's forward pass, their data is still there until then."""
+class SpilledPin:
+    """A pin that left the device this step for the CPU pool (it yielded to memory pressure,
+    or expired), as it was: its blocks may be handed out again before the step's forward
+    pass, their data is still there until then."""
     key: str
     blocks: list[tuple[int, int, tuple[int, ...]]]  # (block id, hash, token ids), in order
-    until: float
+    until: float       # when it expires in the pool
     pinned_at: float
+    outcome: str       # what it counts as (yielded, expired) where the pool has no room for it
 
 
 class KVCacheManager:
@@ -127,7 +129,7 @@ class KVCacheManager:
         # instead, and back for the next call (engine/swap.py)
         self.pin_counts = {"made": 0, "taken": 0, "released": 0, "expired": 0, "yielded": 0,
                            "swapped_out": 0, "swapped_in": 0}
-        self.spill: list[YieldedPin] | None = None  # set where a swap pool takes yielding pins
+        self.spill: list[SpilledPin] | None = None  # set where a swap pool takes yielding and expiring pins
 
     @property
     def num_free_blocks(self) -> int:
@@ -258,17 +260,30 @@ class KVCacheManager:
 
     def _yield_oldest_pin(self) -> None:
         key, pin = next(iter(self.pins.items()))
-        if self.spill is None:
-            self.unpin(key, "yielded")
-            return
-        self.spill.append(YieldedPin(key, [(b.block_id, b.hash, b.token_ids) for b in pin.blocks], pin.until,
-                                     pin.pinned_at))
-        self.unpin(key)  # counted by the swap pool: swapped out, or yielded when it has no room
+        self._leave(key, "yielded", pin.until)
 
-    def expire_pins(self, now: float, awaited: set[str] = frozenset()) -> None:
-        """Once a step: pins past their time go, but `awaited` programs' (awaited_last)."""
+    def _leave(self, key: str, outcome: str, until_swapped: float) -> None:
+        """`key`'s pin leaves the device: to the swap pool where there is one (which counts it:
+        swapped out, or `outcome` when it has no room), else counted as `outcome`."""
+        if self.spill is None:
+            self.unpin(key, outcome)
+            return
+        pin = self.pins[key]
+        self.spill.append(SpilledPin(key, [(b.block_id, b.hash, b.token_ids) for b in pin.blocks], until_swapped,
+                                     pin.pinned_at, outcome))
+        self.unpin(key)
+
+    def expire_pins(self, now: float, awaited: set[str] = frozenset(),
+                    swapped_ttl: Callable[[], float] | None = None) -> None:
+        """Once a step: pins past their time go, but `awaited` programs' (awaited_last). With
+        `swapped_ttl` and a swap pool, they go there for that long again (the program may
+        still come back: a tool in the heavy tail; a copy in CPU memory costs the device
+        nothing), else away (their blocks stay in the prefix cache until reused)."""
         for key in awaited_last(self.pins, now, awaited):
-            self.unpin(key, "expired")
+            if swapped_ttl is None:
+                self.unpin(key, "expired")
+            else:
+                self._leave(key, "expired", now + swapped_ttl())
 
     def free(self, req: Request) -> None:
         # Release the tail first so that, among this request's blocks, the shared prefix

@@ -172,9 +172,9 @@ class Scheduler:
         if self.kv.pins or (self.swap_space is not None and self.swap_space.pins):
             # a pin whose program's next call has come is about to be taken: it neither expires nor yields first
             now, awaited = time.time(), {r.program for r in self.waiting if r.program is not None}
-            self.kv.expire_pins(now, awaited)
             if self.swap_space is not None:
-                self.swap_space.expire_pins(now, awaited)
+                self.swap_space.expire_pins(now, awaited)  # (before the device's expired pins join it)
+            self.kv.expire_pins(now, awaited, self.pin_ttl if self.swap_space is not None else None)
         # Decodes (one token left) before prompt chunks; stable, so arrival order is kept.
         for req in sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1):
             if req.status != RequestStatus.RUNNING:

@@ -10,8 +10,10 @@ bytes; pinned when the cache lives on CUDA so copies run at full speed). When it
 the scheduler falls back to recompute.
 
 The pool also keeps agent programs' KV between calls (docs/agent-scheduling.md): a pin that
-must yield its device blocks to memory pressure comes here instead of being dropped, and the
-program's next call brings it back (a copy instead of recomputing its prefix). Swapped
+must yield its device blocks to memory pressure, or whose time to live on the device is
+over, comes here instead of being dropped, and the program's next call brings it back (a
+copy instead of recomputing its prefix; blocks still cached on the device are shared, not
+copied). Swapped
 pins give way to swapped requests, oldest first: a running request's KV matters more. CPU
 blocks that a swap-in reads are reused from the next plan on only, since a plan's swap-outs
 run before its swap-ins.
@@ -107,12 +109,13 @@ class SwapSpace:
     # -- programs' pinned KV -------------------------------------------------------------
     def swap_out_pins(self) -> list[tuple[int, int]]:
         """Plans moving the pins that yielded this step (kv.spill) to CPU: (device block,
-        CPU block) pairs. A pin the pool has no room for is dropped (counted as yielded)."""
+        CPU block) pairs. A pin the pool has no room for is dropped (counted as yielded or
+        expired, as it left the device)."""
         pairs: list[tuple[int, int]] = []
         for pin in self.kv.spill:
             cpu_ids = self._take_cpu_blocks(len(pin.blocks))
             if cpu_ids is None:
-                self.kv.pin_counts["yielded"] += 1
+                self.kv.pin_counts[pin.outcome] += 1
                 continue
             self.drop_pin(pin.key)  # (a program has one pin)
             pairs += [(block_id, cpu) for (block_id, _, _), cpu in zip(pin.blocks, cpu_ids)]

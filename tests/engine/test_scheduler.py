@@ -526,6 +526,50 @@ def test_a_swapped_pin_past_its_time_to_live_frees_its_cpu_blocks():
     assert engine.stats()["kv_pins"]["expired"] == 1 and engine.stats()["kv_blocks_pinned_swapped"] == 0
 
 
+def test_a_pin_past_its_time_to_live_goes_to_the_cpu_pool_and_comes_back_for_a_late_next_call():
+    """A tool in the heavy tail outlasts the pin's time to live on the device: with a CPU
+    pool the pin goes there (for as long again) instead of away, so the program's next call,
+    after other traffic has reused every device block, still finds its prefix, with the
+    tokens it would have computed; without a pool it recomputes. A pin that also outlives
+    its time in the pool frees its CPU blocks (counted as expired once)."""
+    import time as _time
+    results = {}
+    for mode in ("swap", "recompute"):
+        engine = tiny_engine(num_kv_blocks=24, max_model_len=384, program_scheduling=True, preemption_mode=mode,
+                             swap_space=24 * _block_bytes())
+        params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+        first = engine.add_request(list(range(100, 164)), params, program="agent-run")
+        while engine.has_unfinished():
+            engine.step()
+        engine.kv.pins["agent-run"] = engine.kv.pins["agent-run"]._replace(until=_time.time() - 0.001)
+        _churn(engine, params)  # its first step expires the pin; then every device block is reused
+        assert "agent-run" not in engine.kv.pins
+        pins = engine.stats()["kv_pins"]
+        if mode == "swap":
+            swapped = engine.scheduler.swap_space.pins["agent-run"]
+            assert swapped.until > _time.time() + 1 and len(swapped.cpu_blocks) == 4
+            assert pins["swapped_out"] == 1 and pins["expired"] == 0
+        else:
+            assert pins["expired"] == 1
+        nxt = engine.add_request(first.all_token_ids[:-1] + list(range(500, 520)), params, program="agent-run")
+        while engine.has_unfinished():
+            engine.step()
+        results[mode] = (nxt.output_token_ids, nxt.metrics.num_cached_tokens, engine)
+    (tokens, cached, swap_engine), (tokens_recomputed, cached_recomputed, _) = results["swap"], results["recompute"]
+    assert (cached, cached_recomputed) == (64, 0) and tokens == tokens_recomputed
+    assert swap_engine.stats()["kv_pins"]["swapped_in"] == 1
+    # once more, the pin that call left now outlives both times: away from the pool as well
+    engine = swap_engine
+    engine.kv.pins["agent-run"] = engine.kv.pins["agent-run"]._replace(until=_time.time() - 0.001)
+    _churn(engine, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), starts=(7000,))
+    swap = engine.scheduler.swap_space
+    swap.expire_pins(swap.pins["agent-run"].until + 0.001)
+    assert not swap.pins and len(swap.free_cpu_blocks) == swap.num_cpu_blocks
+    assert engine.stats()["kv_pins"]["expired"] == 1 and engine.stats()["kv_blocks_pinned_swapped"] == 0
+    engine.kv.unpin("agent-run")
+    assert_all_blocks_free(engine)
+
+
 def test_a_preempted_request_takes_the_cpu_pool_from_swapped_pins():
     """Swapped pins hold CPU blocks only while no preempted request needs them: a running
     request's KV matters more than a program's between calls."""
