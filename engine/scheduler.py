@@ -23,7 +23,9 @@ already running keep their latency and new ones wait at their start; preemption 
 newest program's call first. `max_programs_in_progress` caps the programs in progress (a
 call running or waiting, or KV pinned between calls): a new program's first call waits
 while the cap is reached, so under overload the started programs are not diluted by ever
-more new ones.
+more new ones; "auto" sets the cap to the programs whose KV the memory holds (the cache's
+blocks and the CPU pool's over the mean full blocks the last program calls left, at least
+the batch size), so that the programs in progress keep their KV between calls.
 With `program_kv_retention` (on with program_scheduling unless set), a program's finished
 call leaves its KV blocks pinned for the program's next call (the one after its tool
 calls) for a time-to-live: 1.5x the 95th percentile of the last gaps observed between a
@@ -99,6 +101,7 @@ class Scheduler:
         self.program_service: dict[str, list[float]] = {}  # program -> [tokens, last seen, first arrival]
         self._pruned_at = time.time()
         self.call_gaps: deque[float] = deque(maxlen=64)  # the last gaps between a program's calls (tool time)
+        self.call_kv_blocks: deque[int] = deque(maxlen=64)  # the full blocks the last program calls left
 
     # -- queue ---------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -142,6 +145,8 @@ class Scheduler:
             self.waiting.remove(req)
         if req.status == RequestStatus.SWAPPED and self.swap_space is not None:
             self.swap_space.discard(req)
+        if req.program is not None and reason in ("stop", "length"):
+            self.call_kv_blocks.append(len(req.block_hashes))
         if self.config.program_kv_retention and req.program is not None and reason in ("stop", "length"):
             now = time.time()
             self.kv.pin(req.program, req, now + self.pin_ttl(), now)
@@ -248,7 +253,7 @@ class Scheduler:
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         """Starts waiting requests in admission order while the budget, the batch and the
         blocks allow; the first that does not fit stops it (no overtaking by smaller ones)."""
-        cap = self.config.max_programs_in_progress if self.config.program_scheduling else None
+        cap = self.program_cap()
         active = self._programs_in_progress() if cap is not None else set()
         for req in self._admission_order():
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
@@ -288,6 +293,17 @@ class Scheduler:
             if num_new:
                 out.scheduled.append((req, num_new))
                 budget -= num_new
+
+    def program_cap(self) -> int | None:
+        """How many programs may be in progress (max_programs_in_progress; None: any)."""
+        cap = self.config.max_programs_in_progress if self.config.program_scheduling else None
+        if cap != "auto":
+            return cap
+        if not self.call_kv_blocks or not any(self.call_kv_blocks):
+            return None  # no program's KV seen yet
+        blocks = self.kv.num_blocks + (self.swap_space.num_cpu_blocks if self.swap_space is not None else 0)
+        per_program = sum(self.call_kv_blocks) / len(self.call_kv_blocks)
+        return max(self.config.max_num_seqs, int(blocks / per_program))
 
     def _programs_in_progress(self) -> set[str]:
         """Programs with a call running, KV kept between calls, or a call waiting after one

@@ -35,3 +35,13 @@ def test_serve_passes_only_the_flags_given_and_they_build_the_config():
     assert engine_options(parser().parse_args(["serve"])) == {}
     with pytest.raises(SystemExit):  # a choice the config does not have is refused by the parser
         parser().parse_args(["serve", "--preemption-mode", "sometimes"])
+
+
+def test_a_count_that_may_also_be_auto_takes_either_on_the_command_line(capsys):
+    for given, value in (("auto", "auto"), ("12", 12)):
+        args = parser().parse_args(["serve", "--program-scheduling", "--max-programs-in-progress", given])
+        assert engine_options(args)["max_programs_in_progress"] == value
+        assert EngineConfig(model="dummy-tiny", **engine_options(args)).max_programs_in_progress == value
+    with pytest.raises(SystemExit):
+        parser().parse_args(["serve", "--max-programs-in-progress", "many"])
+    assert "int or auto" in capsys.readouterr().err

@@ -1,4 +1,6 @@
 """Iteration-level scheduling: who runs in each step, and where the blocks go."""
+import time
+
 import pytest
 
 from engine import EngineConfig, LLMEngine, SamplingParams
@@ -256,11 +258,58 @@ def test_a_new_program_waits_while_the_cap_of_programs_in_progress_is_reached(ca
     assert_all_blocks_free(engine)
 
 
+def test_an_auto_cap_admits_as_many_programs_as_the_kv_memory_holds_at_what_a_call_leaves():
+    """max_programs_in_progress="auto": no cap before any program's call has finished; then
+    the cache's blocks (and the CPU pool's) over the mean full blocks a call left, at least
+    the batch; a new program waits at it like at a fixed cap."""
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    engine = tiny_engine(num_kv_blocks=24, max_model_len=384, max_num_seqs=2, program_scheduling=True,
+                         max_programs_in_progress="auto")
+    assert engine.stats()["program_cap"] is None
+    engine.add_request(list(range(100, 161)), params, program="a")  # 64 tokens computed: 4 full blocks left
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.stats()["program_cap"] == 24 // 4
+    engine.add_request(list(range(200, 300)), params, program="b")  # 103 computed: 6 blocks
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.stats()["program_cap"] == int(24 / 5)
+    swapping = tiny_engine(num_kv_blocks=24, max_model_len=384, max_num_seqs=2, program_scheduling=True,
+                           max_programs_in_progress="auto", preemption_mode="swap", swap_space=24 * _block_bytes())
+    swapping.add_request(list(range(100, 161)), params, program="a")
+    while swapping.has_unfinished():
+        swapping.step()
+    assert swapping.stats()["program_cap"] == 48 // 4
+    big = tiny_engine(num_kv_blocks=24, max_model_len=384, max_num_seqs=8, program_scheduling=True,
+                      max_programs_in_progress="auto")
+    big.add_request(list(range(100, 400)), params, program="a")  # 18 blocks: the batch is the floor
+    while big.has_unfinished():
+        big.step()
+    assert big.stats()["program_cap"] == 8
+    # at the cap, a new program waits: a and b pinned, the cap at 2 (calls of 6 blocks in 16)
+    engine = tiny_engine(num_kv_blocks=16, max_model_len=256, max_num_seqs=2, program_scheduling=True,
+                         max_programs_in_progress="auto")
+    for program, start in (("a", 100), ("b", 200)):
+        engine.add_request(list(range(start, start + 100)), params, program=program)
+        while engine.has_unfinished():
+            engine.step()
+    assert engine.stats()["program_cap"] == 2 and set(engine.kv.pins) == {"a", "b"}
+    late = engine.add_request(list(range(300, 320)), params, program="c")
+    for _ in range(3):
+        engine.step()
+    assert late.num_computed_tokens == 0  # waiting: a and b are in progress
+    engine.scheduler.release_program_kv("a", time.time())
+    while engine.has_unfinished():
+        engine.step()
+    assert late.finish_reason == "length"
+
+
 def test_an_unknown_program_order_or_a_cap_below_one_is_a_value_error():
     with pytest.raises(ValueError, match="program_order"):
         EngineConfig(model="dummy-tiny", program_order="shortest")
-    with pytest.raises(ValueError, match="max_programs_in_progress"):
-        EngineConfig(model="dummy-tiny", max_programs_in_progress=0)
+    for bad in (0, "many", True):
+        with pytest.raises(ValueError, match="max_programs_in_progress"):
+            EngineConfig(model="dummy-tiny", max_programs_in_progress=bad)
 
 
 @pytest.mark.parametrize("options, retained", [
