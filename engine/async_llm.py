@@ -33,6 +33,7 @@ from engine.request import Request, RequestOutput, StepOutput, aborted_before_st
 from engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
+IDLE_STEP_WAIT_S = 0.01  # the longest a held-back request waits for time-driven changes (pins' expiry, aging)
 
 
 class AsyncLLM:
@@ -230,11 +231,22 @@ class AsyncLLM:
                     self._notify(step)
                     self._publish(step)
                 self._abort_stalled()
+                if step is not None and step.stats is None:
+                    self._wait_idle()
             self._fail_all(EngineDeadError("engine is shut down"))
         except BaseException as exc:  # the loop itself broke: fail everyone now, refuse new work
             log.exception("engine step loop died")
             self._dead = exc
             self._fail_all(EngineDeadError(f"engine step loop died: {exc!r}"))
+
+    def _wait_idle(self) -> None:
+        """After a step with nothing to run though requests wait (held back by the cap of
+        programs in progress, or memory that only a pin's time or a release will free):
+        wait for new work, an abort or a release, or IDLE_STEP_WAIT_S for time-driven
+        changes, instead of stepping emptily on a core the callers need."""
+        with self._cond:
+            if not (self._inbox or self._aborts or self._releases or self._stopping):
+                self._cond.wait(IDLE_STEP_WAIT_S)
 
     def _take_in(self) -> None:
         """Moves new requests, aborts and KV releases into the engine."""

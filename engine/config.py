@@ -93,8 +93,7 @@ class EngineConfig:
     # ahead of new ones, so under overload the first keep their latency)
     program_order: Literal["least_attained", "first_arrived"] = "least_attained"
     # With program scheduling: a new program's first call waits while this many programs are in
-    # progress (a call running or waiting, or its KV pinned between calls) and other calls run
-    # (never with the batch empty); "auto": as many as
+    # progress (a call running or waiting, or its KV pinned between calls); "auto": as many as
     # the KV memory (the cache and the CPU swap pool) holds at the KV a program's call leaves;
     # None: no cap
     max_programs_in_progress: int | Literal["auto"] | None = None

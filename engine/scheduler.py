@@ -22,9 +22,8 @@ started program's next call goes ahead of new programs, so under overload the pr
 already running keep their latency and new ones wait at their start; preemption takes the
 newest program's call first. `max_programs_in_progress` caps the programs in progress (a
 call running or waiting, or KV pinned between calls): a new program's first call waits
-while the cap is reached and other calls run (never with the batch empty: the cap does not
-idle the engine while the programs in progress are all in their tools), so under overload
-the started programs are not diluted by ever more new ones; "auto" sets the cap to the programs whose KV the memory holds (the cache's
+while the cap is reached, so under overload the started programs are not diluted by ever
+more new ones; "auto" sets the cap to the programs whose KV the memory holds (the cache's
 blocks and the CPU pool's over the mean full blocks the last program calls left, at least
 the batch size), so that the programs in progress keep their KV between calls.
 With `program_kv_retention` (on with program_scheduling unless set), a program's finished
@@ -260,9 +259,8 @@ class Scheduler:
         for req in self._admission_order():
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
-            if cap is not None and req.program is not None and req.program not in active and len(active) >= cap \
-                    and self.running:
-                continue  # a new program's first call waits while the cap is reached (never with the batch empty)
+            if cap is not None and req.program is not None and req.program not in active and len(active) >= cap:
+                continue  # a new program's first call waits while the cap is reached
             if req.status == RequestStatus.SWAPPED:
                 moves = self.swap_space.swap_in(req)
                 if moves is None:

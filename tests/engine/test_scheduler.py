@@ -294,21 +294,14 @@ def test_an_auto_cap_admits_as_many_programs_as_the_kv_memory_holds_at_what_a_ca
         while engine.has_unfinished():
             engine.step()
     assert engine.stats()["program_cap"] == 2 and set(engine.kv.pins) == {"a", "b"}
-    busy = engine.add_request(list(range(400, 420)), SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
-    engine.step()
     late = engine.add_request(list(range(300, 320)), params, program="c")
     for _ in range(3):
         engine.step()
-    assert late.num_computed_tokens == 0 < busy.num_computed_tokens  # waiting: a and b in progress, a call runs
+    assert late.num_computed_tokens == 0  # waiting: a and b are in progress
     engine.scheduler.release_program_kv("a", time.time())
     while engine.has_unfinished():
         engine.step()
-    assert late.finish_reason == "length" and busy.finish_reason == "length"
-    # b and c in progress (pinned), nothing running: the cap never idles the batch
-    assert {"b", "c"} <= set(engine.kv.pins) and not engine.scheduler.running
-    idle = engine.add_request(list(range(500, 520)), params, program="d")
-    engine.step()
-    assert idle.num_computed_tokens > 0
+    assert late.finish_reason == "length"
 
 
 def test_an_unknown_program_order_or_a_cap_below_one_is_a_value_error():
