@@ -297,7 +297,12 @@ def test_kv_is_kept_across_a_tool_call_and_let_go_after_the_final_answer(monkeyp
     from adk_backend import adk_model
     from adk_backend.tool_policy import call_tools_then_answer
     from agents.tools.agent import add_numbers
+    from engine import SamplingParams
     engine = engine_for(ALIAS)
+
+    async def round_trip():  # through the step thread: what earlier tests' runs let go is counted by now
+        return [o async for o in engine.generate([1, 2, 3], SamplingParams(max_tokens=1))]
+    asyncio.run(round_trip())
     before = dict(engine.stats()["kv_pins"])
     calls = []
     record = adk_model.record_agent_call
