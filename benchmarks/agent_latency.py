@@ -500,6 +500,9 @@ def main(argv: list[str] | None = None) -> dict:
                   flush=True)
 
         arriving = {rate: arrivals_at(rate, programs, args.window) for rate in rates}
+        # each rate's programs and their arrival offsets, the same for every system
+        load = {rate: ([programs[k] for k in ks], poisson_arrivals(len(ks), rate, args.seed))
+                for rate, ks in arriving.items()}
 
         def unloaded_of(rate: float) -> list[float]:
             return [data["unloaded_s"][k] for k in arriving[rate]]
@@ -512,8 +515,7 @@ def main(argv: list[str] | None = None) -> dict:
                     try:
                         asyncio.run(run_alone(runner, programs[:1]))  # load and warm up, as vLLM's server is
                         before = stats()
-                        outcomes = asyncio.run(run_rate(runner, [programs[k] for k in arriving[rate]],
-                                                        poisson_arrivals(len(arriving[rate]), rate, args.seed)))
+                        outcomes = asyncio.run(run_rate(runner, *load[rate]))
                         after = stats()
                     finally:
                         stop()
@@ -525,8 +527,7 @@ def main(argv: list[str] | None = None) -> dict:
                 asyncio.run(run_alone(server.runner(), programs[:1]))
                 for rate in rates:
                     for _ in range(args.repeats):
-                        outcomes = asyncio.run(run_rate(server.runner(), [programs[k] for k in arriving[rate]],
-                                                        poisson_arrivals(len(arriving[rate]), rate, args.seed)))
+                        outcomes = asyncio.run(run_rate(server.runner(), *load[rate]))
                         record(VLLM, point(rate, outcomes, unloaded_of(rate), args.slo_factor))
             finally:
                 server.stop()

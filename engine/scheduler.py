@@ -148,9 +148,9 @@ class Scheduler:
             self.swap_space.discard(req)
         if req.program is not None and reason in ("stop", "length"):
             self.call_kv_blocks.append(len(req.block_hashes))
-        if self.config.program_kv_retention and req.program is not None and reason in ("stop", "length"):
-            now = time.time()
-            self.kv.pin(req.program, req, now + self.pin_ttl(), now)
+            if self.config.program_kv_retention:
+                now = time.time()
+                self.kv.pin(req.program, req, now + self.pin_ttl(), now)
         req.metrics.num_computed_tokens = req.num_computed_tokens
         self.kv.free(req)
         req.status = RequestStatus.FINISHED
@@ -300,7 +300,7 @@ class Scheduler:
         cap = self.config.max_programs_in_progress if self.config.program_scheduling else None
         if cap != "auto":
             return cap
-        if not self.call_kv_blocks or not any(self.call_kv_blocks):
+        if not any(self.call_kv_blocks):
             return None  # no program's KV seen yet
         blocks = self.kv.num_blocks + (self.swap_space.num_cpu_blocks if self.swap_space is not None else 0)
         per_program = sum(self.call_kv_blocks) / len(self.call_kv_blocks)
