@@ -6,6 +6,7 @@ scheduling with KV kept across tool calls (vs vLLM-CPU through LiteLLM, where in
     python -m benchmarks agents --vllm-python ~/peers/vllm/bin/python
     python -m benchmarks agents --repeats 3   # medians of 3 runs, the systems interleaved
     python -m benchmarks agents --window 30   # arrivals for 30 s at every rate: a steady load
+    python -m benchmarks agents --knee-steps 2   # then 2 rates bisecting first come first served's knee
 
 A program is one run of an ADK `LlmAgent` by `Runner.run_async`: a question from the mixed
 chat workload, then 1-8 calls of a real async tool that sleeps a heavy-tailed 50 ms-5 s
@@ -314,6 +315,18 @@ def medians_by_rate(points: list[dict], rates: list[float]) -> list[dict]:
     return [median_point([p for p in points if p["rate"] == r]) for r in rates if any(p["rate"] == r for p in points)]
 
 
+def knee_rate(points: list[dict], bound_s: float) -> float | None:
+    """The rate halfway between first come first served's highest rate whose p95 program
+    latency is within `bound_s` (the tail reading of the SLO) and the lowest rate above it
+    that is not: where the p95 target is read, nearer than the grid put a point. None when
+    no such pair (every rate within the bound, or none)."""
+    within = [p["rate"] for p in points if p["p95_s"] <= bound_s]
+    if not within:
+        return None
+    above = [p["rate"] for p in points if p["rate"] > max(within) and p["p95_s"] > bound_s]
+    return (max(within) + min(above)) / 2 if above else None
+
+
 def merge_runs(saved: list[dict]) -> dict:
     """Runs of the same programs in one setting, judged against the same unloaded latencies
     (the later ones measured with --unloaded-from the first), as one: every run of every
@@ -421,6 +434,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--policies", default=",".join(POLICIES), help="which of ours, comma-separated")
     ap.add_argument("--repeats", type=int, default=1,
                     help="runs of each system at each rate (the same programs and arrivals); the table shows medians")
+    ap.add_argument("--knee-steps", type=int, default=0,
+                    help="after the rates, this many more, each halfway across the step where first come first "
+                         "served's p95 leaves the SLO's tail bound (where the p95 target is read)")
     ap.add_argument("--vllm-python", default=os.environ.get("PEER_VLLM_PYTHON"))
     ap.add_argument("--from-json", default=None,
                     help="re-render the report and plots of an earlier run's JSON; of several, comma-separated, as one "
@@ -431,6 +447,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error(f"--repeats must be at least 1, got {args.repeats}")
+    if args.knee_steps < 0:
+        ap.error(f"--knee-steps must be at least 0, got {args.knee_steps}")
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     rates = [float(r) for r in args.rates.split(",")]
     programs = make_programs(args.programs, args.seed)
@@ -499,35 +517,50 @@ def main(argv: list[str] | None = None) -> dict:
             print(system, {k: v for k, v in measured.items() if k not in ("answers", "tools_per_program", "latencies_s")},
                   flush=True)
 
-        arriving = {rate: arrivals_at(rate, programs, args.window) for rate in rates}
-        # each rate's programs and their arrival offsets, the same for every system
-        load = {rate: ([programs[k] for k in ks], poisson_arrivals(len(ks), rate, args.seed))
-                for rate, ks in arriving.items()}
+        arriving: dict[float, list[int]] = {}
+        load: dict[float, tuple] = {}  # each rate's programs and their arrival offsets, the same for every system
+
+        def load_at(rate: float) -> tuple:
+            if rate not in load:
+                ks = arriving[rate] = arrivals_at(rate, programs, args.window)
+                load[rate] = ([programs[k] for k in ks], poisson_arrivals(len(ks), rate, args.seed))
+            return load[rate]
 
         def unloaded_of(rate: float) -> list[float]:
             return [data["unloaded_s"][k] for k in arriving[rate]]
 
-        # Repeats interleave the policies (rate by rate), so that the machine's drift meets each alike.
-        for i, rate in enumerate(rates):
+        def run_ours(rate: float, name: str) -> None:
+            # Repeats interleave the policies, so that the machine's drift meets each alike.
             for repeat in range(args.repeats):
                 for policy in [p for p in args.policies.split(",") if p]:
-                    runner, stats, stop = engine_runner(args, policy, f"{policy}-{i}-{repeat}".replace(" ", "_"))
+                    runner, stats, stop = engine_runner(args, policy, f"{policy}-{name}-{repeat}".replace(" ", "_"))
                     try:
                         asyncio.run(run_alone(runner, programs[:1]))  # load and warm up, as vLLM's server is
                         before = stats()
-                        outcomes = asyncio.run(run_rate(runner, *load[rate]))
+                        outcomes = asyncio.run(run_rate(runner, *load_at(rate)))
                         after = stats()
                     finally:
                         stop()
                     record(policy, point(rate, outcomes, unloaded_of(rate), args.slo_factor)
                            | engine_work(before, after))
+
+        for i, rate in enumerate(list(rates)):
+            run_ours(rate, str(i))
+        tail_bound = args.slo_factor * percentile(data["unloaded_s"], 95)
+        for step in range(args.knee_steps):
+            rate = knee_rate(data["systems"].get("first come first served", []), tail_bound)
+            if rate is None or rate in rates:
+                break
+            rates.append(rate)
+            rates.sort()  # (data["rates"] is this list)
+            run_ours(rate, f"knee{step}")
         if args.vllm_python:
             server = VllmServer(args)
             try:
                 asyncio.run(run_alone(server.runner(), programs[:1]))
                 for rate in rates:
                     for _ in range(args.repeats):
-                        outcomes = asyncio.run(run_rate(server.runner(), *load[rate]))
+                        outcomes = asyncio.run(run_rate(server.runner(), *load_at(rate)))
                         record(VLLM, point(rate, outcomes, unloaded_of(rate), args.slo_factor))
             finally:
                 server.stop()

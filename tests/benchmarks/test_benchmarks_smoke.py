@@ -363,6 +363,27 @@ def test_with_a_window_programs_keep_arriving_in_turn_for_its_length_at_every_ra
     assert arrivals_at(3.0, programs, 10.0) == [k % 4 for k in range(30)]
 
 
+def test_a_knee_step_bisects_where_first_come_first_served_leaves_the_tail_bound():
+    from benchmarks.agent_latency import knee_rate
+
+    def pts(*p95s_by_rate):
+        return [{"rate": r, "p95_s": p95} for r, p95 in p95s_by_rate]
+    assert knee_rate(pts((1.5, 8.3), (2.0, 18.2), (2.5, 28.1)), 18.05) == 1.75
+    assert knee_rate(pts((1.5, 8.3), (1.75, 15.3), (2.0, 18.2)), 18.05) == 1.875  # the next step, narrower
+    # first come first served back within the bound at a higher rate (noise): the step above the highest within
+    assert knee_rate(pts((1.0, 5.0), (2.0, 19.0), (3.0, 17.0), (4.0, 30.0)), 18.0) == 3.5
+    assert knee_rate(pts((1.0, 5.0), (2.0, 9.0)), 18.0) is None   # never leaves it: nothing to bisect
+    assert knee_rate(pts((1.0, 19.0), (2.0, 25.0)), 18.0) is None  # never within it
+    assert knee_rate([], 18.0) is None
+
+
+def test_agents_refuses_a_negative_knee_steps(capsys):
+    from benchmarks.agent_latency import main as agents_main
+    with pytest.raises(SystemExit):
+        agents_main(["--knee-steps", "-1"])
+    assert "--knee-steps must be at least 0" in capsys.readouterr().err
+
+
 def test_agents_runs_of_other_programs_or_unloaded_latencies_are_refused(tmp_path, capsys):
     from benchmarks.agent_latency import main as agents_main
     first = _agents_run(tmp_path, "a.json", [2.0, 2.0], {"first come first served": [(1.0, 5.0)]})
