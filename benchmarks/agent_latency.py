@@ -315,16 +315,19 @@ def medians_by_rate(points: list[dict], rates: list[float]) -> list[dict]:
     return [median_point([p for p in points if p["rate"] == r]) for r in rates if any(p["rate"] == r for p in points)]
 
 
+def highest_rate_within(points: list[dict], bound_s: float) -> float | None:
+    """The highest rate whose p95 program latency is within `bound_s` (the SLO read as one
+    bound on the tail); None: none is."""
+    return max((p["rate"] for p in points if p["p95_s"] <= bound_s), default=None)
+
+
 def knee_rate(points: list[dict], bound_s: float) -> float | None:
-    """The rate halfway between first come first served's highest rate whose p95 program
-    latency is within `bound_s` (the tail reading of the SLO) and the lowest rate above it
-    that is not: where the p95 target is read, nearer than the grid put a point. None when
-    no such pair (every rate within the bound, or none)."""
-    within = [p["rate"] for p in points if p["p95_s"] <= bound_s]
-    if not within:
-        return None
-    above = [p["rate"] for p in points if p["rate"] > max(within) and p["p95_s"] > bound_s]
-    return (max(within) + min(above)) / 2 if above else None
+    """The rate halfway between first come first served's highest rate within `bound_s`
+    and the lowest rate above it that is not: where the p95 target is read, nearer than the
+    grid put a point. None when no such pair (every rate within the bound, or none)."""
+    within = highest_rate_within(points, bound_s)
+    above = [p["rate"] for p in points if within is not None and p["rate"] > within and p["p95_s"] > bound_s]
+    return (within + min(above)) / 2 if above else None
 
 
 def merge_runs(saved: list[dict]) -> dict:
@@ -391,8 +394,7 @@ def headline(data: dict, slo_factor: float) -> list[str]:
         p95_cut_at(a)
     # The SLO read as one bound on the tail rather than on each program: the issue's words
     # ("p95 program latency <= 3x its unloaded latency") allow both; this one is the looser.
-    tail_ok = {name: max((p["rate"] for p in pts if p["p95_s"] <= slo_factor * floor), default=None)
-               for name, pts in systems.items()}
+    tail_ok = {name: highest_rate_within(pts, slo_factor * floor) for name, pts in systems.items()}
     lines.append(f"Read as a bound on the tail (p95 program latency <= {slo_factor:g}x the unloaded p95, "
                  f"{slo_factor * floor:.2f} s), the highest rate within it: "
                  + ", ".join(f"{name} {'none' if r is None else f'{r:g}/s'}" for name, r in tail_ok.items()) + ".")
@@ -517,17 +519,16 @@ def main(argv: list[str] | None = None) -> dict:
             print(system, {k: v for k, v in measured.items() if k not in ("answers", "tools_per_program", "latencies_s")},
                   flush=True)
 
-        arriving: dict[float, list[int]] = {}
         load: dict[float, tuple] = {}  # each rate's programs and their arrival offsets, the same for every system
 
         def load_at(rate: float) -> tuple:
             if rate not in load:
-                ks = arriving[rate] = arrivals_at(rate, programs, args.window)
+                ks = arrivals_at(rate, programs, args.window)
                 load[rate] = ([programs[k] for k in ks], poisson_arrivals(len(ks), rate, args.seed))
             return load[rate]
 
         def unloaded_of(rate: float) -> list[float]:
-            return [data["unloaded_s"][k] for k in arriving[rate]]
+            return [data["unloaded_s"][k] for k in arrivals_at(rate, programs, args.window)]
 
         def run_ours(rate: float, name: str) -> None:
             # Repeats interleave the policies, so that the machine's drift meets each alike.
@@ -544,7 +545,7 @@ def main(argv: list[str] | None = None) -> dict:
                     record(policy, point(rate, outcomes, unloaded_of(rate), args.slo_factor)
                            | engine_work(before, after))
 
-        for i, rate in enumerate(list(rates)):
+        for i, rate in enumerate(rates):
             run_ours(rate, str(i))
         tail_bound = args.slo_factor * percentile(data["unloaded_s"], 95)
         for step in range(args.knee_steps):
