@@ -6,8 +6,11 @@ hashes mean equal prefixes. Freed blocks keep their hash and stay reusable until
 hands them out again (least recently freed first); a request whose prompt starts with
 cached blocks shares them (ref count + 1) and computes only the rest.
 
-A finished call of an agent program can leave its full blocks pinned for the program's next
-call (`pin`): held by a reference of their own, so no other traffic evicts them, until the
+A finished call of an agent program can leave its blocks pinned for the program's next
+call (`pin`): its full blocks, and its partial last block with the tokens computed in it,
+which the prefix cache cannot name (a hash names a full block) but the program's next call
+continues (its previous prompt, the reply, then the tool's result), so that call recomputes
+none of them (`find_cached_prefix`). Pinned blocks are held by a reference of their own, so no other traffic evicts them, until the
 next call takes them, the front end learns the call ended in no tool call (the scheduler's
 `release_program_kv`), the pin expires, or an allocation would fail without them (pins
 yield to memory pressure, oldest first: pinning never refuses or preempts anyone). A pin
@@ -97,9 +100,11 @@ def awaited_last(pins: OrderedDict, now: float, awaited: set[str]) -> list[str]:
 
 class Pin(NamedTuple):
     """A program's KV kept on the device for its next call."""
-    blocks: list[Block]
+    blocks: list[Block]  # full blocks, in the prefix cache
     until: float       # when it expires
     pinned_at: float   # when its call finished
+    # the call's partial last block and the tokens computed in it (the next call may continue them)
+    tail: tuple[Block, tuple[int, ...]] | None = None
 
 
 @dataclass
@@ -112,6 +117,7 @@ class SpilledPin:
     until: float       # when it expires in the pool
     pinned_at: float
     outcome: str       # what it counts as (yielded, expired) where the pool has no room for it
+    tail: tuple[int, tuple[int, ...]] | None = None  # the partial last block's id and computed tokens
 
 
 class KVCacheManager:
@@ -158,11 +164,14 @@ class KVCacheManager:
             parent = self._hash(req, i, parent)
             yield parent, self._block_tokens(req, i)
 
-    def find_cached_prefix(self, req: Request) -> list[Block]:
-        """Cached blocks matching the start of a request that holds no blocks yet."""
+    def find_cached_prefix(self, req: Request) -> tuple[list[Block], int]:
+        """Cached blocks matching the start of a request that holds no blocks yet, and how
+        many of its tokens they hold: full blocks named by hash, then, where `req` continues
+        its program's pinned KV past the last of them, the pin's partial last block (the
+        request takes it over and writes its own tokens after those it shares)."""
         assert not req.block_ids
         if not self.enable_prefix_caching:
-            return []
+            return [], 0
         self.prefix_cache_queries += req.num_tokens
         hits: list[Block] = []
         for block_hash, token_ids in self.prefix_names(req):
@@ -170,13 +179,25 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
-        self.prefix_cache_hits += len(hits) * self.block_size
-        return hits
+        num_tokens = len(hits) * self.block_size
+        pin = self.pins.get(req.program) if req.program is not None else None
+        if pin is not None and pin.tail is not None and len(hits) == len(pin.blocks) and \
+                (not hits or hits[-1].hash == pin.blocks[-1].hash):
+            block, computed = pin.tail
+            limit = min(len(computed), req.num_tokens - 1 - num_tokens)  # one token left to compute
+            shared = 0
+            while shared < limit and req.all_token_ids[num_tokens + shared] == computed[shared]:
+                shared += 1
+            if shared:
+                hits.append(block)
+                num_tokens += shared
+        self.prefix_cache_hits += num_tokens
+        return hits, num_tokens
 
     def allocate(self, req: Request, num_new_tokens: int, cached_prefix: list[Block] = ()) -> bool:
         """Give `req` blocks for `num_new_tokens` more tokens after its computed ones (a new
-        request first takes `cached_prefix`). All or nothing: False, changing nothing, when
-        the pool is short."""
+        request first takes `cached_prefix`, find_cached_prefix's blocks). All or nothing:
+        False, changing nothing, when the pool is short."""
         # req.num_computed_tokens already counts the cached prefix's tokens.
         cached_prefix = list(cached_prefix)
         have = len(req.block_ids) + len(cached_prefix)
@@ -191,7 +212,8 @@ class KVCacheManager:
         for block in cached_prefix:
             self.pool.share(block)
             req.block_ids.append(block.block_id)
-            req.block_hashes.append(block.hash)
+            if block.hash is not None:  # (a pin's partial block, last, has none until the request fills it)
+                req.block_hashes.append(block.hash)
         for _ in range(max(need, 0)):
             req.block_ids.append(self.pool.allocate().block_id)
         return True
@@ -227,18 +249,27 @@ class KVCacheManager:
         return [(parent.block_ids[full], block.block_id)]
 
     def pin(self, key: str, req: Request, until: float, now: float) -> None:
-        """Keeps `req`'s full cached blocks (about to be freed) for `key`'s next call."""
+        """Keeps `req`'s blocks (about to be freed) for `key`'s next call: the full ones, in
+        the prefix cache, and the partial last one with the tokens computed in it."""
         self.unpin(key)
-        blocks = [self.pool.blocks[b] for b in req.block_ids[:len(req.block_hashes)]]
-        for block in blocks:
+        if not self.enable_prefix_caching:
+            return
+        full = len(req.block_hashes)
+        assert full == req.num_computed_tokens // self.block_size, "every computed full block is cached"
+        blocks = [self.pool.blocks[b] for b in req.block_ids[:full]]
+        tail = None
+        if req.num_computed_tokens > full * self.block_size:
+            tail = (self.pool.blocks[req.block_ids[full]],
+                    tuple(req.all_token_ids[full * self.block_size:req.num_computed_tokens]))
+        for block in blocks + ([tail[0]] if tail else []):
             self.pool.share(block)
-        if blocks:
-            self.pins[key] = Pin(blocks, until, now)
+        if blocks or tail:
+            self.pins[key] = Pin(blocks, until, now, tail)
             self.pin_counts["made"] += 1
 
     @property
     def num_pinned_blocks(self) -> int:
-        return sum(len(pin.blocks) for pin in self.pins.values())
+        return sum(len(pin.blocks) + (pin.tail is not None) for pin in self.pins.values())
 
     def unpin(self, key: str, why: str | None = None) -> float | None:
         """Lets `key`'s pinned blocks go (evictable again, still cached), counted under `why`
@@ -248,7 +279,7 @@ class KVCacheManager:
             return None
         if why is not None:
             self.pin_counts[why] += 1
-        for block in reversed(pin.blocks):
+        for block in ([pin.tail[0]] if pin.tail else []) + pin.blocks[::-1]:
             self.pool.release(block)
         return pin.pinned_at
 
@@ -265,12 +296,13 @@ class KVCacheManager:
     def _leave(self, key: str, outcome: str, until_swapped: float) -> None:
         """`key`'s pin leaves the device: to the swap pool where there is one (which counts it:
         swapped out, or `outcome` when it has no room), else counted as `outcome`."""
-        if self.spill is None:
+        pin = self.pins[key]
+        if self.spill is None or not pin.blocks:  # (a partial block alone is not worth a swap)
             self.unpin(key, outcome)
             return
-        pin = self.pins[key]
+        tail = (pin.tail[0].block_id, pin.tail[1]) if pin.tail else None
         self.spill.append(SpilledPin(key, [(b.block_id, b.hash, b.token_ids) for b in pin.blocks], until_swapped,
-                                     pin.pinned_at, outcome))
+                                     pin.pinned_at, outcome, tail))
         self.unpin(key)
 
     def expire_pins(self, now: float, awaited: set[str] = frozenset(),

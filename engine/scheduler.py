@@ -27,8 +27,8 @@ more new ones; "auto" sets the cap to the programs whose KV the memory holds (th
 blocks and the CPU pool's over the mean full blocks the last program calls left, at least
 the batch size), so that the programs in progress keep their KV between calls.
 With `program_kv_retention` (on with program_scheduling unless set), a program's finished
-call leaves its KV blocks pinned for the program's next call (the one after its tool
-calls) for a time-to-live: 1.5x the 95th percentile of the last gaps observed between a
+call leaves its KV blocks (the partial last one too) pinned for the program's next call
+(the one after its tool calls) for a time-to-live: 1.5x the 95th percentile of the last gaps observed between a
 program's calls (its tools' time), within 2-60 s, or until the front end says the call ended in
 no tool call (`release_program_kv`); pins yield to any allocation that would fail without
 them (kv_cache_manager), to the CPU swap pool where there is one (preemption_mode "swap"),
@@ -274,8 +274,7 @@ class Scheduler:
             else:
                 if self.swap_space is not None and req.program in self.swap_space.pins:
                     out.swap_in += self.swap_space.swap_in_pin(req.program, req)
-                cached = self.kv.find_cached_prefix(req)
-                req.num_computed_tokens = len(cached) * self.kv.block_size
+                cached, req.num_computed_tokens = self.kv.find_cached_prefix(req)
                 num_new = self._chunk(req, budget)
                 if num_new == 0 or not self.kv.allocate(req, num_new, cached):
                     req.num_computed_tokens = 0

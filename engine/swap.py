@@ -40,10 +40,11 @@ def cpu_blocks_for(swap_space: int, kv_caches: KVCaches) -> int:
 @dataclass
 class SwappedPin:
     """A program's pinned KV, in CPU blocks, with what names each block in the prefix cache."""
-    cpu_blocks: list[int]
-    names: list[tuple[int, tuple[int, ...]]]  # (hash, token ids) of each block, in order
+    cpu_blocks: list[int]  # the full blocks', then the partial last block's (where `tail`)
+    names: list[tuple[int, tuple[int, ...]]]  # (hash, token ids) of each full block, in order
     until: float
     pinned_at: float
+    tail: tuple[int, ...] | None = None  # the tokens computed in the partial last block
 
 
 class SwapSpace:
@@ -113,13 +114,15 @@ class SwapSpace:
         expired, as it left the device)."""
         pairs: list[tuple[int, int]] = []
         for pin in self.kv.spill:
-            cpu_ids = self._take_cpu_blocks(len(pin.blocks))
+            device_ids = [block_id for block_id, _, _ in pin.blocks] + ([pin.tail[0]] if pin.tail else [])
+            cpu_ids = self._take_cpu_blocks(len(device_ids))
             if cpu_ids is None:
                 self.kv.pin_counts[pin.outcome] += 1
                 continue
             self.drop_pin(pin.key)  # (a program has one pin)
-            pairs += [(block_id, cpu) for (block_id, _, _), cpu in zip(pin.blocks, cpu_ids)]
-            self.pins[pin.key] = SwappedPin(cpu_ids, [(h, t) for _, h, t in pin.blocks], pin.until, pin.pinned_at)
+            pairs += list(zip(device_ids, cpu_ids))
+            self.pins[pin.key] = SwappedPin(cpu_ids, [(h, t) for _, h, t in pin.blocks], pin.until, pin.pinned_at,
+                                            pin.tail[1] if pin.tail else None)
             self.kv.pin_counts["swapped_out"] += 1
         self.kv.spill.clear()
         return pairs
@@ -160,10 +163,15 @@ class SwapSpace:
                 pool.register(block, h, t)
                 pairs.append((cpu, block.block_id))
             blocks.append(block)
+        tail = None
+        if pin.tail is not None and len(names) == len(pin.names):  # the call continues every full block
+            tail = (pool.allocate(), pin.tail)  # (room made above: the prompt's blocks include it)
+            pairs.append((pin.cpu_blocks[len(names)], tail[0].block_id))
+        read = len(names) + (tail is not None)
         del self.pins[key]
-        self._read_this_plan += pin.cpu_blocks[:len(names)]
-        self.free_cpu_blocks += pin.cpu_blocks[len(names):]
-        self.kv.pins[key] = Pin(blocks, pin.until, pin.pinned_at)
+        self._read_this_plan += pin.cpu_blocks[:read]
+        self.free_cpu_blocks += pin.cpu_blocks[read:]
+        self.kv.pins[key] = Pin(blocks, pin.until, pin.pinned_at, tail)
         self.kv.pin_counts["swapped_in"] += 1
         return pairs
 

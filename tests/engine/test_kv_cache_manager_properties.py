@@ -19,6 +19,9 @@ op = st.one_of(
     st.tuples(st.just("step"), st.integers(0, 0), st.integers(0, 0), st.integers(0, 0)),
     st.tuples(st.just("step"), st.integers(0, 0), st.integers(0, 0), st.integers(0, 0)),
     st.tuples(st.just("abort"), st.integers(0, 1000), st.integers(0, 0), st.integers(0, 0)),
+    # a program's next call: its last finished call's tokens, less 0-2 of the last computed, then new ones
+    st.tuples(st.just("next"), st.integers(0, 2), st.integers(1, 12), st.integers(0, 3)),
+    st.tuples(st.just("next"), st.integers(0, 2), st.integers(1, 12), st.integers(0, 3)),
 )
 
 
@@ -30,7 +33,8 @@ def simulate_step(sched: Scheduler, kv: KVCacheManager, live: list[Request]) -> 
     # a plan's swap-outs run before its swap-ins: no CPU block may be written and read in one
     assert not {c for _, c in out.swap_out} & {c for c, _ in out.swap_in}
     holders = {b: r.status == RequestStatus.RUNNING for r in live for b in r.block_ids}
-    holders |= {b.block_id: True for blocks, _, _ in kv.pins.values() for b in blocks}  # a program's KV, back
+    holders |= {b.block_id: True for pin in kv.pins.values()  # a program's KV, back
+                for b in pin.blocks + ([pin.tail[0]] if pin.tail else [])}
     assert all(holders.get(d) for _, d in out.swap_in)
     for req, num in out.scheduled:
         req.num_computed_tokens += num
@@ -43,7 +47,9 @@ def simulate_step(sched: Scheduler, kv: KVCacheManager, live: list[Request]) -> 
 
 
 def check_invariants(sched: Scheduler, kv: KVCacheManager, live: list[Request]) -> None:
-    owners = Counter(b.block_id for blocks, _, _ in kv.pins.values() for b in blocks)
+    owners = Counter(b.block_id for pin in kv.pins.values() for b in pin.blocks + ([pin.tail[0]] if pin.tail else []))
+    for pin in kv.pins.values():  # a partial block: no name in the prefix cache, and no more tokens than it holds
+        assert pin.tail is None or (pin.tail[0].hash is None and 0 < len(pin.tail[1]) < BLOCK)
     for r in live:
         assert len(set(r.block_ids)) == len(r.block_ids), "a request holds a block twice"
         if r.status == RequestStatus.SWAPPED:
@@ -77,14 +83,23 @@ def test_block_accounting_survives_any_sequence_of_events(ops, mode, caching, bu
     kv = KVCacheManager(num_blocks, BLOCK, caching)
     sched = Scheduler(config, kv, SwapSpace(kv, num_cpu_blocks=12) if mode == "swap" else None)
     live: list[Request] = []
+    added: list[Request] = []
     max_len = num_blocks * BLOCK
     for n, (kind, a, b, c) in enumerate(ops):
+        if kind == "next":
+            last = [r for r in added if r.program == f"p{c}" and r.finish_reason == "length"]
+            if not last:
+                continue
+            kind, a, prompt = "add", b, last[-1].all_token_ids[:max(1, last[-1].num_computed_tokens - a)] + [200 + n] * b
+            b = 4
+        else:
+            prompt = [1] * (c * BLOCK) + [100 + n] * a  # shared prefixes of 0-3 blocks
         if kind == "add":
-            prompt = ([1] * (c * BLOCK) + [100 + n] * a)[:max_len - 1]  # shared prefixes of 0-3 blocks
-            req = Request(f"r{n}", prompt, SamplingParams(max_tokens=b, ignore_eos=True),
+            req = Request(f"r{n}", prompt[:max_len - 1], SamplingParams(max_tokens=b, ignore_eos=True),
                           max_total_tokens=max_len, arrival_time=float(n), program=f"p{c}" if programs else None)
             sched.add(req)
             live.append(req)
+            added.append(req)
         elif kind == "abort" and live:
             req = live[a % len(live)]
             sched.finish(req, "abort")

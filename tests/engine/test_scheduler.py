@@ -336,16 +336,46 @@ def test_a_programs_kv_outlives_other_traffic_until_its_next_call(options, retai
     nxt = engine.add_request(follow_up, params, program="agent-run")
     while engine.has_unfinished():
         engine.step()
-    assert nxt.metrics.num_cached_tokens == (64 if retained else 0)
+    assert nxt.metrics.num_cached_tokens == (71 if retained else 0)  # all the first call computed
     assert "agent-run" in engine.kv.pins if retained else not engine.kv.pins  # pinned again, for its next
     stats = engine.stats()
     none = dict.fromkeys(["made", "taken", "released", "expired", "yielded", "swapped_out", "swapped_in"], 0)
     assert stats["kv_pins"] == (none | {"made": 2, "taken": 1} if retained else none)
-    assert stats["kv_blocks_pinned"] == (len(engine.kv.pins["agent-run"].blocks) if retained else 0)
+    assert stats["kv_blocks_pinned"] == (7 if retained else 0)  # 98 tokens computed: 6 full blocks and a partial
+
+
+@pytest.mark.parametrize("kept_of_tail", [13, 5, 0])
+def test_a_programs_next_call_takes_the_partial_last_block_its_call_left(kept_of_tail):
+    """Prefix caching shares full blocks only, so a next call used to compute again the
+    tokens of its previous call's partial last block (up to 15 of them after every tool
+    call). The pin keeps that block too: the next call that continues it takes it, so every
+    token the previous call computed is a hit, and writes its own tokens after them in place
+    (where it diverges within the block, over the old ones), with the tokens of a call
+    computed from scratch."""
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    engine = tiny_engine(num_kv_blocks=24, max_model_len=384, program_scheduling=True)
+    first = engine.add_request(list(range(100, 170)), params, program="agent-run")
+    while engine.has_unfinished():
+        engine.step()
+    assert first.num_computed_tokens == 77  # 4 full blocks and 13 tokens of a 5th
+    assert engine.kv.num_free_blocks == 24 - 5 and engine.stats()["kv_blocks_pinned"] == 5
+    follow_up = first.all_token_ids[:64 + kept_of_tail] + list(range(500, 520))
+    nxt = engine.add_request(follow_up, params, program="agent-run")
+    while engine.has_unfinished():
+        engine.step()
+    assert nxt.metrics.num_cached_tokens == 64 + kept_of_tail
+    fresh = tiny_engine(num_kv_blocks=24, max_model_len=384, enable_prefix_caching=False)
+    alone = fresh.add_request(follow_up, params)
+    while fresh.has_unfinished():
+        fresh.step()
+    assert nxt.output_token_ids == alone.output_token_ids
+    engine.kv.unpin("agent-run")
+    assert_all_blocks_free(engine)
 
 
 def _engine_after_one_pinned_call() -> tuple[LLMEngine, SamplingParams]:
-    """24 blocks; a program's 64-token call finished, its 4 full blocks pinned."""
+    """24 blocks; a program's 64-token call finished, its 4 full blocks and its partial
+    5th (3 tokens computed) pinned."""
     engine = tiny_engine(num_kv_blocks=24, max_model_len=384, program_scheduling=True)
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     engine.add_request(list(range(100, 164)), params, program="agent-run")
@@ -356,7 +386,7 @@ def _engine_after_one_pinned_call() -> tuple[LLMEngine, SamplingParams]:
 
 def test_pinned_kv_yields_to_a_request_that_needs_the_memory():
     engine, params = _engine_after_one_pinned_call()
-    assert engine.kv.num_free_blocks == 24 - 4
+    assert engine.kv.num_free_blocks == 24 - 5
     big = engine.add_request(list(range(1000, 1370)), params)  # 24 blocks: all of them
     while engine.has_unfinished():
         engine.step()
@@ -368,8 +398,8 @@ def test_pinned_kv_yields_to_a_request_that_needs_the_memory():
 def test_a_pin_past_its_time_to_live_gives_its_blocks_back():
     import time as _time
     engine, _ = _engine_after_one_pinned_call()
-    blocks, until, _ = engine.kv.pins["agent-run"]
-    assert engine.kv.num_free_blocks == 24 - len(blocks) and until > _time.time()
+    until = engine.kv.pins["agent-run"].until
+    assert engine.kv.num_free_blocks == 24 - 5 and until > _time.time()
     engine.kv.expire_pins(until + 0.001)  # what each step does with the clock past the pin's end
     assert not engine.kv.pins and engine.kv.num_free_blocks == 24
     assert engine.stats()["kv_pins"]["expired"] == 1 and engine.stats()["kv_blocks_pinned"] == 0
@@ -397,7 +427,7 @@ def test_a_call_that_ends_in_no_tool_call_lets_its_programs_kept_kv_go_on_device
     while swapping.has_unfinished():
         swapping.step()
     swap = swapping.scheduler.swap_space
-    assert "agent-run" in swap.pins and len(swap.free_cpu_blocks) == 20
+    assert "agent-run" in swap.pins and len(swap.free_cpu_blocks) == 19  # 4 full blocks and the partial 5th
     swapping.release_program_kv("agent-run", done.metrics.finished_time)
     assert not swap.pins and len(swap.free_cpu_blocks) == 24
     assert swapping.stats()["kv_pins"]["released"] == 1
@@ -429,9 +459,9 @@ def test_under_memory_pressure_a_pin_whose_next_call_is_queued_yields_last():
         engine.add_request(list(range(start, start + 64)), params, program=program)
         while engine.has_unfinished():
             engine.step()
-    assert list(engine.kv.pins) == ["b", "a"] and engine.kv.num_free_blocks == 16
-    # 256 prompt tokens: 16 blocks, all free ones; its 2nd output token needs a 17th block
-    grower = engine.add_request(list(range(1000, 1256)), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    assert list(engine.kv.pins) == ["b", "a"] and engine.kv.num_free_blocks == 14
+    # 224 prompt tokens: 14 blocks, all free ones; its 2nd output token needs a 15th block
+    grower = engine.add_request(list(range(1000, 1224)), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     engine.step()
     nxt = engine.add_request(list(range(100, 164)) + list(range(500, 520)), params, program="b")  # waits: batch full
     while not grower.is_finished:
@@ -510,7 +540,7 @@ def test_a_pin_that_yields_to_memory_pressure_is_swapped_out_and_back_for_its_pr
     tokens of a run that kept the KV on the device all along (the copies are right)."""
     swapped, tokens, cached = _next_call_after_pressure("swap")
     stats = swapped.stats()
-    assert cached == 64
+    assert cached == 71  # every token the first call computed: its partial last block came back too
     assert stats["kv_pins"] | {"made": 0} == {"made": 0, "taken": 1, "released": 0, "expired": 0, "yielded": 0,
                                               "swapped_out": 1, "swapped_in": 1}
     assert stats["kv_blocks_pinned_swapped"] == 0  # back on the device, then taken
@@ -525,7 +555,7 @@ def test_a_pin_that_yields_to_memory_pressure_is_swapped_out_and_back_for_its_pr
     nxt = kept.add_request(first.all_token_ids[:-1] + list(range(500, 520)), params, program="agent-run")
     while kept.has_unfinished():
         kept.step()
-    assert nxt.metrics.num_cached_tokens == 64 and nxt.output_token_ids == tokens
+    assert nxt.metrics.num_cached_tokens == 71 and nxt.output_token_ids == tokens  # with the partial block
     for engine in (swapped, kept):
         engine.kv.unpin("agent-run")
         assert_all_blocks_free(engine)
@@ -545,14 +575,14 @@ def test_a_swapped_pin_comes_back_when_other_pins_must_yield_for_it():
     while engine.has_unfinished():
         engine.step()
     assert "a" in engine.scheduler.swap_space.pins
-    engine.add_request(list(range(2000, 2300)), params, program="b")  # 19 blocks pinned after
+    engine.add_request(list(range(2000, 2290)), params, program="b")  # 18 full blocks and a partial pinned after
     while engine.has_unfinished():
         engine.step()
-    assert len(engine.kv.pins["b"].blocks) == 19 and engine.kv.num_free_blocks == 5
+    assert len(engine.kv.pins["b"].blocks) == 18 and engine.kv.pins["b"].tail and engine.kv.num_free_blocks == 5
     nxt = engine.add_request(first.all_token_ids[:-1] + list(range(500, 520)), params, program="a")  # 6 blocks
     while engine.has_unfinished():
         engine.step()
-    assert nxt.metrics.num_cached_tokens == 64
+    assert nxt.metrics.num_cached_tokens == 71
     pins = engine.stats()["kv_pins"]
     assert pins["swapped_out"] == 2 and pins["swapped_in"] == 1 and "b" in engine.scheduler.swap_space.pins
 
@@ -568,7 +598,7 @@ def test_a_swapped_pin_past_its_time_to_live_frees_its_cpu_blocks():
     engine.step()
     engine.step()  # its prompt's second chunk
     swap = engine.scheduler.swap_space
-    assert engine.stats()["kv_blocks_pinned_swapped"] == 4 and len(swap.free_cpu_blocks) == 20
+    assert engine.stats()["kv_blocks_pinned_swapped"] == 5 and len(swap.free_cpu_blocks) == 19
     until = swap.pins["agent-run"].until
     swap.expire_pins(until + 0.001)
     assert not swap.pins and len(swap.free_cpu_blocks) == 24
@@ -596,7 +626,7 @@ def test_a_pin_past_its_time_to_live_goes_to_the_cpu_pool_and_comes_back_for_a_l
         pins = engine.stats()["kv_pins"]
         if mode == "swap":
             swapped = engine.scheduler.swap_space.pins["agent-run"]
-            assert swapped.until > _time.time() + 1 and len(swapped.cpu_blocks) == 4
+            assert swapped.until > _time.time() + 1 and len(swapped.cpu_blocks) == 5
             assert pins["swapped_out"] == 1 and pins["expired"] == 0
         else:
             assert pins["expired"] == 1
@@ -605,7 +635,7 @@ def test_a_pin_past_its_time_to_live_goes_to_the_cpu_pool_and_comes_back_for_a_l
             engine.step()
         results[mode] = (nxt.output_token_ids, nxt.metrics.num_cached_tokens, engine)
     (tokens, cached, swap_engine), (tokens_recomputed, cached_recomputed, _) = results["swap"], results["recompute"]
-    assert (cached, cached_recomputed) == (64, 0) and tokens == tokens_recomputed
+    assert (cached, cached_recomputed) == (71, 0) and tokens == tokens_recomputed
     assert swap_engine.stats()["kv_pins"]["swapped_in"] == 1
     # once more, the pin that call left now outlives both times: away from the pool as well
     engine = swap_engine
