@@ -13,8 +13,8 @@ continues (its previous prompt, the reply, then the tool's result), so that call
 none of them (`find_cached_prefix`). Pinned blocks are held by a reference of their own, so no other traffic evicts them, until the
 next call takes them, the front end learns the call ended in no tool call (the scheduler's
 `release_program_kv`), the pin expires, or an allocation would fail without them (pins
-yield to memory pressure, partial blocks first, then whole pins, oldest first: pinning
-never refuses or preempts anyone). A pin
+yield to memory pressure, oldest first, and without a swap pool partial blocks before any
+whole pin: pinning never refuses or preempts anyone). A pin
 whose program's next call is already waiting does not expire and yields last
 (`expire_pins`). Where a CPU swap pool exists (engine/swap.py), a yielding or expiring pin
 is handed to it (`spill`) instead of dropped.
@@ -291,10 +291,11 @@ class KVCacheManager:
         return num_blocks <= self.pool.num_free
 
     def _yield_oldest_pin(self) -> None:
-        """Gives up one pinned block or more: the oldest pin's partial last block (it saves
-        the next call fewer tokens than any full block), or, when no pin has one left, the
-        oldest pin whole (counted as yielded)."""
-        key = next((k for k, pin in self.pins.items() if pin.tail is not None), None)
+        """Gives up one pinned block or more: the oldest pin whole (counted as yielded), to
+        the swap pool where there is one; without one, first the oldest pin's partial last
+        block (a partial block saves the next call fewer tokens than any full block), and a
+        whole pin only when no pin has a partial block left."""
+        key = None if self.spill is not None else next((k for k, p in self.pins.items() if p.tail is not None), None)
         if key is not None:
             pin = self.pins[key]
             self.pool.release(pin.tail[0])

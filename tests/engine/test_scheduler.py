@@ -395,10 +395,11 @@ def test_pinned_kv_yields_to_a_request_that_needs_the_memory():
     assert engine.stats()["kv_pins"]["yielded"] == 1
 
 
-def test_under_memory_pressure_the_pins_partial_blocks_go_before_any_pins_full_blocks():
+def test_without_a_swap_pool_the_pins_partial_blocks_yield_before_any_pins_full_blocks():
     """A pin's partial last block saves its next call fewer tokens than any full block (up to
-    15 against 16 and all that follow), so memory pressure takes the pins' partial blocks
-    first, oldest pin first, and a whole pin only when no partial block is left."""
+    15 against 16 and all that follow), so, where a yielding pin is lost (no CPU pool to
+    take it whole), memory pressure takes the pins' partial blocks first, oldest pin first,
+    and a whole pin only when no partial block is left."""
     engine = tiny_engine(num_kv_blocks=24, max_model_len=384, program_scheduling=True)
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     for program, start in (("a", 100), ("b", 200)):  # each: 4 full blocks and a partial 5th
@@ -448,7 +449,7 @@ def test_a_call_that_ends_in_no_tool_call_lets_its_programs_kept_kv_go_on_device
     while swapping.has_unfinished():
         swapping.step()
     swap = swapping.scheduler.swap_space
-    assert "agent-run" in swap.pins and len(swap.free_cpu_blocks) == 20  # (its partial block went first)
+    assert "agent-run" in swap.pins and len(swap.free_cpu_blocks) == 19  # 4 full blocks and the partial 5th
     swapping.release_program_kv("agent-run", done.metrics.finished_time)
     assert not swap.pins and len(swap.free_cpu_blocks) == 24
     assert swapping.stats()["kv_pins"]["released"] == 1
@@ -562,7 +563,7 @@ def test_a_pin_that_yields_to_memory_pressure_is_swapped_out_and_back_for_its_pr
     tokens of a run that kept the KV on the device all along (the copies are right)."""
     swapped, tokens, cached = _next_call_after_pressure("swap")
     stats = swapped.stats()
-    assert cached == 64  # the full blocks (the partial one went first, under the pressure)
+    assert cached == 71  # every token the first call computed: its partial last block came back too
     assert stats["kv_pins"] | {"made": 0} == {"made": 0, "taken": 1, "released": 0, "expired": 0, "yielded": 0,
                                               "swapped_out": 1, "swapped_in": 1}
     assert stats["kv_blocks_pinned_swapped"] == 0  # back on the device, then taken
@@ -597,14 +598,14 @@ def test_a_swapped_pin_comes_back_when_other_pins_must_yield_for_it():
     while engine.has_unfinished():
         engine.step()
     assert "a" in engine.scheduler.swap_space.pins
-    engine.add_request(list(range(2000, 2300)), params, program="b")  # 19 full blocks and a partial pinned after
+    engine.add_request(list(range(2000, 2290)), params, program="b")  # 18 full blocks and a partial pinned after
     while engine.has_unfinished():
         engine.step()
-    assert len(engine.kv.pins["b"].blocks) == 19 and engine.kv.pins["b"].tail and engine.kv.num_free_blocks == 4
+    assert len(engine.kv.pins["b"].blocks) == 18 and engine.kv.pins["b"].tail and engine.kv.num_free_blocks == 5
     nxt = engine.add_request(first.all_token_ids[:-1] + list(range(500, 520)), params, program="a")  # 6 blocks
     while engine.has_unfinished():
         engine.step()
-    assert nxt.metrics.num_cached_tokens == 64
+    assert nxt.metrics.num_cached_tokens == 71
     pins = engine.stats()["kv_pins"]
     assert pins["swapped_out"] == 2 and pins["swapped_in"] == 1 and "b" in engine.scheduler.swap_space.pins
 
@@ -620,7 +621,7 @@ def test_a_swapped_pin_past_its_time_to_live_frees_its_cpu_blocks():
     engine.step()
     engine.step()  # its prompt's second chunk
     swap = engine.scheduler.swap_space
-    assert engine.stats()["kv_blocks_pinned_swapped"] == 4 and len(swap.free_cpu_blocks) == 20
+    assert engine.stats()["kv_blocks_pinned_swapped"] == 5 and len(swap.free_cpu_blocks) == 19
     until = swap.pins["agent-run"].until
     swap.expire_pins(until + 0.001)
     assert not swap.pins and len(swap.free_cpu_blocks) == 24
