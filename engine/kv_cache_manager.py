@@ -10,14 +10,14 @@ A finished call of an agent program can leave its blocks pinned for the program'
 call (`pin`): its full blocks, and its partial last block with the tokens computed in it,
 which the prefix cache cannot name (a hash names a full block) but the program's next call
 continues (its previous prompt, the reply, then the tool's result), so that call recomputes
-none of them (`find_cached_prefix`). Pinned blocks are held by a reference of their own, so no other traffic evicts them, until the
-next call takes them, the front end learns the call ended in no tool call (the scheduler's
-`release_program_kv`), the pin expires, or an allocation would fail without them (pins
-yield to memory pressure, oldest first, and without a swap pool partial blocks before any
-whole pin: pinning never refuses or preempts anyone). A pin
-whose program's next call is already waiting does not expire and yields last
-(`expire_pins`). Where a CPU swap pool exists (engine/swap.py), a yielding or expiring pin
-is handed to it (`spill`) instead of dropped.
+none of them (`find_cached_prefix`). Pinned blocks are held by a reference of their own, so
+no other traffic evicts them, until the next call takes them, the front end learns the call
+ended in no tool call (the scheduler's `release_program_kv`), the pin expires, or an
+allocation would fail without them (pins yield to memory pressure, oldest first, and
+without a swap pool partial blocks before any whole pin: pinning never refuses or preempts
+anyone). A pin whose program's next call is already waiting does not expire and yields
+last (`expire_pins`). Where a CPU swap pool exists (engine/swap.py), a yielding or expiring
+pin is handed to it (`spill`) instead of dropped.
 """
 from __future__ import annotations
 

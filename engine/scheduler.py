@@ -28,13 +28,13 @@ blocks and the CPU pool's over the mean full blocks the last program calls left,
 the batch size), so that the programs in progress keep their KV between calls.
 With `program_kv_retention` (on with program_scheduling unless set), a program's finished
 call leaves its KV blocks (the partial last one too) pinned for the program's next call
-(the one after its tool calls) for a time-to-live: 1.5x the 95th percentile of the last gaps observed between a
-program's calls (its tools' time), within 2-60 s, or until the front end says the call ended in
-no tool call (`release_program_kv`); pins yield to any allocation that would fail without
-them (kv_cache_manager), to the CPU swap pool where there is one (preemption_mode "swap"),
-from which the program's next call brings them back; a pin that expires goes to that pool
-too, for one more time-to-live. A pin whose program's next call is
-already waiting neither expires nor yields before the others. The scheduler plans and the
+(the one after its tool calls) for a time-to-live: 1.5x the 95th percentile of the last
+gaps observed between a program's calls (its tools' time), within 2-60 s, or until the
+front end says the call ended in no tool call (`release_program_kv`); pins yield to any
+allocation that would fail without them (kv_cache_manager), to the CPU swap pool where
+there is one (preemption_mode "swap"), from which the program's next call brings them
+back; a pin that expires goes to that pool too, for one more time-to-live. A pin whose
+program's next call is already waiting neither expires nor yields before the others. The scheduler plans and the
 runner moves memory: swaps (engine/swap.py) and parallel sampling's block copies come out as
 plans the runner makes before the step's forward pass.
 
