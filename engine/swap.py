@@ -14,7 +14,8 @@ must yield its device blocks to memory pressure, or whose time to live on the de
 over, comes here instead of being dropped, and the program's next call brings it back (a
 copy instead of recomputing its prefix; blocks still cached on the device are shared, not
 copied). Swapped
-pins give way to swapped requests, oldest first: a running request's KV matters more. CPU
+pins give way to swapped requests, oldest first, their partial last blocks before any whole
+pin: a running request's KV matters more. CPU
 blocks that a swap-in reads are reused from the next plan on only, since a plan's swap-outs
 run before its swap-ins.
 """
@@ -69,7 +70,7 @@ class SwapSpace:
 
     def _take_cpu_blocks(self, n: int) -> list[int] | None:
         while n > len(self.free_cpu_blocks) and self.pins:  # swapped pins give way, oldest first
-            self.drop_pin(next(iter(self.pins)), "yielded")
+            self._give_way()
         if n > len(self.free_cpu_blocks):
             return None
         return [self.free_cpu_blocks.pop() for _ in range(n)]
@@ -174,6 +175,18 @@ class SwapSpace:
         self.kv.pins[key] = Pin(blocks, pin.until, pin.pinned_at, tail)
         self.kv.pin_counts["swapped_in"] += 1
         return pairs
+
+    def _give_way(self) -> None:
+        """Frees CPU blocks of swapped pins, which are lost then (the pool is their last
+        stop): the oldest pin's partial last block (it saves its next call fewer tokens than
+        any full block), or, when no pin has one left, the oldest pin whole (yielded)."""
+        key = next((k for k, pin in self.pins.items() if pin.tail is not None), None)
+        if key is None:
+            self.drop_pin(next(iter(self.pins)), "yielded")
+            return
+        pin = self.pins[key]
+        self.free_cpu_blocks.append(pin.cpu_blocks.pop())  # (the partial block's, last)
+        pin.tail = None
 
     def drop_pin(self, key: str, why: str | None = None) -> None:
         pin = self.pins.pop(key, None)

@@ -672,6 +672,33 @@ def test_a_pin_past_its_time_to_live_goes_to_the_cpu_pool_and_comes_back_for_a_l
     assert_all_blocks_free(engine)
 
 
+def test_a_full_cpu_pool_takes_the_swapped_pins_partial_blocks_before_a_whole_swapped_pin():
+    """The CPU pool is a pin's last stop: a swapped pin that gives way is lost. So, as on a
+    device without a pool, the swapped pins' partial blocks go first, and a pin that comes
+    to a full pool finds room there without another pin being dropped."""
+    engine = tiny_engine(num_kv_blocks=24, max_model_len=384, program_scheduling=True, preemption_mode="swap",
+                         swap_space=9 * _block_bytes())
+    swap = engine.scheduler.swap_space
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    first = {}
+    for program, start, big in (("a", 100, 5000), ("b", 200, 6000)):  # each: 4 full blocks and a partial 5th
+        first[program] = engine.add_request(list(range(start, start + 64)), params, program=program)
+        while engine.has_unfinished():
+            engine.step()
+        engine.add_request(list(range(big, big + 370)), SamplingParams(temperature=0, max_tokens=1))  # every block
+        while engine.has_unfinished():
+            engine.step()
+    assert [(len(p.cpu_blocks), p.tail is not None) for p in swap.pins.values()] == [(4, False), (5, True)]
+    assert engine.stats()["kv_pins"]["yielded"] == 0 and not swap.free_cpu_blocks
+    cached = {}
+    for program in ("a", "b"):
+        nxt = engine.add_request(first[program].all_token_ids[:-1] + list(range(500, 520)), params, program=program)
+        while engine.has_unfinished():
+            engine.step()
+        cached[program] = nxt.metrics.num_cached_tokens
+    assert cached == {"a": 64, "b": 71}
+
+
 def test_a_preempted_request_takes_the_cpu_pool_from_swapped_pins():
     """Swapped pins hold CPU blocks only while no preempted request needs them: a running
     request's KV matters more than a program's between calls."""
