@@ -13,11 +13,9 @@ The pool also keeps agent programs' KV between calls (docs/agent-scheduling.md):
 must yield its device blocks to memory pressure, or whose time to live on the device is
 over, comes here instead of being dropped, and the program's next call brings it back (a
 copy instead of recomputing its prefix; blocks still cached on the device are shared, not
-copied). Swapped
-pins give way to swapped requests, oldest first, their partial last blocks before any whole
-pin: a running request's KV matters more. CPU
-blocks that a swap-in reads are reused from the next plan on only, since a plan's swap-outs
-run before its swap-ins.
+copied). Swapped pins give way to swapped requests, oldest first, their partial last blocks
+before any whole pin: a running request's KV matters more. CPU blocks that a swap-in reads
+are reused from the next plan on only, since a plan's swap-outs run before its swap-ins.
 """
 from __future__ import annotations
 

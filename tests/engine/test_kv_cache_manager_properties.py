@@ -67,6 +67,7 @@ def check_invariants(sched: Scheduler, kv: KVCacheManager, live: list[Request]) 
         cpu = [c for ids in swap.swapped.values() for c in ids] + [c for p in swap.pins.values() for c in p.cpu_blocks]
         cpu += swap.free_cpu_blocks + swap._read_this_plan
         assert sorted(cpu) == list(range(swap.num_cpu_blocks))
+        assert all(len(p.cpu_blocks) == len(p.names) + (p.tail is not None) for p in swap.pins.values())
     for r in live:
         assert r.num_computed_tokens <= len(r.block_ids) * BLOCK or r.status == RequestStatus.SWAPPED
 
@@ -86,12 +87,12 @@ def test_block_accounting_survives_any_sequence_of_events(ops, mode, caching, bu
     added: list[Request] = []
     max_len = num_blocks * BLOCK
     for n, (kind, a, b, c) in enumerate(ops):
-        if kind == "next":
+        if kind == "next":  # p{c}'s last finished call, less `a` of its computed tokens, + `b` new ones
             last = [r for r in added if r.program == f"p{c}" and r.finish_reason == "length"]
             if not last:
                 continue
-            kind, a, prompt = "add", b, last[-1].all_token_ids[:max(1, last[-1].num_computed_tokens - a)] + [200 + n] * b
-            b = 4
+            prompt = last[-1].all_token_ids[:max(1, last[-1].num_computed_tokens - a)] + [200 + n] * b
+            kind, b = "add", 4
         else:
             prompt = [1] * (c * BLOCK) + [100 + n] * a  # shared prefixes of 0-3 blocks
         if kind == "add":
