@@ -107,6 +107,11 @@ class Pin(NamedTuple):
     # the call's partial last block and the tokens computed in it (the next call may continue them)
     tail: tuple[Block, tuple[int, ...]] | None = None
 
+    @property
+    def held(self) -> list[Block]:
+        """Every block the pin holds a reference to: its full blocks, then its partial one."""
+        return self.blocks + ([self.tail[0]] if self.tail else [])
+
 
 @dataclass
 class SpilledPin:
@@ -262,15 +267,16 @@ class KVCacheManager:
         if req.num_computed_tokens > full * self.block_size:
             tail = (self.pool.blocks[req.block_ids[full]],
                     tuple(req.all_token_ids[full * self.block_size:req.num_computed_tokens]))
-        for block in blocks + ([tail[0]] if tail else []):
+        pin = Pin(blocks, until, now, tail)
+        for block in pin.held:
             self.pool.share(block)
-        if blocks or tail:
-            self.pins[key] = Pin(blocks, until, now, tail)
+        if pin.held:
+            self.pins[key] = pin
             self.pin_counts["made"] += 1
 
     @property
     def num_pinned_blocks(self) -> int:
-        return sum(len(pin.blocks) + (pin.tail is not None) for pin in self.pins.values())
+        return sum(len(pin.held) for pin in self.pins.values())
 
     def unpin(self, key: str, why: str | None = None) -> float | None:
         """Lets `key`'s pinned blocks go (evictable again, still cached), counted under `why`
@@ -280,7 +286,7 @@ class KVCacheManager:
             return None
         if why is not None:
             self.pin_counts[why] += 1
-        for block in ([pin.tail[0]] if pin.tail else []) + pin.blocks[::-1]:
+        for block in reversed(pin.held):
             self.pool.release(block)
         return pin.pinned_at
 

@@ -34,9 +34,9 @@ front end says the call ended in no tool call (`release_program_kv`); pins yield
 allocation that would fail without them (kv_cache_manager), to the CPU swap pool where
 there is one (preemption_mode "swap"), from which the program's next call brings them
 back; a pin that expires goes to that pool too, for one more time-to-live. A pin whose
-program's next call is already waiting neither expires nor yields before the others. The scheduler plans and the
-runner moves memory: swaps (engine/swap.py) and parallel sampling's block copies come out as
-plans the runner makes before the step's forward pass.
+program's next call is already waiting neither expires nor yields before the others. The
+scheduler plans and the runner moves memory: swaps (engine/swap.py) and parallel sampling's
+block copies come out as plans the runner makes before the step's forward pass.
 
 The static-batching baseline is `engine.static_scheduler.StaticScheduler`.
 """

@@ -33,8 +33,7 @@ def simulate_step(sched: Scheduler, kv: KVCacheManager, live: list[Request]) -> 
     # a plan's swap-outs run before its swap-ins: no CPU block may be written and read in one
     assert not {c for _, c in out.swap_out} & {c for c, _ in out.swap_in}
     holders = {b: r.status == RequestStatus.RUNNING for r in live for b in r.block_ids}
-    holders |= {b.block_id: True for pin in kv.pins.values()  # a program's KV, back
-                for b in pin.blocks + ([pin.tail[0]] if pin.tail else [])}
+    holders |= {b.block_id: True for pin in kv.pins.values() for b in pin.held}  # a program's KV, back
     assert all(holders.get(d) for _, d in out.swap_in)
     for req, num in out.scheduled:
         req.num_computed_tokens += num
@@ -47,7 +46,7 @@ def simulate_step(sched: Scheduler, kv: KVCacheManager, live: list[Request]) -> 
 
 
 def check_invariants(sched: Scheduler, kv: KVCacheManager, live: list[Request]) -> None:
-    owners = Counter(b.block_id for pin in kv.pins.values() for b in pin.blocks + ([pin.tail[0]] if pin.tail else []))
+    owners = Counter(b.block_id for pin in kv.pins.values() for b in pin.held)
     for pin in kv.pins.values():  # a partial block: no name in the prefix cache, and no more tokens than it holds
         assert pin.tail is None or (pin.tail[0].hash is None and 0 < len(pin.tail[1]) < BLOCK)
     for r in live:
