@@ -315,6 +315,11 @@ def medians_by_rate(points: list[dict], rates: list[float]) -> list[dict]:
     return [median_point([p for p in points if p["rate"] == r]) for r in rates if any(p["rate"] == r for p in points)]
 
 
+def tail_bound(data: dict, slo_factor: float) -> float:
+    """The SLO read as one bound on the tail: `slo_factor` x the unloaded latencies' p95."""
+    return slo_factor * percentile(data["unloaded_s"], 95)
+
+
 def highest_rate_within(points: list[dict], bound_s: float) -> float | None:
     """The highest rate whose p95 program latency is within `bound_s` (the SLO read as one
     bound on the tail); None: none is."""
@@ -394,9 +399,10 @@ def headline(data: dict, slo_factor: float) -> list[str]:
         p95_cut_at(a)
     # The SLO read as one bound on the tail rather than on each program: the issue's words
     # ("p95 program latency <= 3x its unloaded latency") allow both; this one is the looser.
-    tail_ok = {name: highest_rate_within(pts, slo_factor * floor) for name, pts in systems.items()}
+    bound = tail_bound(data, slo_factor)
+    tail_ok = {name: highest_rate_within(pts, bound) for name, pts in systems.items()}
     lines.append(f"Read as a bound on the tail (p95 program latency <= {slo_factor:g}x the unloaded p95, "
-                 f"{slo_factor * floor:.2f} s), the highest rate within it: "
+                 f"{bound:.2f} s), the highest rate within it: "
                  + ", ".join(f"{name} {'none' if r is None else f'{r:g}/s'}" for name, r in tail_ok.items()) + ".")
     if tail_ok.get("first come first served") is not None:
         lines.append(f"At {tail_ok['first come first served']:g}/s, first come first served's highest by that reading:")
@@ -547,9 +553,8 @@ def main(argv: list[str] | None = None) -> dict:
 
         for i, rate in enumerate(rates):
             run_ours(rate, str(i))
-        tail_bound = args.slo_factor * percentile(data["unloaded_s"], 95)
         for step in range(args.knee_steps):
-            rate = knee_rate(data["systems"].get("first come first served", []), tail_bound)
+            rate = knee_rate(data["systems"].get("first come first served", []), tail_bound(data, args.slo_factor))
             if rate is None or rate in rates:
                 break
             rates.append(rate)
