@@ -6,10 +6,10 @@
 // The call after a tool call is such a chunk: a hundred new tokens over a thousand cached
 // ones, where attention costs as much as the linears. torch's SDPA ran it at about 100
 // GFLOP/s on two Zen 4 cores (2.7 ms a SmolLM2 layer for 108 rows over 1,100); this kernel
-// at 180-260 (1.3 ms), and 1.1-1.15x that since a tile's 16 score chains advance together
-// (SmolLM2's layer, 64 rows over 564: 216 -> 192 us). One task is (query head, 16 query
-// positions), and the 16 positions are the 16 lanes of a vector, so that nothing is summed
-// across lanes:
+// at 180-260 (1.3 ms); 1.27-1.29x that since a tile's 16 score chains advance together and
+// the exps stay in registers (same bits; SmolLM2's layer, 64 rows over 564: 210 -> 165 us,
+// docs/performance.md). One task is (query head, 16 query positions), and the 16 positions
+// are the 16 lanes of a vector, so that nothing is summed across lanes:
 //   scores: q transposed once per task into dword pairs of dims (lane i of qt[dp] holds
 //     position i's dims 2dp, 2dp+1); one cached row's dword dp, broadcast, times qt[dp] by
 //     vdpbf16ps adds those two dims to 16 positions' scores for that row;

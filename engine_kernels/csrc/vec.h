@@ -235,7 +235,8 @@ inline void f16_store(bf16* p, F16 x) {
 // AVX512-BF16 kernel calls this).
 inline F16 f16_exp(F16 x) {
   const __m512 big = _mm512_set1_ps(12582912.f);
-  const __m512 v = _mm512_min_ps(_mm512_max_ps(x.v, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+  // max_ps/min_ps return their second operand where either is NaN: x, as std::max/min do here
+  const __m512 v = _mm512_min_ps(_mm512_set1_ps(88.3f), _mm512_max_ps(_mm512_set1_ps(-87.3f), x.v));
   const __m512 n = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)), big), big);
   __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693359375f), v);
   r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
