@@ -1,7 +1,9 @@
 // Paged decode attention over a model-dtype cache [num_blocks, block_size, Hkv, D]:
 // out[b, h] = softmax(q[b, h] . K_b^T * scale) V_b over the last min(seq_lens[b], window)
-// tokens, read straight through block_tables (no gather). One task per (sequence, KV head,
-// chunk of 256 rows or more: DecodeTask): its G query heads share each row read; while a
+// tokens, read straight through block_tables (no gather). One task per (sequence, chunk of
+// 256 rows or more, KV heads: DecodeTask): its query heads share each row read; a task
+// covers every KV head of its rows where the batch gives each core enough tasks
+// (kv_heads_per_task; the vec16 form), so that it reads the cache's rows whole; while a
 // task's P.V pass reads V from cache, the next task's K rows are prefetched
 // (prefetch_task_k). Three forms:
 //   - bf16 cache on an AVX512-BF16 build, head_dim 64/128/256: 16-row tiles, vdpbf16ps;
@@ -31,31 +33,57 @@ inline int64_t row_offset(const AttentionArgs& a, int64_t b, int64_t kvh, int64_
   return paged_row(a.bt + b * a.max_blocks, a.bs, t) * a.Hkv * a.D + kvh * a.D;
 }
 
-// A decode task: rows [r0, r1) of KV head kvh of sequence b. With one task per (sequence,
-// KV head), a batch of one gave SmolLM2's 3 KV heads to 2 cores, one idle a third of the
-// time; so a sequence's visible rows are split into max(1, rows / kChunkRows) chunks of equal
-// size (cut at multiples of 16), one task each, and the chunks' results merged. The cuts
-// follow from the sequence alone, so its result never depends on the rest of the batch.
+// A decode task: rows [r0, r1) of KV heads [kv0, kv1) of sequence b. With one task per
+// (sequence, KV head), a batch of one gave SmolLM2's 3 KV heads to 2 cores, one idle a third
+// of the time; so a sequence's visible rows are split into max(1, rows / kChunkRows) chunks
+// of equal size (cut at multiples of 16), one task each, and the chunks' results merged. The
+// cuts follow from the sequence alone, so its result never depends on the rest of the batch
+// (nor on how many KV heads a task covers: heads are independent).
 constexpr int64_t kChunkRows = 256;  // 128 measured no better
 struct DecodeTask {
-  int64_t b, kvh, r0, r1;
+  int64_t b, kv0, kv1, r0, r1;
   int64_t part;   // its slot among the partial results; -1: the task covers the whole sequence
-  int64_t split;  // the index of its (sequence, KV head) among the split ones
+  int64_t split;  // the index of its (sequence, KV heads) among the split ones
 };
 
-// The tasks of a decode step, sequence by sequence, KV head by head, chunk by chunk.
+inline int64_t decode_chunks(int64_t L, int64_t window) {
+  return std::max<int64_t>(1, (L - first_visible(L, window)) / kChunkRows);
+}
+
+// KV heads a decode task of the vec16 form covers, over a [blocks, block_size, Hkv, D]
+// cache: all of them where the batch's (sequence, chunk) pairs give every core a task (and
+// a task has at most max_query_heads query heads), else one. A row holds every KV head of
+// its position: a task of one head reads D elements of every Hkv * D, a task of all reads
+// the rows whole and computes each row's offset once. SmolLM2 (3 KV heads), 2 cores (Zen 4),
+// 30 layers' caches cold, vec16 at the AVX2 level, us a layer, medians of 4 runs: a batch of
+// 8 at 500 tokens 224 -> 198, at 532 236 -> 198, a batch of 4 at 700 148 -> 135. One
+// sequence of under 512 tokens (one chunk) keeps a task per head, so that its 3 tasks busy
+// both cores. (The bf16 tile form keeps a task per head: all heads a task gained it 1.13x
+// at a batch of 8 at 532 tokens and nothing at 500.)
+inline int64_t kv_heads_per_task(const int64_t* lens, int64_t B, int64_t Hkv, int64_t G, int64_t window,
+                                 int64_t max_query_heads) {
+  if (Hkv * G > max_query_heads) return 1;
+  int64_t pairs = 0;
+  for (int64_t b = 0; b < B; ++b) pairs += decode_chunks(lens[b], window);
+  return pairs >= omp_get_max_threads() ? Hkv : 1;
+}
+
+// The tasks of a decode step, sequence by sequence, KV heads by KV heads, chunk by chunk.
 struct DecodePlan {
   std::vector<DecodeTask> tasks;
-  std::vector<int64_t> first_part, num_parts;  // of each split (sequence, KV head)
+  std::vector<int64_t> first_part, num_parts;  // of each split (sequence, KV heads)
 };
 
-inline DecodePlan plan_decode_tasks(const int64_t* lens, int64_t B, int64_t Hkv, int64_t window) {
+inline DecodePlan plan_decode_tasks(const int64_t* lens, int64_t B, int64_t Hkv, int64_t kv_per_task,
+                                    int64_t window) {
+  assert(Hkv % kv_per_task == 0);
   DecodePlan plan;
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t L = lens[b], first = first_visible(L, window), n = std::max<int64_t>(1, (L - first) / kChunkRows);
-    for (int64_t kvh = 0; kvh < Hkv; ++kvh) {
+    const int64_t L = lens[b], first = first_visible(L, window), n = decode_chunks(L, window);
+    for (int64_t kv0 = 0; kv0 < Hkv; kv0 += kv_per_task) {
+      const int64_t kv1 = kv0 + kv_per_task;
       if (n == 1) {
-        plan.tasks.push_back({b, kvh, first, L, -1, -1});
+        plan.tasks.push_back({b, kv0, kv1, first, L, -1, -1});
         continue;
       }
       const int64_t split = static_cast<int64_t>(plan.first_part.size());
@@ -65,30 +93,31 @@ inline DecodePlan plan_decode_tasks(const int64_t* lens, int64_t B, int64_t Hkv,
       for (int64_t c = 0; c < n; ++c) {
         const int64_t r0 = c == 0 ? first : (first + c * (L - first) / n) / 16 * 16;
         const int64_t r1 = c == n - 1 ? L : (first + (c + 1) * (L - first) / n) / 16 * 16;
-        plan.tasks.push_back({b, kvh, r0, r1, part0 + c, split});
+        plan.tasks.push_back({b, kv0, kv1, r0, r1, part0 + c, split});
       }
     }
   }
   return plan;
 }
 
-// Where a task's result for query head g goes: the output row, or its partial slot of D + 2
-// floats (the output over its rows alone, then their largest score and sum of exps). The
-// task that completes a split (sequence, KV head), on whichever core, merges its parts: each
-// part weighed by its share of the softmax's denominator, exp(m_k - M) l_k, in part order.
+// Where a task's result for its query head g (of Q: head kv0 * G + g of the sequence) goes:
+// the output row, or its partial slot of D + 2 floats (the output over its rows alone, then
+// their largest score and sum of exps). The task that completes a split (sequence, KV heads),
+// on whichever core, merges its parts: each part weighed by its share of the softmax's
+// denominator, exp(m_k - M) l_k, in part order.
 template <typename T>
 struct TaskOutput {
-  T* out; float* parts; int64_t H, G, D;
+  T* out; float* parts; int64_t H, G, Q, D;  // G query heads a KV head, Q a task
   const DecodePlan* plan;
-  std::atomic<int64_t>* remaining;  // parts still running, per split (sequence, KV head)
+  std::atomic<int64_t>* remaining;  // parts still running, per split (sequence, KV heads)
 
   void write(const DecodeTask& task, int64_t g, const float* row, SoftmaxStats st) const {
     if (task.part < 0) {
-      T* dst = out + (task.b * H + task.kvh * G + g) * D;
+      T* dst = out + (task.b * H + task.kv0 * G + g) * D;
       for (int64_t d = 0; d < D; ++d) store(dst, d, row[d]);
       return;
     }
-    float* slot = parts + (task.part * G + g) * (D + 2);
+    float* slot = parts + (task.part * Q + g) * (D + 2);
     std::memcpy(slot, row, D * sizeof(float));
     slot[D] = st.max, slot[D + 1] = st.sum;
   }
@@ -96,35 +125,35 @@ struct TaskOutput {
   void finish(const DecodeTask& task) const {
     if (task.part < 0 || remaining[task.split].fetch_sub(1, std::memory_order_acq_rel) != 1) return;
     const int64_t p0 = plan->first_part[task.split], np = plan->num_parts[task.split];
-    for (int64_t g = 0; g < G; ++g) {
+    for (int64_t g = 0; g < Q; ++g) {
       float m = -INFINITY, total = 0.f, row[256];  // D <= 256: vec_shape and the tile forms
-      for (int64_t k = 0; k < np; ++k) m = std::max(m, parts[((p0 + k) * G + g) * (D + 2) + D]);
+      for (int64_t k = 0; k < np; ++k) m = std::max(m, parts[((p0 + k) * Q + g) * (D + 2) + D]);
       std::fill(row, row + D, 0.f);
       for (int64_t k = 0; k < np; ++k) {
-        const float* slot = parts + ((p0 + k) * G + g) * (D + 2);
+        const float* slot = parts + ((p0 + k) * Q + g) * (D + 2);
         const float w = std::exp(slot[D] - m) * slot[D + 1];
         total += w;
         for (int64_t d = 0; d < D; ++d) row[d] += w * slot[d];
       }
-      T* dst = out + (task.b * H + task.kvh * G + g) * D;
+      T* dst = out + (task.b * H + task.kv0 * G + g) * D;
       for (int64_t d = 0; d < D; ++d) store(dst, d, row[d] / total);
     }
   }
 };
 
-// Runs the step's tasks on every core: each core makes its worker (make_worker(), a
-// callable owning its buffers) and calls worker(task, the next task on this core or null,
-// output) on its share.
+// Runs the step's tasks, kv_per_task KV heads each, on every core: each core makes its
+// worker (make_worker(), a callable owning its buffers) and calls worker(task, the next task
+// on this core or null, output) on its share.
 template <typename T, typename F>
-void run_decode_tasks(const int64_t* lens, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t window, T* out,
-                      const F& make_worker) {
-  const DecodePlan plan = plan_decode_tasks(lens, B, Hkv, window);
-  const int64_t splits = static_cast<int64_t>(plan.num_parts.size());
+void run_decode_tasks(const int64_t* lens, int64_t B, int64_t H, int64_t Hkv, int64_t kv_per_task, int64_t D,
+                      int64_t window, T* out, const F& make_worker) {
+  const DecodePlan plan = plan_decode_tasks(lens, B, Hkv, kv_per_task, window);
+  const int64_t splits = static_cast<int64_t>(plan.num_parts.size()), G = H / Hkv, Q = kv_per_task * G;
   const int64_t parts = splits ? plan.first_part.back() + plan.num_parts.back() : 0;
-  std::vector<float> partial(parts * (H / Hkv) * (D + 2));
+  std::vector<float> partial(parts * Q * (D + 2));
   std::vector<std::atomic<int64_t>> remaining(splits);
   for (int64_t s = 0; s < splits; ++s) remaining[s].store(plan.num_parts[s], std::memory_order_relaxed);
-  const TaskOutput<T> o{out, partial.data(), H, H / Hkv, D, &plan, remaining.data()};
+  const TaskOutput<T> o{out, partial.data(), H, G, Q, D, &plan, remaining.data()};
   const std::vector<DecodeTask>& tasks = plan.tasks;
   parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
     auto work = make_worker();
@@ -135,7 +164,7 @@ void run_decode_tasks(const int64_t* lens, int64_t B, int64_t H, int64_t Hkv, in
   });
 }
 
-// Part `part` of `parts` of task `next`'s K rows, into L2. A task's P.V pass reads V rows
+// Part `part` of `parts` of task `next`'s K rows (its KV heads' part of each), into L2. A task's P.V pass reads V rows
 // that its Q.K pass brought into cache, so DRAM would idle through it, and the next task
 // would then wait on every K row it reads: spread over that pass, these prefetches overlap
 // the two. Cold caches, SmolLM2's heads, a batch of 8 at 532 tokens, us a layer: bf16
@@ -145,7 +174,8 @@ void prefetch_task_k(const AttentionArgs& a, const T* k_cache, const DecodeTask*
   if (!next) return;
   const Slice s = slice_of(next->r1 - next->r0, part, parts);
   for (int64_t t = next->r0 + s.begin; t < next->r0 + s.end; ++t)
-    prefetch_bytes(k_cache + row_offset(a, next->b, next->kvh, t), a.D * int64_t(sizeof(T)), false);
+    prefetch_bytes(k_cache + row_offset(a, next->b, next->kv0, t), (next->kv1 - next->kv0) * a.D * int64_t(sizeof(T)),
+                   false);
 }
 
 template <typename T>
@@ -194,53 +224,65 @@ void decode_attention_loops(const AttentionArgs& a) {
 
 // head_dim % 16 == 0, up to 256, at most 16 query heads per KV head: each K/V row is loaded
 // once into 16-lane vectors and used by all G query heads of its group.
+constexpr int64_t kVecMaxQ = 16, kVecMaxC = 16;  // query heads a task, 16-lane vectors a row
 template <typename T>
 void decode_attention_vec(const AttentionArgs& a) {
   const int64_t H = a.H, D = a.D, C = D / 16, G = H / a.Hkv;
   const T* qp = static_cast<const T*>(a.q);
   const T* kp = static_cast<const T*>(a.k_cache); const T* vp = static_cast<const T*>(a.v_cache);
-  run_decode_tasks(a.lens, a.B, H, a.Hkv, D, a.window, static_cast<T*>(a.out), [&] {
+  const int64_t kv_per_task = kv_heads_per_task(a.lens, a.B, a.Hkv, G, a.window, kVecMaxQ);
+  run_decode_tasks(a.lens, a.B, H, a.Hkv, kv_per_task, D, a.window, static_cast<T*>(a.out), [&] {
     return [&, scores = std::vector<float>()](const DecodeTask& task, const DecodeTask* next,
                                               const TaskOutput<T>& o) mutable {
-      constexpr int64_t kMaxG = 16, kMaxC = 16;  // here, not in the function: GCC 12 crashed on the capture
-      F16 qv[kMaxG][kMaxC], acc[kMaxG][kMaxC];
-      const int64_t b = task.b, kvh = task.kvh, t0 = task.r0, L = task.r1, n = L - t0;
-      scores.resize(G * n);
-      const F16 sc = f16_set1(a.scale);
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t c = 0; c < C; ++c) qv[g][c] = f16_mul(f16_load(qp + (b * H + kvh * G + g) * D + c * 16), sc);
-      for (int64_t t = t0; t < L; ++t) {
-        const int64_t off = row_offset(a, b, kvh, t);
-        const T* krow = kp + off;
-        prefetch_bytes(vp + off, D * int64_t(sizeof(T)), false);  // for the P.V pass
-        F16 kv[kMaxC];
-        for (int64_t c = 0; c < C; ++c) kv[c] = f16_load(krow + c * 16);
-        for (int64_t g = 0; g < G; ++g) {
-          F16 s = f16_mul(qv[g][0], kv[0]);
-          for (int64_t c = 1; c < C; ++c) s = f16_fma(qv[g][c], kv[c], s);
-          scores[g * n + t - t0] = f16_sum(s);
+      // `heads`, the task's KV heads, is a constant where it is 1: as a variable, its loops cost
+      // a sequence alone 1.1x (AVX2)
+      const auto attend = [&](auto heads) {
+        F16 qv[kVecMaxQ][kVecMaxC], acc[kVecMaxQ][kVecMaxC];
+        const int64_t b = task.b, Q = heads * G, t0 = task.r0, L = task.r1, n = L - t0;
+        scores.resize(Q * n);
+        const F16 sc = f16_set1(a.scale);
+        const T* q0 = qp + (b * H + task.kv0 * G) * D;  // the task's Q query heads, one after another
+        for (int64_t g = 0; g < Q; ++g)
+          for (int64_t c = 0; c < C; ++c) qv[g][c] = f16_mul(f16_load(q0 + g * D + c * 16), sc);
+        for (int64_t t = t0; t < L; ++t) {
+          const int64_t off = row_offset(a, b, task.kv0, t);
+          prefetch_bytes(vp + off, heads * D * int64_t(sizeof(T)), false);  // for the P.V pass
+          for (int64_t j = 0; j < heads; ++j) {
+            const T* krow = kp + off + j * D;
+            F16 kv[kVecMaxC];
+            for (int64_t c = 0; c < C; ++c) kv[c] = f16_load(krow + c * 16);
+            for (int64_t g = j * G; g < (j + 1) * G; ++g) {
+              F16 s = f16_mul(qv[g][0], kv[0]);
+              for (int64_t c = 1; c < C; ++c) s = f16_fma(qv[g][c], kv[c], s);
+              scores[g * n + t - t0] = f16_sum(s);
+            }
+          }
         }
-      }
-      SoftmaxStats stats[kMaxG];
-      for (int64_t g = 0; g < G; ++g) {
-        stats[g] = softmax(&scores[g * n], n);
-        for (int64_t c = 0; c < C; ++c) acc[g][c] = f16_zero();
-      }
-      for (int64_t t = t0; t < L; ++t) {
-        if ((t - t0) % 16 == 0) prefetch_task_k(a, kp, next, (t - t0) / 16, (n + 15) / 16);
-        const T* vrow = vp + row_offset(a, b, kvh, t);
-        F16 vv[kMaxC];
-        for (int64_t c = 0; c < C; ++c) vv[c] = f16_load(vrow + c * 16);
-        for (int64_t g = 0; g < G; ++g) {
-          const F16 p = f16_set1(scores[g * n + t - t0]);
-          for (int64_t c = 0; c < C; ++c) acc[g][c] = f16_fma(p, vv[c], acc[g][c]);
+        SoftmaxStats stats[kVecMaxQ];
+        for (int64_t g = 0; g < Q; ++g) {
+          stats[g] = softmax(&scores[g * n], n);
+          for (int64_t c = 0; c < C; ++c) acc[g][c] = f16_zero();
         }
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        alignas(64) float row[16 * kMaxC];
-        for (int64_t c = 0; c < C; ++c) f16_store(row + c * 16, acc[g][c]);
-        o.write(task, g, row, stats[g]);
-      }
+        for (int64_t t = t0; t < L; ++t) {
+          if ((t - t0) % 16 == 0) prefetch_task_k(a, kp, next, (t - t0) / 16, (n + 15) / 16);
+          const T* vrow = vp + row_offset(a, b, task.kv0, t);
+          for (int64_t j = 0; j < heads; ++j) {
+            F16 vv[kVecMaxC];
+            for (int64_t c = 0; c < C; ++c) vv[c] = f16_load(vrow + j * D + c * 16);
+            for (int64_t g = j * G; g < (j + 1) * G; ++g) {
+              const F16 p = f16_set1(scores[g * n + t - t0]);
+              for (int64_t c = 0; c < C; ++c) acc[g][c] = f16_fma(p, vv[c], acc[g][c]);
+            }
+          }
+        }
+        for (int64_t g = 0; g < Q; ++g) {
+          alignas(64) float row[16 * kVecMaxC];
+          for (int64_t c = 0; c < C; ++c) f16_store(row + c * 16, acc[g][c]);
+          o.write(task, g, row, stats[g]);
+        }
+      };
+      if (task.kv1 - task.kv0 == 1) attend(std::integral_constant<int64_t, 1>());
+      else attend(task.kv1 - task.kv0);
     };
   });
 }
@@ -293,14 +335,15 @@ void decode_attention_bf16(const AttentionArgs& a) {
   const uint16_t* kp = static_cast<const uint16_t*>(a.k_cache);
   const uint16_t* vp16 = static_cast<const uint16_t*>(a.v_cache);
   const int64_t row = Hkv * D;
-  run_decode_tasks(a.lens, a.B, H, Hkv, D, a.window, static_cast<bf16*>(a.out), [&] {
+  // one KV head a task (kv_heads_per_task)
+  run_decode_tasks(a.lens, a.B, H, Hkv, 1, D, a.window, static_cast<bf16*>(a.out), [&] {
     return [&, scores = std::vector<float>(), acc = std::vector<float>(),
             pbuf = std::vector<uint16_t>(),  // the probabilities in bf16, in token pairs
             offs = std::vector<int64_t>(),   // element offset of each cached row's head kvh, from the first tile's
             stats = std::vector<SoftmaxStats>(G)](const DecodeTask& task, const DecodeTask* next,
                                                   const TaskOutput<bf16>& o) mutable {
       alignas(64) uint16_t vbuf[16 * D];  // a tile's V rows, interleaved in pairs
-      const int64_t b = task.b, kvh = task.kvh, L = task.r1;
+      const int64_t b = task.b, kvh = task.kv0, L = task.r1;
       const int64_t first = task.r0, base = first / 16 * 16;  // rows from base on
       const int64_t n = L - base, tiles = (n + 15) / 16, Lp = tiles * 16, skip = first - base;
       scores.resize(G * Lp);

@@ -131,14 +131,14 @@ void decode_attention_int8_impl(T* op, const T* qp, const uint8_t* kp, const uin
   constexpr int64_t D = 64 * NZ, TB = kTile * (D + kScaleBytes);
   constexpr int KW = D / 4, VC = D / 16;  // 64-byte loads per K tile; per 4 rows of a V tile
   const int64_t G = H / Hkv;
-  run_decode_tasks(lens, B, H, Hkv, D, window, op, [&] {
+  run_decode_tasks(lens, B, H, Hkv, 1, D, window, op, [&] {  // head-major tiles: one KV head a task
     return [&, scores = std::vector<float>(), acc = std::vector<float>(G * D), qscale = std::vector<float>(G),
             q4 = std::vector<int32_t>(G * KW), qsum = std::vector<int32_t>(G),
             toff = std::vector<int64_t>(),  // byte offset of each tile of this task, from its first
             dst = std::vector<float*>(G), stats = std::vector<SoftmaxStats>(G)](
                const DecodeTask& task, const DecodeTask* next, const TaskOutput<T>& o) mutable {
       alignas(64) uint8_t w8[kTile];
-      const int64_t b = task.b, kvh = task.kvh, tile0 = task.r0 / kTile;
+      const int64_t b = task.b, kvh = task.kv0, tile0 = task.r0 / kTile;
       const int64_t n = task.r1 - tile0 * kTile, skip = task.r0 - tile0 * kTile;  // rows from tile0's first on
       const int64_t tiles = (n + kTile - 1) / kTile, Lp = tiles * kTile;
       scores.resize(G * Lp);
@@ -188,7 +188,7 @@ void decode_attention_int8_impl(T* op, const T* qp, const uint8_t* kp, const uin
           const int64_t nt0 = next->r0 / kTile;
           const Slice part = slice_of((next->r1 + kTile - 1) / kTile - nt0, tile, tiles);
           for (int64_t t = part.begin; t < part.end; ++t)
-            prefetch_bytes(kp + tile_offset(bt + next->b * max_blocks, Hkv, next->kvh, tpb, nt0 + t) * TB, TB, false);
+            prefetch_bytes(kp + tile_offset(bt + next->b * max_blocks, Hkv, next->kv0, tpb, nt0 + t) * TB, TB, false);
         }
         const uint8_t* vt = vp + toff[tile];
         const F16 vscale = f16_load(reinterpret_cast<const float*>(vt + kTile * D));

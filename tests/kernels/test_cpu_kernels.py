@@ -127,7 +127,8 @@ def test_paged_prefill_attention_refuses_what_it_does_not_run(kernels):
 @pytest.mark.parametrize("kv", ["model dtype", "int8"])
 def test_a_sequences_decode_attention_is_the_same_bits_alone_or_in_any_batch(kernels, kv):
     """Long sequences are split into tasks of 256 rows at fixed positions, so that a batch of
-    one keeps both cores busy; the split must not depend on the rest of the batch."""
+    one keeps both cores busy; the split must not depend on the rest of the batch. Nor may
+    the batch's choice of KV heads a task (a short sequence alone: one each; in a batch: all)."""
     from engine_kernels import kv_quant
     Hkv, G, D, bs = 3, 3, 64, 16
     lens = torch.tensor([700, 5, 300, 1000, 40])
