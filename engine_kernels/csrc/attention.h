@@ -55,11 +55,13 @@ inline int64_t decode_chunks(int64_t L, int64_t window) {
 // a task has at most max_query_heads query heads), else one. A row holds every KV head of
 // its position: a task of one head reads D elements of every Hkv * D, a task of all reads
 // the rows whole and computes each row's offset once. SmolLM2 (3 KV heads), 2 cores (Zen 4),
-// 30 layers' caches cold, vec16 at the AVX2 level, us a layer, medians of 4 runs: a batch of
-// 8 at 500 tokens 224 -> 198, at 532 236 -> 198, a batch of 4 at 700 148 -> 135. One
-// sequence of under 512 tokens (one chunk) keeps a task per head, so that its 3 tasks busy
-// both cores. (The bf16 tile form keeps a task per head: all heads a task gained it 1.13x
-// at a batch of 8 at 532 tokens and nothing at 500.)
+// 30 layers' caches cold, float32 at the AVX2 level, us a layer, old and new builds in
+// turns: a batch of 64 at 150 tokens 617 -> 486, at 300 1,149 -> 951, 32 at 200 362 -> 307,
+// 8 at 532 264 -> 239 (bf16 237 -> 217); with a task per head and the same prefetches, no
+// faster than before. One sequence of under 512 tokens (one chunk) keeps a task per head, so that its 3
+// tasks busy both cores (level with before, within the noise). (The bf16 tile form keeps a
+// task per head: all heads a task gained it 1.13x at a batch of 8 at 532 tokens and nothing
+// at 500.)
 inline int64_t kv_heads_per_task(const int64_t* lens, int64_t B, int64_t Hkv, int64_t G, int64_t window,
                                  int64_t max_query_heads) {
   if (Hkv * G > max_query_heads) return 1;
@@ -264,7 +266,9 @@ void decode_attention_vec(const AttentionArgs& a) {
           for (int64_t c = 0; c < C; ++c) acc[g][c] = f16_zero();
         }
         for (int64_t t = t0; t < L; ++t) {
-          if ((t - t0) % 16 == 0) prefetch_task_k(a, kp, next, (t - t0) / 16, (n + 15) / 16);
+          // the next task's K rows, about one a row (16 rows' worth every 16 rows, a task of
+          // every head sent bursts of ~180 prefetches: a batch of 64 at 150 tokens 1.13x slower)
+          prefetch_task_k(a, kp, next, t - t0, n);
           const T* vrow = vp + row_offset(a, b, task.kv0, t);
           for (int64_t j = 0; j < heads; ++j) {
             F16 vv[kVecMaxC];
