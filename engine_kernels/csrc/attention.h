@@ -46,6 +46,7 @@ struct DecodeTask {
   int64_t split;  // the index of its (sequence, KV heads) among the split ones
 };
 
+// How many tasks' chunks a sequence of L tokens is cut into (above).
 inline int64_t decode_chunks(int64_t L, int64_t window) {
   return std::max<int64_t>(1, (L - first_visible(L, window)) / kChunkRows);
 }
@@ -58,10 +59,10 @@ inline int64_t decode_chunks(int64_t L, int64_t window) {
 // 30 layers' caches cold, float32 at the AVX2 level, us a layer, old and new builds in
 // turns: a batch of 64 at 150 tokens 617 -> 486, at 300 1,149 -> 951, 32 at 200 362 -> 307,
 // 8 at 532 264 -> 239 (bf16 237 -> 217); with a task per head and the same prefetches, no
-// faster than before. One sequence of under 512 tokens (one chunk) keeps a task per head, so that its 3
-// tasks busy both cores (level with before, within the noise). (The bf16 tile form keeps a
-// task per head: all heads a task gained it 1.13x at a batch of 8 at 532 tokens and nothing
-// at 500.)
+// faster than before. One sequence of under 512 tokens (one chunk) keeps a task per head,
+// so that its 3 tasks busy both cores (level with before, within the noise). (The bf16 tile
+// form keeps a task per head: all heads a task gained it 1.13x at a batch of 8 at 532
+// tokens and nothing at 500.)
 inline int64_t kv_heads_per_task(const int64_t* lens, int64_t B, int64_t Hkv, int64_t G, int64_t window,
                                  int64_t max_query_heads) {
   if (Hkv * G > max_query_heads) return 1;
@@ -166,11 +167,12 @@ void run_decode_tasks(const int64_t* lens, int64_t B, int64_t H, int64_t Hkv, in
   });
 }
 
-// Part `part` of `parts` of task `next`'s K rows (its KV heads' part of each), into L2. A task's P.V pass reads V rows
-// that its Q.K pass brought into cache, so DRAM would idle through it, and the next task
-// would then wait on every K row it reads: spread over that pass, these prefetches overlap
-// the two. Cold caches, SmolLM2's heads, a batch of 8 at 532 tokens, us a layer: bf16
-// tiles 220 -> 180, float32 on avx2 698 -> 461 (avx512 581 -> 452), bf16 on avx2 533 -> 340.
+// Part `part` of `parts` of task `next`'s K rows (its KV heads' part of each), into L2. A
+// task's P.V pass reads V rows that its Q.K pass brought into cache, so DRAM would idle
+// through it, and the next task would then wait on every K row it reads: spread over that
+// pass, these prefetches overlap the two. Cold caches, SmolLM2's heads, a batch of 8 at 532
+// tokens, us a layer: bf16 tiles 220 -> 180, float32 on avx2 698 -> 461 (avx512 581 ->
+// 452), bf16 on avx2 533 -> 340.
 template <typename T>
 void prefetch_task_k(const AttentionArgs& a, const T* k_cache, const DecodeTask* next, int64_t part, int64_t parts) {
   if (!next) return;
