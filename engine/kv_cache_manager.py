@@ -276,7 +276,17 @@ class KVCacheManager:
 
     @property
     def num_pinned_blocks(self) -> int:
-        return sum(len(pin.held) for pin in self.pins.values())
+        """Blocks the pins hold (a prefix that programs share, once)."""
+        return len({block.block_id for pin in self.pins.values() for block in pin.held})
+
+    def blocks_held_alone(self, req: Request) -> tuple[int, int]:
+        """What `req`'s KV costs the memory if pinned: the blocks a pin of it would keep that
+        no other request or pin holds (its full blocks and its partial last one), and its
+        full blocks that another holds too (a common prefix, such as an agent's instruction
+        and tools, which is in memory once)."""
+        full = len(req.block_hashes)
+        shared = sum(self.pool.blocks[b].ref_count > 1 for b in req.block_ids[:full])
+        return full - shared + (req.num_computed_tokens > full * self.block_size), shared
 
     def unpin(self, key: str, why: str | None = None) -> float | None:
         """Lets `key`'s pinned blocks go (evictable again, still cached), counted under `why`

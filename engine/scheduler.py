@@ -24,8 +24,9 @@ newest program's call first. `max_programs_in_progress` caps the programs in pro
 call running or waiting, or KV pinned between calls): a new program's first call waits
 while the cap is reached, so under overload the started programs are not diluted by ever
 more new ones; "auto" sets the cap to the programs whose KV the memory holds (the cache's
-blocks and the CPU pool's over the mean full blocks the last program calls left, at least
-the batch size), so that the programs in progress keep their KV between calls.
+blocks and the CPU pool's, less a prefix the programs share, over the mean blocks the last
+program calls left that no other holds; at least the batch size), so that the programs in
+progress keep their KV between calls.
 With `program_kv_retention` (on with program_scheduling unless set), a program's finished
 call leaves its KV blocks (the partial last one too) pinned for the program's next call
 (the one after its tool calls) for a time-to-live: 1.5x the 95th percentile of the last
@@ -102,7 +103,8 @@ class Scheduler:
         self.program_service: dict[str, list[float]] = {}  # program -> [tokens, last seen, first arrival]
         self._pruned_at = time.time()
         self.call_gaps: deque[float] = deque(maxlen=64)  # the last gaps between a program's calls (tool time)
-        self.call_kv_blocks: deque[int] = deque(maxlen=64)  # the full blocks the last program calls left
+        # the last program calls' KV: (blocks held alone, full blocks shared with others)
+        self.call_kv_blocks: deque[tuple[int, int]] = deque(maxlen=64)
 
     # -- queue ---------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -147,7 +149,7 @@ class Scheduler:
         if req.status == RequestStatus.SWAPPED and self.swap_space is not None:
             self.swap_space.discard(req)
         if req.program is not None and reason in ("stop", "length"):
-            self.call_kv_blocks.append(len(req.block_hashes))
+            self.call_kv_blocks.append(self.kv.blocks_held_alone(req))
             if self.config.program_kv_retention:
                 now = time.time()
                 self.kv.pin(req.program, req, now + self.pin_ttl(), now)
@@ -299,11 +301,12 @@ class Scheduler:
         cap = self.config.max_programs_in_progress if self.config.program_scheduling else None
         if cap != "auto":
             return cap
-        if not any(self.call_kv_blocks):
+        if not any(alone for alone, _ in self.call_kv_blocks):
             return None  # no program's KV seen yet
+        memories = 1 + (self.swap_space is not None)  # each keeps a shared prefix once
         blocks = self.kv.num_blocks + (self.swap_space.num_cpu_blocks if self.swap_space is not None else 0)
-        per_program = sum(self.call_kv_blocks) / len(self.call_kv_blocks)
-        return max(self.config.max_num_seqs, int(blocks / per_program))
+        alone, shared = (sum(column) / len(self.call_kv_blocks) for column in zip(*self.call_kv_blocks))
+        return max(self.config.max_num_seqs, int((blocks - memories * shared) / alone))
 
     def _programs_in_progress(self) -> set[str]:
         """Programs with a call running, KV kept between calls, or a call waiting after one

@@ -14,8 +14,11 @@ must yield its device blocks to memory pressure, or whose time to live on the de
 over, comes here instead of being dropped, and the program's next call brings it back (a
 copy instead of recomputing its prefix; blocks still cached on the device are shared, not
 copied). Swapped pins give way to swapped requests, oldest first, their partial last blocks
-before any whole pin: a running request's KV matters more. CPU blocks that a swap-in reads
-are reused from the next plan on only, since a plan's swap-outs run before its swap-ins.
+before any whole pin: a running request's KV matters more. Swapped pins share their full
+blocks by name (hash and tokens), as the device's prefix cache does: an agent's programs
+open with the same instruction and tools, kept in the pool once, not once a pin. CPU blocks
+that a swap-in reads are reused from the next plan on only, since a plan's swap-outs run
+before its swap-ins.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from engine.kv_cache_manager import KVCacheManager, Pin, awaited_last
 from engine.request import Request
 
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
+BlockName = tuple[int, tuple[int, ...]]  # a full block's hash and token ids
 
 
 def cpu_blocks_for(swap_space: int, kv_caches: KVCaches) -> int:
@@ -40,7 +44,7 @@ def cpu_blocks_for(swap_space: int, kv_caches: KVCaches) -> int:
 class SwappedPin:
     """A program's pinned KV, in CPU blocks, with what names each block in the prefix cache."""
     cpu_blocks: list[int]  # the full blocks', then the partial last block's (where `tail`)
-    names: list[tuple[int, tuple[int, ...]]]  # (hash, token ids) of each full block, in order
+    names: list[BlockName]  # of each full block, in order
     until: float
     pinned_at: float
     tail: tuple[int, ...] | None = None  # the tokens computed in the partial last block
@@ -57,6 +61,10 @@ class SwapSpace:
         self.swapped: dict[str, list[int]] = {}  # request id -> its CPU blocks, in order
         self.pins: OrderedDict[str, SwappedPin] = OrderedDict()  # program -> its KV; oldest first
         self._read_this_plan: list[int] = []  # freed by this plan's swap-ins: free from the next
+        self._read_now: set[int] = set()  # read by this plan's swap-ins (a block freed later in the plan waits too)
+        # swapped pins' full blocks, shared by name: its CPU block, and how many pins hold it
+        self.by_name: dict[BlockName, int] = {}
+        self.named: dict[int, tuple[BlockName, int]] = {}  # CPU block -> (its name, its holders)
         self.num_swap_outs = 0
         self.num_swap_ins = 0
         kv.spill = []  # pins that yield come here (swap_out_pins)
@@ -65,6 +73,7 @@ class SwapSpace:
         """A new step's plan: the last plan's swap-ins have run."""
         self.free_cpu_blocks += self._read_this_plan
         self._read_this_plan = []
+        self._read_now.clear()
 
     def _take_cpu_blocks(self, n: int) -> list[int] | None:
         while n > len(self.free_cpu_blocks) and self.pins:  # swapped pins give way, oldest first
@@ -113,18 +122,47 @@ class SwapSpace:
         expired, as it left the device)."""
         pairs: list[tuple[int, int]] = []
         for pin in self.kv.spill:
-            device_ids = [block_id for block_id, _, _ in pin.blocks] + ([pin.tail[0]] if pin.tail else [])
-            cpu_ids = self._take_cpu_blocks(len(device_ids))
-            if cpu_ids is None:
+            names = [(h, t) for _, h, t in pin.blocks]
+            held = [self._hold(name) for name in names]  # in the pool already: shared, not copied
+            device_ids = [block_id for (block_id, _, _), cpu in zip(pin.blocks, held) if cpu is None]
+            device_ids += [pin.tail[0]] if pin.tail else []
+            fresh = self._take_cpu_blocks(len(device_ids))
+            if fresh is None:
+                self._release([cpu for cpu in held if cpu is not None], self.free_cpu_blocks)
                 self.kv.pin_counts[pin.outcome] += 1
                 continue
             self.drop_pin(pin.key)  # (a program has one pin)
-            pairs += list(zip(device_ids, cpu_ids))
-            self.pins[pin.key] = SwappedPin(cpu_ids, [(h, t) for _, h, t in pin.blocks], pin.until, pin.pinned_at,
-                                            pin.tail[1] if pin.tail else None)
+            pairs += list(zip(device_ids, fresh))
+            copies, cpu_ids = iter(fresh), []
+            for name, cpu in zip(names, held):
+                if cpu is None:
+                    cpu = next(copies)
+                    self.by_name[name], self.named[cpu] = cpu, (name, 1)
+                cpu_ids.append(cpu)
+            cpu_ids += copies  # the partial last block's, where there is one
+            self.pins[pin.key] = SwappedPin(cpu_ids, names, pin.until, pin.pinned_at, pin.tail[1] if pin.tail else None)
             self.kv.pin_counts["swapped_out"] += 1
         self.kv.spill.clear()
         return pairs
+
+    def _hold(self, name: BlockName) -> int | None:
+        """One more holder of the pool's block named `name`; None where the pool has none."""
+        cpu = self.by_name.get(name)
+        if cpu is not None:
+            self.named[cpu] = (name, self.named[cpu][1] + 1)
+        return cpu
+
+    def _release(self, cpu_ids: list[int], into: list[int]) -> None:
+        """One holder fewer of each of `cpu_ids`: a block no pin holds any more goes to `into`
+        (free), or, where this plan's swap-ins read it, to the next plan's free blocks."""
+        for cpu in cpu_ids:
+            if cpu in self.named:
+                name, holders = self.named[cpu]
+                if holders > 1:
+                    self.named[cpu] = (name, holders - 1)
+                    continue
+                del self.named[cpu], self.by_name[name]
+            (self._read_this_plan if cpu in self._read_now else into).append(cpu)
 
     def swap_in_pin(self, key: str, req: Request) -> list[tuple[int, int]]:
         """Brings back the part of `key`'s swapped KV that starts `req`'s prompt (the
@@ -166,10 +204,9 @@ class SwapSpace:
         if pin.tail is not None and len(names) == len(pin.names):  # the call continues every full block
             tail = (pool.allocate(), pin.tail)  # (room made above: the prompt's blocks include it)
             pairs.append((pin.cpu_blocks[len(names)], tail[0].block_id))
-        read = len(names) + (tail is not None)
         del self.pins[key]
-        self._read_this_plan += pin.cpu_blocks[:read]
-        self.free_cpu_blocks += pin.cpu_blocks[read:]
+        self._read_now.update(cpu for cpu, _ in pairs)
+        self._release(pin.cpu_blocks, self.free_cpu_blocks)
         self.kv.pins[key] = Pin(blocks, pin.until, pin.pinned_at, tail)
         self.kv.pin_counts["swapped_in"] += 1
         return pairs
@@ -189,7 +226,7 @@ class SwapSpace:
     def drop_pin(self, key: str, why: str | None = None) -> None:
         pin = self.pins.pop(key, None)
         if pin is not None:
-            self.free_cpu_blocks += pin.cpu_blocks
+            self._release(pin.cpu_blocks, self.free_cpu_blocks)
             if why is not None:
                 self.kv.pin_counts[why] += 1
 
@@ -200,7 +237,8 @@ class SwapSpace:
 
     @property
     def num_pinned_blocks(self) -> int:
-        return sum(len(pin.cpu_blocks) for pin in self.pins.values())
+        """CPU blocks the swapped pins hold (a shared one once)."""
+        return len(self.named) + sum(pin.tail is not None for pin in self.pins.values())
 
 
 class CpuKVPool:

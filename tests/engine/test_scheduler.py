@@ -699,6 +699,66 @@ def test_a_full_cpu_pool_takes_the_swapped_pins_partial_blocks_before_a_whole_sw
     assert cached == {"a": 64, "b": 71}
 
 
+def test_swapped_pins_keep_a_prefix_their_programs_share_once_in_the_cpu_pool():
+    """Two programs open with the same 48 tokens (an agent's instruction and tools) and pin
+    4 full blocks and a partial one each, 3 of the full ones shared. On the device and in the
+    CPU pool the shared blocks are kept once (7 blocks, not 10). Each next call, one after
+    the other with the device's blocks reused in between (so the shared blocks come back
+    from the CPU copy the other pin still holds), finds every token it computed, with the
+    tokens of a recompute; every CPU block is free at the end."""
+    engine = tiny_engine(num_kv_blocks=24, max_model_len=384, program_scheduling=True, preemption_mode="swap",
+                         swap_space=24 * _block_bytes())
+    swap = engine.scheduler.swap_space
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    common = list(range(100, 148))
+    first = {}
+    for program, start in (("a", 200), ("b", 300)):
+        first[program] = engine.add_request(common + list(range(start, start + 16)), params, program=program)
+        while engine.has_unfinished():
+            engine.step()
+    assert engine.stats()["kv_blocks_pinned"] == 7
+    engine.add_request(list(range(5000, 5370)), SamplingParams(temperature=0, max_tokens=1))  # every block
+    while engine.has_unfinished():
+        engine.step()
+    assert set(swap.pins) == {"a", "b"} and swap.pins["a"].cpu_blocks[:3] == swap.pins["b"].cpu_blocks[:3]
+    assert engine.stats()["kv_blocks_pinned_swapped"] == 7 and len(swap.free_cpu_blocks) == 24 - 7
+    cached, tokens = {}, {}
+    for program in ("a", "b"):
+        prompt = first[program].all_token_ids[:-1] + list(range(500, 520))
+        nxt = engine.add_request(prompt, params, program=program)
+        while engine.has_unfinished():
+            engine.step()
+        cached[program], tokens[program] = nxt.metrics.num_cached_tokens, nxt.output_token_ids
+        _churn(engine, params)  # the device's copies of the shared blocks are reused
+        fresh = tiny_engine(num_kv_blocks=24, max_model_len=384, enable_prefix_caching=False)
+        again = fresh.add_request(prompt, params)
+        while fresh.has_unfinished():
+            fresh.step()
+        assert tokens[program] == again.output_token_ids
+    assert cached == {"a": 71, "b": 71} and engine.stats()["kv_pins"]["swapped_in"] == 2
+    for program in ("a", "b"):
+        engine.kv.unpin(program)
+        swap.drop_pin(program)
+    assert len(swap.free_cpu_blocks) == swap.num_cpu_blocks and not swap.by_name and not swap.named
+    assert_all_blocks_free(engine)
+
+
+def test_an_auto_cap_counts_a_prefix_the_programs_share_once():
+    """Programs that open with the same 128 tokens (8 blocks) hold them once: three calls of
+    9 full blocks and a partial one leave 10, 2 and 2 blocks held alone and 0, 8 and 8
+    shared, so 24 blocks hold (24 - 16/3) / (14/3) = 4 programs, not 24 / 9 = 2."""
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    engine = tiny_engine(num_kv_blocks=24, max_model_len=384, max_num_seqs=2, program_scheduling=True,
+                         max_programs_in_progress="auto")
+    common = list(range(100, 228))
+    for program, start in (("a", 300), ("b", 400), ("c", 500)):
+        engine.add_request(common + list(range(start, start + 16)), params, program=program)
+        while engine.has_unfinished():
+            engine.step()
+    assert list(engine.scheduler.call_kv_blocks) == [(10, 0), (2, 8), (2, 8)]
+    assert engine.stats()["program_cap"] == 4 and engine.stats()["kv_blocks_pinned"] == 14
+
+
 def test_a_preempted_request_takes_the_cpu_pool_from_swapped_pins():
     """Swapped pins hold CPU blocks only while no preempted request needs them: a running
     request's KV matters more than a program's between calls."""
