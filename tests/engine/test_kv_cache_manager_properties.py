@@ -2,7 +2,7 @@
 the block accounting of the scheduler and block manager."""
 from collections import Counter
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from engine.kv_cache_manager import KVCacheManager
@@ -63,20 +63,33 @@ def check_invariants(sched: Scheduler, kv: KVCacheManager, live: list[Request]) 
         assert kv.pool.blocks[bid].hash == h
     if sched.swap_space is not None:
         swap = sched.swap_space
-        cpu = [c for ids in swap.swapped.values() for c in ids] + [c for p in swap.pins.values() for c in p.cpu_blocks]
-        cpu += swap.free_cpu_blocks + swap._read_this_plan
+        # swapped pins share full blocks by name (each held by count), their partial ones not
+        held = Counter(c for p in swap.pins.values() for c in p.cpu_blocks)
+        for p in swap.pins.values():
+            assert len(p.cpu_blocks) == len(p.names) + (p.tail is not None)
+            assert [swap.named[c][0] for c in p.cpu_blocks[:len(p.names)]] == p.names
+        assert {c: n for c, n in held.items() if c in swap.named} == {c: n for c, (_, n) in swap.named.items()}
+        assert all(n == 1 for c, n in held.items() if c not in swap.named)
+        assert swap.by_name == {name: c for c, (name, _) in swap.named.items()}
+        cpu = [c for ids in swap.swapped.values() for c in ids] + list(held) + swap.free_cpu_blocks + swap._read_this_plan
         assert sorted(cpu) == list(range(swap.num_cpu_blocks))
-        assert all(len(p.cpu_blocks) == len(p.names) + (p.tail is not None) for p in swap.pins.values())
     for r in live:
         assert r.num_computed_tokens <= len(r.block_ids) * BLOCK or r.status == RequestStatus.SWAPPED
 
 
+_STEPS = [("step", 0, 0, 0)] * 3
+
+
 @settings(max_examples=150, deadline=None)
+@example(  # two programs' calls open with the same 2 blocks; a long prompt sends both pins to CPU, which shares them
+    ops=[("add", 5, 2, 2), *_STEPS, ("add", 6, 2, 2), *_STEPS, ("add", 28, 1, 0), *_STEPS, ("next", 0, 3, 1), *_STEPS],
+    mode="swap", caching=True, budget=40, num_blocks=8, programs=True)
 @given(ops=st.lists(op, min_size=10, max_size=100), mode=st.sampled_from(["swap", "recompute"]), caching=st.booleans(),
        budget=st.integers(4, 40), num_blocks=st.integers(8, 20), programs=st.booleans())
 def test_block_accounting_survives_any_sequence_of_events(ops, mode, caching, budget, num_blocks, programs):
     """programs: calls belong to 4 agent programs, with program scheduling, so finished calls
-    pin their KV, pins yield (to the CPU pool with swap) and come back for the next call."""
+    pin their KV, pins yield (to the CPU pool with swap, where pins that share a prefix hold
+    its blocks once) and come back for the next call."""
     config = EngineConfig(model="dummy-tiny", block_size=BLOCK, num_kv_blocks=num_blocks, max_num_seqs=6,
                           max_num_batched_tokens=budget, enable_prefix_caching=caching, preemption_mode=mode,
                           program_scheduling=programs)
@@ -91,12 +104,12 @@ def test_block_accounting_survives_any_sequence_of_events(ops, mode, caching, bu
             if not last:
                 continue
             prompt = last[-1].all_token_ids[:max(1, last[-1].num_computed_tokens - a)] + [200 + n] * b
-            kind, b = "add", 4
-        else:
-            prompt = [1] * (c * BLOCK) + [100 + n] * a  # shared prefixes of 0-3 blocks
+            kind, b, program = "add", 4, f"p{c}"
+        else:  # shared prefixes of 0-3 blocks, across programs too (a CPU pool block held by several pins)
+            prompt, program = [1] * (c * BLOCK) + [100 + n] * a, f"p{a % 4}"
         if kind == "add":
             req = Request(f"r{n}", prompt[:max_len - 1], SamplingParams(max_tokens=b, ignore_eos=True),
-                          max_total_tokens=max_len, arrival_time=float(n), program=f"p{c}" if programs else None)
+                          max_total_tokens=max_len, arrival_time=float(n), program=program if programs else None)
             sched.add(req)
             live.append(req)
             added.append(req)
